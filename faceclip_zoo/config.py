@@ -1,0 +1,296 @@
+"""Named model configurations.
+
+This module imports nothing heavy (no torch, no open_clip) so a config can be read,
+printed and overridden on its own. Every size the zoo knows is a named entry here;
+tests and quickstart recipes shrink the real entries with overrides instead of keeping
+toy classes:
+
+    FaceCLIPConfig.from_name("faceclip-l14", text_layers=2, fusion_layers=1)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+
+class ConfigError(ValueError):
+    """A config name or override that does not exist."""
+
+
+def _apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """Apply `overrides` to a (nested) dataclass.
+
+    A key is either a field of `cfg` (a dict value is merged into a nested dataclass), or
+    `<nested field>_<its field>` as a flat shortcut: `text_layers=2` sets `cfg.text.layers`.
+    """
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        if key in names:
+            current = getattr(cfg, key)
+            if dataclasses.is_dataclass(current) and isinstance(value, dict):
+                _apply_overrides(current, value)
+            else:
+                setattr(cfg, key, value)
+            continue
+        prefix, _, rest = key.partition("_")
+        nested = getattr(cfg, prefix, None) if prefix in names else None
+        if rest and dataclasses.is_dataclass(nested):
+            _apply_overrides(nested, {rest: value})
+            continue
+        raise ConfigError(
+            f"{type(cfg).__name__} has no field {key!r}; known fields: {sorted(names)}"
+        )
+    return cfg
+
+
+class _Named:
+    """Mixin: a registry of named instances plus dict round-trips."""
+
+    registry: ClassVar[dict[str, Any]]
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any):
+        if name not in cls.registry:
+            raise ConfigError(
+                f"unknown {cls.__name__} name {name!r}; known: {sorted(cls.registry)}"
+            )
+        cfg = copy.deepcopy(cls.registry[name])
+        return _apply_overrides(cfg, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        data = dict(data)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value = data.pop(f.name)
+            sub = _NESTED.get((cls.__name__, f.name))
+            kwargs[f.name] = sub.from_dict(value) if sub and isinstance(value, dict) else value
+        if data:
+            raise ConfigError(f"{cls.__name__} got unknown keys {sorted(data)}")
+        return cls(**kwargs)
+
+
+@dataclass
+class FaceViTConfig(_Named):
+    """Face-recognition ViT in the insightface arcface_torch `vit` layout (no CLS token).
+
+    Its identity head flattens all patch tokens: Linear(num_patches*width -> width),
+    BatchNorm1d, Linear(width -> id_dim), BatchNorm1d.
+    """
+
+    name: str = "face-vit-l"
+    image_size: int = 112
+    patch_size: int = 9
+    width: int = 768
+    depth: int = 24
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    id_dim: int = 512
+
+    registry: ClassVar[dict[str, "FaceViTConfig"]] = {}
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class TextTowerConfig(_Named):
+    """An open_clip text tower. `open_clip_name` picks the architecture family and
+    tokenizer from open_clip's registry; the explicit numbers below override it, so a
+    config.json alone says what was built."""
+
+    open_clip_name: str = "ViT-L-14-quickgelu"
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    embed_dim: int = 768  # text_projection output
+    context_length: int = 77
+    vocab_size: int = 49408
+    quick_gelu: bool = True
+
+    registry: ClassVar[dict[str, "TextTowerConfig"]] = {}
+
+
+@dataclass
+class FusionConfig(_Named):
+    """The face/text fuser: per layer a bi-directional attention block, a text
+    self-attention layer and a deformable face self-attention layer."""
+
+    layers: int = 6
+    bi_attn_dim: int = 1024
+    bi_attn_heads: int = 4
+    text_heads: int = 4
+    text_ff: int = 1024
+    face_heads: int = 8
+    face_points: int = 4
+    face_levels: int = 1
+    face_ff: int = 2048
+    dropout: float = 0.0
+    layer_scale_init: float = 1e-4
+
+    registry: ClassVar[dict[str, "FusionConfig"]] = {}
+
+
+@dataclass
+class FaceCLIPConfig(_Named):
+    """One FaceCLIP branch: text tower + face ViT + fuser (DESIGN.md section 2.1)."""
+
+    name: str = "faceclip-l14"
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    face: FaceViTConfig = field(default_factory=FaceViTConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    id_prompt: str = "Photo of a id person."
+    id_word: str = "id"
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: Optional[float] = -10.0
+
+    registry: ClassVar[dict[str, "FaceCLIPConfig"]] = {}
+
+    @property
+    def width(self) -> int:
+        return self.text.width
+
+
+@dataclass
+class VisionTowerConfig(_Named):
+    """An open_clip vision tower (used frozen, for the image target e_I)."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1024
+    layers: int = 24
+    head_width: int = 64
+    mlp_ratio: float = 4.0
+
+    registry: ClassVar[dict[str, "VisionTowerConfig"]] = {}
+
+
+@dataclass
+class CLIPConfig(_Named):
+    """A full open_clip CLIP model: the frozen image/text targets of pre-training."""
+
+    name: str = "clip-l14"
+    embed_dim: int = 768
+    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+
+    registry: ClassVar[dict[str, "CLIPConfig"]] = {}
+
+
+_NESTED = {
+    ("FaceCLIPConfig", "text"): TextTowerConfig,
+    ("FaceCLIPConfig", "face"): FaceViTConfig,
+    ("FaceCLIPConfig", "fusion"): FusionConfig,
+    ("CLIPConfig", "vision"): VisionTowerConfig,
+    ("CLIPConfig", "text"): TextTowerConfig,
+}
+
+
+def _register(cls, name: str, cfg) -> None:
+    cls.registry[name] = cfg
+
+
+# ----------------------------------------------------------------------------- sizes
+_register(FaceViTConfig, "face-vit-l", FaceViTConfig())
+_register(
+    FaceViTConfig,
+    "face-vit-tiny",
+    FaceViTConfig(name="face-vit-tiny", width=64, depth=2, heads=4, mlp_ratio=2.0, id_dim=64),
+)
+
+_register(TextTowerConfig, "ViT-L-14-quickgelu", TextTowerConfig())
+_register(
+    TextTowerConfig,
+    "ViT-bigG-14",
+    TextTowerConfig(
+        open_clip_name="ViT-bigG-14", width=1280, layers=32, heads=20, embed_dim=1280,
+        quick_gelu=False,
+    ),
+)
+_register(
+    TextTowerConfig,
+    "text-tiny",
+    TextTowerConfig(open_clip_name="ViT-B-32", width=64, layers=2, heads=2, embed_dim=64,
+                    quick_gelu=False),
+)
+
+_register(FusionConfig, "fusion-release", FusionConfig())
+_register(
+    FusionConfig,
+    "fusion-tiny",
+    FusionConfig(layers=2, bi_attn_dim=128, bi_attn_heads=4, text_heads=4, text_ff=128,
+                 face_heads=4, face_ff=128),
+)
+
+_register(
+    FaceCLIPConfig,
+    "faceclip-l14",
+    FaceCLIPConfig(
+        name="faceclip-l14",
+        text=TextTowerConfig.from_name("ViT-L-14-quickgelu"),
+        face=FaceViTConfig.from_name("face-vit-l"),
+        fusion=FusionConfig.from_name("fusion-release"),
+    ),
+)
+_register(
+    FaceCLIPConfig,
+    "faceclip-bigg14",
+    FaceCLIPConfig(
+        name="faceclip-bigg14",
+        text=TextTowerConfig.from_name("ViT-bigG-14"),
+        face=FaceViTConfig.from_name("face-vit-l"),
+        fusion=FusionConfig.from_name("fusion-release"),
+    ),
+)
+_register(
+    FaceCLIPConfig,
+    "faceclip-tiny",
+    FaceCLIPConfig(
+        name="faceclip-tiny",
+        text=TextTowerConfig.from_name("text-tiny"),
+        face=FaceViTConfig.from_name("face-vit-tiny"),
+        fusion=FusionConfig.from_name("fusion-tiny"),
+    ),
+)
+
+_register(
+    CLIPConfig,
+    "clip-l14",
+    CLIPConfig(name="clip-l14", embed_dim=768, vision=VisionTowerConfig(),
+               text=TextTowerConfig.from_name("ViT-L-14-quickgelu")),
+)
+_register(
+    CLIPConfig,
+    "clip-bigg14",
+    CLIPConfig(
+        name="clip-bigg14",
+        embed_dim=1280,
+        vision=VisionTowerConfig(width=1664, layers=48, head_width=104, mlp_ratio=4.9231),
+        text=TextTowerConfig.from_name("ViT-bigG-14"),
+    ),
+)
+_register(
+    CLIPConfig,
+    "clip-tiny",
+    CLIPConfig(
+        name="clip-tiny",
+        embed_dim=64,
+        vision=VisionTowerConfig(image_size=64, patch_size=8, width=64, layers=2, head_width=32,
+                                 mlp_ratio=2.0),
+        text=TextTowerConfig.from_name("text-tiny"),
+    ),
+)

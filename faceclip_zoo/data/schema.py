@@ -1,0 +1,138 @@
+"""The SPSV sample schema shared by every faceclip_zoo shard (WebDataset tar files).
+
+One sample = files sharing a key inside a tar:
+
+    <key>.jpg | <key>.png         target image x_0 (required)
+    <key>.txt                     caption, UTF-8 (required)
+    <key>.ref.png | .ref.jpg      aligned reference face (absent for guided image-text pairs)
+    <key>.json                    {"identity": str | null, ...free metadata}
+    <key>.<feature>.npy           optional cached frozen-model outputs, float16/32:
+                                  arcface [D], clip_image [E], clip_text [E]
+
+Decoded, a sample is a dict: image [3, S, S] and face [3, F, F] float in [0, 1],
+has_face bool, caption str, identity str ("" if unknown), key str, and every cached
+feature as a float tensor. Everything here is plain Python/numpy/PIL so shard writers
+need no torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+REF_EXTS = tuple(f"ref.{e}" for e in IMAGE_EXTS)
+CACHED_FEATURES = ("arcface", "clip_image", "clip_text")
+
+# Refuse decompression bombs before decoding (PIL raises DecompressionBombError above 2x).
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+class CorruptSample(ValueError):
+    """A sample that cannot be decoded; the loader skips and counts it."""
+
+
+def encode_image(img: Image.Image, fmt: str = "png") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if fmt == "png" else "JPEG", **({} if fmt == "png" else {"quality": 95}))
+    return buf.getvalue()
+
+
+def make_sample(
+    key: str, image: Image.Image, caption: str, reference: Image.Image | None = None,
+    identity: str | None = None, meta: dict | None = None,
+    features: dict[str, np.ndarray] | None = None, image_format: str = "png",
+) -> dict[str, Any]:
+    sample = {
+        "__key__": key,
+        image_format: encode_image(image, image_format),
+        "txt": caption.encode("utf-8"),
+        "json": json.dumps({"identity": identity, **(meta or {})}).encode("utf-8"),
+    }
+    if reference is not None:
+        sample["ref.png"] = encode_image(reference, "png")
+    for name, value in (features or {}).items():
+        if name not in CACHED_FEATURES:
+            raise ValueError(f"unknown cached feature {name!r}; known: {CACHED_FEATURES}")
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(value, dtype=np.float32))
+        sample[f"{name}.npy"] = buf.getvalue()
+    return sample
+
+
+def _open_rgb(data: bytes, what: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+    except Exception as exc:  # PIL raises many types for bad bytes
+        raise CorruptSample(f"{what}: cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def _to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """Shorter side to `size`, centre crop, float [3, size, size] in [0, 1]."""
+    w, h = img.size
+    s = size / min(w, h)
+    if (w, h) != (size, size):
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def decode_sample(raw: dict[str, Any], image_size: int, face_size: int) -> dict[str, Any]:
+    """Raw tar members -> training sample; raises CorruptSample naming what is wrong."""
+    key = raw.get("__key__", "?")
+    where = f"sample {key!r} in {raw.get('__url__', '?')}"
+    image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if image_ext is None:
+        raise CorruptSample(f"{where}: no target image (.jpg/.png); members: {sorted(raw)}")
+    if "txt" not in raw:
+        raise CorruptSample(f"{where}: no caption (.txt)")
+    try:
+        caption = raw["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptSample(f"{where}: caption is not UTF-8") from None
+    meta = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except ValueError:
+            raise CorruptSample(f"{where}: metadata .json is not valid JSON") from None
+    out: dict[str, Any] = {
+        "key": key,
+        "caption": caption,
+        "identity": str(meta.get("identity") or ""),
+        "image": _to_tensor(_open_rgb(raw[image_ext], f"{where} target"), image_size),
+    }
+    ref_ext = next((e for e in REF_EXTS if e in raw), None)
+    if ref_ext is not None:
+        out["face"] = _to_tensor(_open_rgb(raw[ref_ext], f"{where} reference"), face_size)
+        out["has_face"] = True
+    else:
+        out["face"] = torch.zeros(3, face_size, face_size)
+        out["has_face"] = False
+    for name in CACHED_FEATURES:
+        if f"{name}.npy" in raw:
+            try:
+                arr = np.load(io.BytesIO(raw[f"{name}.npy"]), allow_pickle=False)
+            except Exception:
+                raise CorruptSample(f"{where}: cached feature {name}.npy is unreadable") from None
+            out[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+    return out
+
+
+def strip_face(sample: dict[str, Any]) -> dict[str, Any]:
+    """Turn a tuple into a guided image-text pair: the face input is zeroed."""
+    sample = dict(sample)
+    sample["face"] = torch.zeros_like(sample["face"])
+    sample["has_face"] = False
+    sample.pop("arcface", None)
+    return sample

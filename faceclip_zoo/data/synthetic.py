@@ -1,0 +1,185 @@
+"""The built-in synthetic-identities dataset: the zoo's default, runnable anywhere.
+
+`SyntheticIdentities` is a ShardDataModule whose `prepare_data` renders procedural
+identities (synthetic_faces.py), writes them as ordinary SPSV shards (train and val
+identities disjoint, plus guided face-free image-text pairs), and trains the two small
+frozen models that play ArcFace and CLIP in this world (synthetic_priors.py). Everything
+is cached and keyed by the spec, so a second run reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from faceclip_zoo.data.datamodule import ShardDataModule
+from faceclip_zoo.data.schema import make_sample
+from faceclip_zoo.data.synthetic_faces import (
+    caption, render, render_object, sample_identity, sample_variation,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyntheticSpec:
+    train_identities: int = 160
+    val_identities: int = 20
+    samples_per_identity: int = 8
+    guided_pairs: int = 400
+    image_size: int = 64
+    face_size: int = 112
+    seed: int = 0
+    renderer_version: int = 1  # bump when synthetic_faces.py changes what it draws
+
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Record:
+    key: str
+    split: str
+    scene: Image.Image
+    crop: Image.Image  # this sample's own aligned face crop
+    caption: str
+    identity: str | None
+
+
+def generate(spec: SyntheticSpec) -> dict[str, list[Record]]:
+    """Render every split in memory (deterministic in spec.seed)."""
+    rng = np.random.default_rng(spec.seed)
+    out: dict[str, list[Record]] = {"train": [], "val": [], "guided": []}
+    n_ids = {"train": spec.train_identities, "val": spec.val_identities}
+    scene_scale = spec.image_size / 112 * 0.8
+    for split, count in n_ids.items():
+        for i in range(count):
+            ident = sample_identity(rng)
+            name = f"{split}-id{i:05d}"
+            for j in range(spec.samples_per_identity):
+                scene_var = sample_variation(rng, max_angle=10.0)
+                crop_var = dataclasses.replace(
+                    scene_var, angle=float(rng.uniform(-3, 3)), scale=float(rng.uniform(0.97, 1.03)))
+                out[split].append(Record(
+                    key=f"{name}-s{j:03d}", split=split,
+                    scene=render(ident, scene_var, spec.image_size, scene_scale),
+                    crop=render(ident, crop_var, spec.face_size, spec.face_size / 112,
+                                center=(spec.face_size / 2, spec.face_size * 64 / 112)),
+                    caption=caption(scene_var), identity=name,
+                ))
+    for i in range(spec.guided_pairs):
+        img, text = render_object(rng, spec.image_size)
+        out["guided"].append(Record(f"guided-{i:06d}", "guided", img, img, text, None))
+    return out
+
+
+def reference_of(records: list[Record], index: int, per_identity: int) -> Image.Image:
+    """SPSV: the reference is the aligned crop of *another* sample of the same identity."""
+    base = index - index % per_identity
+    return records[base + (index % per_identity + 1) % per_identity].crop
+
+
+def write_dataset(spec: SyntheticSpec, data: dict[str, list[Record]], root: Path,
+                  shard_size: int = 400) -> None:
+    """Write shards + manifest into a temporary folder, then rename: a crash never leaves
+    a half-written dataset that looks complete."""
+    tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts = {}
+    for split, records in data.items():
+        (tmp / split).mkdir(parents=True)
+        with wds.ShardWriter(str(tmp / split / "shard-%05d.tar"), maxcount=shard_size, verbose=0) as sink:
+            for i, rec in enumerate(records):
+                ref = None if split == "guided" else reference_of(records, i, spec.samples_per_identity)
+                sink.write(make_sample(rec.key, rec.scene, rec.caption, ref, rec.identity,
+                                       meta={"source": "synthetic"}))
+        counts[split] = len(records)
+    manifest = {"spec": dataclasses.asdict(spec), "digest": spec.digest(), "counts": counts,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if root.exists():
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+
+
+def manifest_digest(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text())["digest"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class SyntheticIdentities(ShardDataModule):
+    """The synthetic-identities dataset as a DataModule (the built-in default).
+
+    Args:
+        root: where the shards go (train/, val/, guided/).
+        priors_dir: where the synthetic face-ID ViT and tiny CLIP are cached
+            (`<priors_dir>/face-vit`, `<priors_dir>/clip`); the model's recipe points its
+            frozen-model weights there.
+        train_identities, val_identities, samples_per_identity, guided_pairs, seed: the
+            dataset's size and randomness (train and val identities are disjoint).
+        prior_steps: optimisation steps for each of the two small frozen models.
+    """
+
+    def __init__(
+        self,
+        root: str = "runs/synthetic",
+        priors_dir: str = "checkpoints/synthetic",
+        train_identities: int = 160,
+        val_identities: int = 20,
+        samples_per_identity: int = 8,
+        guided_pairs: int = 400,
+        prior_steps: int = 400,
+        guided_prob: float = 0.1,
+        batch_size: int = 32,
+        num_workers: int = 1,
+        image_size: int = 64,
+        face_size: int = 112,
+        seed: int = 0,
+        shuffle_buffer: int = 500,
+    ):
+        root_path = Path(root)
+        super().__init__(
+            train=str(root_path / "train"), val=str(root_path / "val"),
+            guided=str(root_path / "guided") if guided_pairs > 0 else None,
+            guided_prob=guided_prob if guided_pairs > 0 else 0.0,
+            batch_size=batch_size, num_workers=num_workers, image_size=image_size,
+            face_size=face_size, shuffle_buffer=shuffle_buffer, seed=seed,
+        )
+        self.root = root_path
+        self.priors_dir = Path(priors_dir)
+        self.prior_steps = prior_steps
+        self.spec = SyntheticSpec(
+            train_identities=train_identities, val_identities=val_identities,
+            samples_per_identity=samples_per_identity, guided_pairs=guided_pairs,
+            image_size=image_size, face_size=face_size, seed=seed,
+        )
+
+    def prepare_data(self) -> None:
+        from faceclip_zoo.data.synthetic_priors import ensure_priors, priors_ready
+
+        digest = self.spec.digest()
+        have_data = manifest_digest(self.root) == digest
+        have_priors = priors_ready(self.priors_dir, digest, self.prior_steps)
+        if have_data and have_priors:
+            return
+        t0 = time.time()
+        data = generate(self.spec)
+        log.info("rendered synthetic identities in %.1fs", time.time() - t0)
+        if not have_data:
+            write_dataset(self.spec, data, self.root)
+            log.info("wrote synthetic shards to %s", self.root)
+        if not have_priors:
+            ensure_priors(self.priors_dir, self.spec, data, self.prior_steps)

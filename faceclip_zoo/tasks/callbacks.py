@@ -1,0 +1,55 @@
+"""Callbacks shared by the tasks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+
+def tsne_plot(embeddings: torch.Tensor, labels: list[str], path: Path, title: str,
+              max_identities: int = 20, seed: int = 0) -> Path:
+    """t-SNE of embeddings coloured by identity (paper Fig. 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.manifold import TSNE
+
+    keep_ids = sorted(set(labels))[:max_identities]
+    rows = [i for i, name in enumerate(labels) if name in keep_ids]
+    x = torch.nn.functional.normalize(embeddings[rows].float(), dim=-1).numpy()
+    perplexity = float(max(2, min(30, (len(rows) - 1) // 3)))
+    points = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    codes = np.array([keep_ids.index(labels[i]) for i in rows])
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
+    ax.scatter(points[:, 0], points[:, 1], c=codes, cmap="tab20", s=18)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+class IdentityTSNE(Callback):
+    """At the end of fit, plots the last validation joint embeddings by identity."""
+
+    def __init__(self, filename: str = "tsne_identity.png"):
+        self.filename = filename
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stored = getattr(pl_module, "last_val_embeddings", None)
+        if not trainer.is_global_zero or stored is None:
+            return
+        emb, labels = stored
+        out = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        tsne_plot(emb, labels, out, "joint embeddings of held-out identities (same prompt)")
+        log.info("wrote %s", out)

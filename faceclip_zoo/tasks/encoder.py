@@ -1,0 +1,310 @@
+"""FaceCLIPEncoderModule: contrastive pre-training of the joint ID-text encoder (Eq. 3).
+
+    L = Lc(e_{c->t}, e_I) + Lc(e_{c->r}, e_{r_cls}) + Lc(e_{c->t}, e_{t_cls})
+
+e_{c->t}, e_{c->r}: linear heads over the joint embedding e; e_I: frozen CLIP image
+embedding of the target; e_{r_cls}: frozen face-ID embedding of the reference;
+e_{t_cls}: frozen (original) CLIP text embedding of the caption. Each term is switched
+on by name in `losses` (the paper's L1 = [image], L2 = [image, identity],
+L3 = [image, identity, text]). Frozen targets are read from the batch when the shards
+carry cached features, and computed otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from faceclip_zoo.config import CLIPConfig, FaceCLIPConfig
+from faceclip_zoo.metrics import nearest_neighbour_accuracy, retrieval_accuracy
+from faceclip_zoo.models.clip import build_clip, clip_normalize, text_tower_state
+from faceclip_zoo.models.face_vit import FaceViTIdentity, OnnxArcFace
+from faceclip_zoo.models.faceclip import FaceCLIPEncoder
+from faceclip_zoo.models.io import read_config
+from faceclip_zoo.tasks.losses import ContrastiveTerm, LossKind
+from faceclip_zoo.utils import UserError, load_strict, load_weights_file
+
+log = logging.getLogger(__name__)
+
+LOSS_TERMS = ("image", "identity", "text")
+
+
+def _default_optimizer(params):
+    # The paper's settings (AnyPrecisionAdamW is plain AdamW in fp32 state).
+    return torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), weight_decay=0.01)
+
+
+def _load_into(module: nn.Module, path: str, what: str, expect_type: str | None = None,
+               pick=None) -> None:
+    """Weights from a faceclip_zoo model directory, a safetensors file, or a foreign torch
+    pickle (weights only); `pick` selects/renames keys of a foreign state dict."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").exists() and expect_type is not None:
+        model_type, _ = read_config(p)
+        if model_type != expect_type:
+            raise UserError(f"{what}: {p} holds a {model_type!r} model, expected {expect_type!r}")
+    state = load_weights_file(p, what)
+    if pick is not None:
+        state = pick(state)
+    load_strict(module, state, f"{what} {p}")
+
+
+class _TextTowerView(nn.Module):
+    """The text-tower parameters of a branch as one module, for a strict load."""
+
+    def __init__(self, encoder: FaceCLIPEncoder):
+        super().__init__()
+        for name in ("token_embedding", "transformer", "ln_final"):
+            self.add_module(name, getattr(encoder, name))
+        self.positional_embedding = encoder.positional_embedding
+        self.text_projection = encoder.text_projection
+
+
+class FaceCLIPEncoderModule(L.LightningModule):
+    """Pre-trains one FaceCLIP branch.
+
+    Args:
+        encoder: named FaceCLIPConfig (`faceclip-l14`, `faceclip-bigg14`, `faceclip-tiny`).
+        encoder_overrides: overrides of that config (e.g. {"fusion_layers": 2}).
+        face_encoder_weights: face-recognition ViT weights (model dir or file).
+        clip: named CLIPConfig of the frozen target towers; clip_overrides likewise.
+        clip_weights: open_clip CLIP weights (model dir, .safetensors or .bin/.pt).
+            Its text tower also initialises the branch's text tower unless
+            `text_weights` names another file.
+        init_encoder: an exported encoder directory to start from (overrides the above
+            for the branch itself).
+        identity_model: the frozen face-ID model for e_{r_cls}: None = the branch's own
+            face ViT; "onnx:<path>" = an insightface ArcFace ONNX file.
+        losses: which of "image", "identity", "text" to use.
+        loss_kind: "clip" (softmax) or "siglip" (sigmoid).
+        head_pool: "flatten" (a Linear over all L*W values of e, as the release's heads)
+            or "mean" (over tokens).
+        unfreeze_text_layers: also train the last N text-tower blocks.
+        warmup_steps, lr_schedule: linear warm-up, then constant or cosine to zero.
+        val_prompt: the fixed prompt of the identity-retrieval metric.
+    """
+
+    def __init__(
+        self,
+        encoder: str = "faceclip-tiny",
+        encoder_overrides: Optional[dict[str, Any]] = None,
+        face_encoder_weights: Optional[str] = None,
+        clip: str = "clip-tiny",
+        clip_overrides: Optional[dict[str, Any]] = None,
+        clip_weights: Optional[str] = None,
+        text_weights: Optional[str] = None,
+        init_encoder: Optional[str] = None,
+        identity_model: Optional[str] = None,
+        losses: list[str] = ["image", "identity", "text"],  # noqa: B006 (jsonargparse default)
+        loss_kind: LossKind = "clip",
+        head_pool: Literal["flatten", "mean"] = "flatten",
+        unfreeze_text_layers: int = 0,
+        optimizer: OptimizerCallable = _default_optimizer,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "cosine",
+        val_prompt: str = "a photo of a person",
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        unknown = set(losses) - set(LOSS_TERMS)
+        if unknown or not losses:
+            raise UserError(f"losses must be a non-empty subset of {LOSS_TERMS}, got {losses}")
+        self.loss_names = [t for t in LOSS_TERMS if t in losses]
+        self.optimizer_factory = optimizer
+
+        self.encoder_config = FaceCLIPConfig.from_name(encoder, **(encoder_overrides or {}))
+        self.encoder = FaceCLIPEncoder(self.encoder_config)
+        self.clip_config = CLIPConfig.from_name(clip, **(clip_overrides or {}))
+        self.clip = build_clip(self.clip_config)
+        self.identity_model = None  # built in setup when an external model is named
+
+        w, seq = self.encoder_config.width, self.encoder_config.text.context_length
+        head_in = w * seq if head_pool == "flatten" else w
+        self.text_head = nn.Linear(head_in, self.clip_config.embed_dim)
+        self.identity_head = nn.Linear(head_in, self.encoder_config.face.id_dim)
+        self.loss_terms = nn.ModuleDict({t: ContrastiveTerm(loss_kind) for t in self.loss_names})
+        self._freeze()
+        self._weights_loaded = False
+        self._val_store: dict[str, list] = {}
+        self.last_val_embeddings: tuple[torch.Tensor, list[str]] | None = None
+        self.skipped_samples = 0
+
+    # ------------------------------------------------------------------ setup
+    def _freeze(self) -> None:
+        self.clip.requires_grad_(False)
+        trainable = set(self.encoder.trainable_parameter_names(self.hparams.unfreeze_text_layers))
+        for name, p in self.encoder.named_parameters():
+            p.requires_grad_(name in trainable)
+
+    def setup(self, stage: str) -> None:
+        for term in self.loss_terms.values():
+            term.set_distributed(self.global_rank, self.trainer.world_size if self._trainer else 1)
+        if not self._weights_loaded:
+            self.load_pretrained_weights()
+
+    def load_pretrained_weights(self) -> None:
+        hp = self.hparams
+        if hp.clip_weights:
+            _load_into(self.clip, hp.clip_weights, "CLIP weights", expect_type="clip")
+        if hp.init_encoder:
+            _load_into(self.encoder, hp.init_encoder, "initial encoder", expect_type="faceclip")
+        else:
+            if hp.face_encoder_weights:
+                _load_into(self.encoder.face_encoder, hp.face_encoder_weights,
+                           "face encoder weights", expect_type="face_vit")
+            text_src = hp.text_weights or hp.clip_weights
+            if text_src:
+                state = text_tower_state(load_weights_file(text_src, "text tower weights"))
+                load_strict(_TextTowerView(self.encoder), state, f"text tower weights {text_src}")
+        if hp.identity_model:
+            kind, _, path = hp.identity_model.partition(":")
+            if kind != "onnx" or not path:
+                raise UserError(f"identity_model must be 'onnx:<path>' or empty, got {hp.identity_model!r}")
+            self.identity_model = OnnxArcFace(path)
+            if self.identity_model.dim != self.encoder_config.face.id_dim:
+                self.identity_head = nn.Linear(self.identity_head.in_features, self.identity_model.dim)
+        self._weights_loaded = True
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # frozen targets never run in training mode
+        return self
+
+    # ------------------------------------------------------------------ forward pieces
+    def _pool(self, embeds: torch.Tensor) -> torch.Tensor:
+        return embeds.flatten(1) if self.hparams.head_pool == "flatten" else embeds.mean(1)
+
+    def joint(self, batch: dict, prompts: list[str] | None = None):
+        """Joint embedding of (caption or fixed prompts, reference face)."""
+        has_face = batch["has_face"].to(self.device)
+        ids = self.encoder.tokenize(prompts or batch["caption"], has_face.tolist()).to(self.device)
+        return self.encoder(batch["face"], ids, has_face)
+
+    @torch.no_grad()
+    def targets(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = {}
+        if "image" in self.loss_names:
+            out["image"] = batch.get("clip_image")
+            if out["image"] is None:
+                out["image"] = self.clip.encode_image(clip_normalize(batch["image"]))
+        if "text" in self.loss_names:
+            out["text"] = batch.get("clip_text")
+            if out["text"] is None:
+                tokens = self.encoder.tokenizer(batch["caption"]).to(self.device)
+                out["text"] = self.clip.encode_text(tokens)
+        if "identity" in self.loss_names:
+            out["identity"] = batch.get("arcface")
+            if out["identity"] is None:
+                model = self.identity_model or FaceViTIdentity(self.encoder.face_encoder)
+                out["identity"] = model(batch["face"])
+        return out
+
+    def compute_losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], Any]:
+        out = self.joint(batch)
+        pooled = self._pool(out.embeds)
+        e_ct = self.text_head(pooled) if {"image", "text"} & set(self.loss_names) else None
+        tgt = self.targets(batch)
+        losses = {}
+        if "image" in self.loss_names:
+            losses["image"] = self.loss_terms["image"](e_ct, tgt["image"])
+        if "identity" in self.loss_names:
+            losses["identity"] = self.loss_terms["identity"](
+                self.identity_head(pooled), tgt["identity"], mask=batch["has_face"])
+        if "text" in self.loss_names:
+            losses["text"] = self.loss_terms["text"](e_ct, tgt["text"])
+        return losses, (out, e_ct, tgt)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses, _ = self.compute_losses(batch)
+        loss = sum(losses.values())
+        bs = len(batch["caption"])
+        self.skipped_samples += int(batch.get("skipped", 0))
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in losses.items():
+            self.log(f"train/loss_{name}", value, batch_size=bs)
+        self.log("train/skipped_samples", float(self.skipped_samples), batch_size=bs)
+        self.log("train/face_fraction", batch["has_face"].float().mean(), batch_size=bs)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_store = {"joint": [], "identity": [], "faceid": [], "e_ct": [], "e_img": [],
+                           "caption": []}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        bs = len(batch["caption"])
+        losses, (out, e_ct, tgt) = self.compute_losses(batch)
+        self.log("val/loss", sum(losses.values()), batch_size=bs, sync_dist=True)
+        for name, value in losses.items():
+            self.log(f"val/loss_{name}", value, batch_size=bs, sync_dist=True)
+        store = self._val_store
+        rows = batch["has_face"].cpu()
+        if rows.any():
+            fixed = self.joint(batch, [self.hparams.val_prompt] * bs)
+            store["joint"].append(fixed.embeds[rows.to(self.device)].flatten(1).float().cpu())
+            store["identity"].extend(i for i, r in zip(batch["identity"], rows.tolist()) if r)
+            store["faceid"].append(out.identity[rows.to(self.device)].float().cpu())
+        img = tgt.get("image")
+        if img is None:
+            img = self.clip.encode_image(clip_normalize(batch["image"]))
+        if e_ct is None:
+            e_ct = self.text_head(self._pool(out.embeds))
+        store["e_ct"].append(e_ct.float().cpu())
+        store["e_img"].append(img.float().cpu())
+        store["caption"].extend(batch["caption"])
+
+    def on_validation_epoch_end(self) -> None:
+        s = self._val_store
+        if s.get("joint"):
+            joint = torch.cat(s["joint"])
+            self.log("val/identity_top1", nearest_neighbour_accuracy(joint, s["identity"]),
+                     prog_bar=True, sync_dist=True)
+            # Reference point: the frozen face-ID model itself on the same references.
+            self.log("val/identity_top1_faceid",
+                     nearest_neighbour_accuracy(torch.cat(s["faceid"]), s["identity"]), sync_dist=True)
+            self.last_val_embeddings = (joint, list(s["identity"]))
+        if s.get("e_ct"):
+            self.log("val/text_top1", retrieval_accuracy(torch.cat(s["e_ct"]), torch.cat(s["e_img"]),
+                                                         s["caption"]), sync_dist=True)
+        self._val_store = {}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "gamma" in name or "logit_" in name else decay).append(p)
+        optimizer = self.optimizer_factory([
+            {"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+        warmup = self.hparams.warmup_steps
+        cosine = self.hparams.lr_schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ export
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What `export` needs to rebuild the branch from the checkpoint alone.
+        checkpoint["faceclip_zoo"] = {
+            "exports": {"encoder": {"model_type": "faceclip", "prefix": "encoder.",
+                                    "config": self.encoder_config.to_dict()}},
+        }
+
