@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Callable
+
+from jsonargparse import ArgumentError
 
 from faceclip_zoo.utils import UserError
 
@@ -44,16 +47,36 @@ Zoo commands:
 """
 
 
+# Any LightningModule / LightningDataModule named by class_path in a recipe; our tasks
+# configure their own optimizers (from the `optimizer` argument they receive).
+CLI_KWARGS = dict(subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False)
+
+
 def run_lightning_cli(argv: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
-        args=None if argv == sys.argv[1:] else argv,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    # Parse errors come back to us as exceptions (not a 60-line usage dump) so main() can
+    # print them as one line.
+    no_exit = {"exit_on_error": False}
+    LightningCLI(args=None if argv == sys.argv[1:] else argv,
+                 save_config_kwargs={"overwrite": True},
+                 parser_kwargs={**no_exit, **{cmd: no_exit for cmd in TRAINER_COMMANDS}},
+                 **CLI_KWARGS)
+
+
+_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Problem with given class_path",
+          "Expected a <class 'NoneType'>", "Given value", "- Expected a <class 'NoneType'>")
+
+
+def one_line_parse_error(message: str) -> str:
+    """jsonargparse explains a bad recipe over many lines (every Union alternative, the
+    whole given value); keep the key and the specific complaint."""
+    lines = [line.strip().lstrip("- ").strip() for line in message.splitlines() if line.strip()]
+    key = re.search(r'Parser key "([^"]+)"', message)
+    lines = [re.sub(r'^Parser key "[^"]+":\s*', "", line) for line in lines]
+    detail = next((line for line in lines if line and not line.startswith(_NOISE)), message)
+    prefix = f'recipe key "{key.group(1)}": ' if key else ""
+    return f"{prefix}{detail} (see `python -m faceclip_zoo <command> --help`)"
 
 
 def _setup_logging() -> None:
@@ -83,4 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ArgumentError as exc:
+        print(f"error: {one_line_parse_error(str(exc))}", file=sys.stderr)
         return 2

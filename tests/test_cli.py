@@ -1,0 +1,122 @@
+"""The command line as a user meets it: help, one-line errors, fit -> export -> reload."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+import yaml
+from PIL import Image
+
+from faceclip_zoo.cli import main
+from faceclip_zoo.config import FaceCLIPConfig
+from faceclip_zoo.data.schema import make_sample
+from faceclip_zoo.models import FaceCLIPEncoder, load_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart" / "faceclip.yaml"
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "faceclip_zoo", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def tiny_recipe(tmp_path: Path, shards: Path, **model_args) -> Path:
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    root = str(tmp_path / "run")
+    recipe["trainer"].update(max_steps=6, val_check_interval=3, log_every_n_steps=1, default_root_dir=root)
+    recipe["trainer"]["logger"]["init_args"]["save_dir"] = root
+    recipe["trainer"]["callbacks"] = [recipe["trainer"]["callbacks"][0]]  # no t-SNE: too few points
+    args = recipe["model"]["init_args"]
+    args.update({"face_encoder_weights": None, "clip_weights": None, "warmup_steps": 2, **model_args})
+    recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {
+        "train": [str(shards / "train"), str(tmp_path / "corrupt.tar")], "val": str(shards / "val"),
+        "guided": str(shards / "guided"), "guided_prob": 0.2, "batch_size": 8, "num_workers": 0,
+        "image_size": 64, "face_size": 112}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture()
+def corrupt_shard(tmp_path):
+    """A shard in which most samples are fine and some cannot be decoded."""
+    img = Image.new("RGB", (64, 64), (10, 20, 30))
+    samples = [make_sample(f"good{i}", img, "a photo", img, identity="q") for i in range(3)]
+    for i in range(3):
+        bad = make_sample(f"bad{i}", img, "a photo", img, identity="q")
+        bad["png"] = b"not an image"
+        samples.append(bad)
+    with wds.TarWriter(str(tmp_path / "corrupt.tar")) as sink:
+        for s in samples:
+            sink.write(s)
+
+
+def test_help_lists_commands():
+    res = run_cli("--help")
+    assert res.returncode == 0
+    for cmd in ("fit", "validate", "test", "predict", "export"):
+        assert f"  {cmd} " in res.stdout
+
+
+def test_unknown_recipe_key_is_one_clear_line(tmp_path):
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    recipe["model"]["init_args"]["lossses"] = ["image"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    res = run_cli("fit", "--config", str(bad))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "lossses" in lines[0]
+
+
+def test_missing_weights_file_is_one_clear_line(tmp_path, tiny_shards, corrupt_shard):
+    recipe = tiny_recipe(tmp_path, tiny_shards, face_encoder_weights=str(tmp_path / "nope.safetensors"))
+    res = run_cli("fit", "--config", str(recipe))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: face encoder weights not found: {tmp_path / 'nope.safetensors'} "
+                      "(check the path in your recipe or command)"]
+
+
+def test_fit_skips_corrupt_samples_then_export_reloads_identically(tmp_path, tiny_shards, corrupt_shard):
+    recipe = tiny_recipe(tmp_path, tiny_shards)
+    assert main(["fit", "--config", str(recipe)]) == 0
+    run = tmp_path / "run" / "version_0"
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    identity = [float(r["val/identity_top1"]) for r in rows if r.get("val/identity_top1")]
+    assert len(identity) == 2 and all(0 <= v <= 1 for v in identity)
+    skipped = [float(r["train/skipped_samples"]) for r in rows if r.get("train/skipped_samples")]
+    assert skipped[-1] >= 1  # corrupt samples were met, skipped and counted, not fatal
+    assert (run / "config.yaml").exists()
+
+    ckpt = run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "export"
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
+    assert {"model.safetensors", "config.json", "recipe.yaml"} <= {p.name for p in out.iterdir()}
+    assert "FaceCLIPEncoderModule" in (out / "recipe.yaml").read_text()
+    loaded = load_model_dir(out, expect="faceclip")
+
+    # the encoder as trained, straight from the Lightning checkpoint
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    trained = FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval()
+    trained.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+    faces = torch.rand(3, 3, 112, 112)
+    prompts = ["a smiling person", "a person in a red shirt", "a photo"]
+    a, b = trained.encode(prompts, faces), loaded.encode(prompts, faces)
+    assert (a.embeds - b.embeds).abs().max().item() < 1e-5
+    assert (a.pooled - b.pooled).abs().max().item() < 1e-5
+    # training changed the fuser: the export is not just the initial weights
+    fresh = FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval()
+    assert (fresh.state_dict()["text_embed_proj.weight"] - loaded.state_dict()["text_embed_proj.weight"]).abs().max() > 0
+
+
+def test_export_errors_are_clear(tmp_path):
+    res = run_cli("export", "--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: checkpoint not found: {tmp_path / 'none.ckpt'} (check the path in your recipe or command)")
