@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 def _apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     """Apply `overrides` to a (nested) dataclass.
 
-    A key is either a field of `cfg` (a dict value is merged into a nested dataclass), or
+    A key is either a field of `cfg` (a dict value is merged into a nested dataclass, a
+    string replaces it by that named config: `text="ViT-B-16"`), or
     `<nested field>_<its field>` as a flat shortcut: `text_layers=2` sets `cfg.text.layers`.
     """
     names = {f.name for f in dataclasses.fields(cfg)}
@@ -33,6 +34,8 @@ def _apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
             current = getattr(cfg, key)
             if dataclasses.is_dataclass(current) and isinstance(value, dict):
                 _apply_overrides(current, value)
+            elif dataclasses.is_dataclass(current) and isinstance(value, str):
+                setattr(cfg, key, type(current).from_name(value))  # swap a whole backbone
             else:
                 setattr(cfg, key, value)
             continue
@@ -124,6 +127,34 @@ class TextTowerConfig(_Named):
 
     registry: ClassVar[dict[str, "TextTowerConfig"]] = {}
 
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "TextTowerConfig":
+        """Our named towers, else any open_clip model config by name (e.g. "ViT-B-16")."""
+        if name in cls.registry:
+            return super().from_name(name, **overrides)
+        return _apply_overrides(cls.from_open_clip(name), overrides)
+
+    @classmethod
+    def from_open_clip(cls, name: str) -> "TextTowerConfig":
+        full = _open_clip_config(name)
+        text = full["text_cfg"]
+        if text.get("hf_model_name"):
+            raise ConfigError(f"open_clip model {name!r} uses a Hugging Face text tower; only "
+                              "open_clip's own text transformers are supported")
+        return cls(open_clip_name=name, width=text.get("width", 512), layers=text.get("layers", 12),
+                   heads=text.get("heads", 8), embed_dim=full["embed_dim"],
+                   context_length=text.get("context_length", 77),
+                   vocab_size=text.get("vocab_size", 49408), quick_gelu=full.get("quick_gelu", False))
+
+
+def _open_clip_config(name: str) -> dict:
+    import open_clip  # imported lazily: this module stays light
+
+    full = open_clip.get_model_config(name)
+    if full is None:
+        raise ConfigError(f"{name!r} is neither a faceclip_zoo config nor an open_clip model name")
+    return full
+
 
 @dataclass
 class FusionConfig(_Named):
@@ -189,6 +220,23 @@ class CLIPConfig(_Named):
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
 
     registry: ClassVar[dict[str, "CLIPConfig"]] = {}
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "CLIPConfig":
+        """Our named models, else any open_clip ViT model config by name."""
+        if name in cls.registry:
+            return super().from_name(name, **overrides)
+        full = _open_clip_config(name)
+        v = full["vision_cfg"]
+        if not isinstance(v.get("layers"), int) or v.get("timm_model_name"):
+            raise ConfigError(f"open_clip model {name!r} has no plain ViT image tower")
+        vision = VisionTowerConfig(
+            image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 16),
+            width=v.get("width", 768), layers=v["layers"], head_width=v.get("head_width", 64),
+            mlp_ratio=v.get("mlp_ratio", 4.0))
+        cfg = cls(name=name, embed_dim=full["embed_dim"], vision=vision,
+                  text=TextTowerConfig.from_open_clip(name))
+        return _apply_overrides(cfg, overrides)
 
 
 _NESTED = {

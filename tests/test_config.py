@@ -32,3 +32,24 @@ def test_unknown_names_are_clear():
         FaceCLIPConfig.from_name("faceclip-tiny", text_depth=2)
     with pytest.raises(ConfigError, match="unknown keys"):
         FaceCLIPConfig.from_dict({"name": "x", "bogus": 1})
+
+
+def test_any_open_clip_text_tower_by_name():
+    cfg = FaceCLIPConfig.from_name("faceclip-l14", text="ViT-B-16")
+    assert (cfg.text.open_clip_name, cfg.text.width, cfg.text.layers, cfg.text.embed_dim) == ("ViT-B-16", 512, 12, 512)
+    clip = CLIPConfig.from_name("ViT-B-16", vision_layers=2)
+    assert clip.vision.patch_size == 16 and clip.vision.layers == 2 and clip.embed_dim == 512
+    with pytest.raises(ConfigError, match="neither"):
+        FaceCLIPConfig.from_name("faceclip-l14", text="no-such-tower")
+
+
+def test_swapped_backbone_builds_and_encodes():
+    import torch
+
+    from faceclip_zoo.models import FaceCLIPEncoder
+
+    cfg = FaceCLIPConfig.from_name("faceclip-tiny", text="RN50", text_layers=1, text_width=32, text_heads=2,
+                                   text_embed_dim=16)
+    enc = FaceCLIPEncoder(cfg).eval()
+    out = enc.encode(["a photo"], torch.rand(1, 3, 112, 112))
+    assert out.embeds.shape == (1, 77, 32)

@@ -54,6 +54,7 @@ class FaceCLIPEncoder(nn.Module):
         self.text_embed_proj = nn.Linear(w, w)
         self.text_pos_proj = nn.Linear(w, w)
         self.fuser = FaceTextFuser(w, config.face.grid, config.fusion)
+        self.face_encoder.eval()  # see train()
 
         self.tokenizer = build_tokenizer(config.text)
         id_tokens = self.tokenizer.encode(config.id_word)

@@ -140,6 +140,7 @@ class FaceCLIPEncoderModule(L.LightningModule):
     # ------------------------------------------------------------------ setup
     def _freeze(self) -> None:
         self.clip.requires_grad_(False)
+        self.clip.eval()
         trainable = set(self.encoder.trainable_parameter_names(self.hparams.unfreeze_text_layers))
         for name, p in self.encoder.named_parameters():
             p.requires_grad_(name in trainable)

@@ -1,0 +1,75 @@
+"""FaceCLIPEncoderModule on tiny configs: losses, freezing, cached targets."""
+
+import pytest
+import torch
+
+from faceclip_zoo.tasks import FaceCLIPEncoderModule
+from faceclip_zoo.utils import UserError
+
+
+def batch(n=4, faces=(True, True, False, True)):
+    torch.manual_seed(0)
+    return {"image": torch.rand(n, 3, 64, 64), "face": torch.rand(n, 3, 112, 112),
+            "has_face": torch.tensor(faces), "caption": [f"a photo number {i}" for i in range(n)],
+            "identity": ["a", "b", "", "a"], "key": [str(i) for i in range(n)], "skipped": 0}
+
+
+@pytest.fixture(scope="module")
+def module():
+    torch.manual_seed(0)
+    return FaceCLIPEncoderModule(encoder="faceclip-tiny", clip="clip-tiny")
+
+
+def test_loss_terms_switch_from_arguments():
+    for losses in (["image"], ["image", "identity"], ["image", "identity", "text"]):
+        m = FaceCLIPEncoderModule(losses=losses)
+        values, _ = m.compute_losses(batch())
+        assert sorted(values) == sorted(losses) and all(torch.isfinite(v) for v in values.values())
+    with pytest.raises(UserError, match="subset"):
+        FaceCLIPEncoderModule(losses=["image", "style"])
+
+
+def test_only_fusion_projections_and_heads_train(module):
+    values, _ = module.compute_losses(batch())
+    sum(values.values()).backward()
+    # graph participation (DDP's criterion); face_pos_proj's gradient is exactly zero at
+    # init only because the deformable layers' offset/weight matrices start at zero
+    trained = {n for n, p in module.named_parameters() if p.grad is not None}
+    assert trained, "nothing received a gradient"
+    frozen_prefixes = ("clip.", "encoder.face_encoder.", "encoder.transformer.", "encoder.token_embedding",
+                       "encoder.ln_final", "encoder.text_projection", "encoder.logit_")
+    assert not [n for n in trained if n.startswith(frozen_prefixes)]
+    for expected in ("encoder.fuser.fusion_layers.0.gamma_l", "encoder.proj1.weight", "text_head.weight",
+                     "identity_head.weight", "encoder.face_patch_proj.weight", "loss_terms.identity.logit_scale"):
+        assert expected in trained
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == trained
+    module.zero_grad()
+
+
+def test_unfreezing_text_layers():
+    m = FaceCLIPEncoderModule(unfreeze_text_layers=1)
+    names = {n for n, p in m.encoder.named_parameters() if p.requires_grad}
+    assert any(n.startswith("transformer.resblocks.1.") for n in names)
+    assert not any(n.startswith("transformer.resblocks.0.") for n in names)
+
+
+def test_cached_features_replace_frozen_forwards(module):
+    b = batch()
+    b["clip_image"] = torch.randn(4, 64)
+    b["clip_text"] = torch.randn(4, 64)
+    b["arcface"] = torch.randn(4, 64)
+    tgt = module.targets(b)
+    for key, name in (("image", "clip_image"), ("text", "clip_text"), ("identity", "arcface")):
+        assert tgt[key] is b[name]
+    computed = module.targets(batch())
+    assert computed["image"].shape == (4, 64) and not torch.equal(computed["image"], b["clip_image"])
+
+
+def test_identity_loss_ignores_rows_without_face(module):
+    b = batch()
+    values, _ = module.compute_losses(b)
+    b2 = dict(b)
+    b2["face"] = b["face"].clone()
+    b2["face"][2] = torch.rand(3, 112, 112)  # the face-less row's pixels are never looked at
+    values2, _ = module.compute_losses(b2)
+    torch.testing.assert_close(values["identity"], values2["identity"])
