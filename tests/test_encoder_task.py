@@ -73,3 +73,12 @@ def test_identity_loss_ignores_rows_without_face(module):
     b2["face"][2] = torch.rand(3, 112, 112)  # the face-less row's pixels are never looked at
     values2, _ = module.compute_losses(b2)
     torch.testing.assert_close(values["identity"], values2["identity"])
+
+
+def test_reused_identity_equals_a_separate_face_id_forward(module):
+    b = batch()
+    out = module.joint(b)
+    reused = module.targets(b, own_identity=out.identity)["identity"]
+    separate = module.targets(b)["identity"]
+    rows = b["has_face"]  # face-less rows are masked out of the identity loss
+    torch.testing.assert_close(torch.nn.functional.normalize(separate, dim=-1)[rows], reused[rows])

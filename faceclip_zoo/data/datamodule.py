@@ -3,7 +3,8 @@
 Training streams resample shards with replacement per rank and worker (WebDataset's
 ResampledShards), so every rank always has data and multi-node runs never wait on an
 uneven split; run length is set by the trainer's max_steps. Validation reads each shard
-once, split across ranks and workers. Guided image-text pairs are mixed in with
+once per rank (split across workers), so every rank computes the same metrics without
+collectives. Guided image-text pairs are mixed in with
 probability `guided_prob`, their face input zeroed (paper Sec. 3.5).
 
 Corrupt samples are skipped, logged with their key and shard, and counted: the count
@@ -170,10 +171,11 @@ class ShardDataModule(L.LightningDataModule):
         return wds.RandomMix([main, guided], probs=[1 - self.guided_prob, self.guided_prob])
 
     def val_dataset(self):
+        # Every rank validates on the whole (small) held-out set: identical metrics on all
+        # ranks and no collective that uneven shard splits could deadlock.
         urls = resolve_shards(self.val_spec, "validation")
         return wds.DataPipeline(
             wds.SimpleShardList(urls),
-            wds.split_by_node,
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=_count_tar_error),
             partial(_decoded, image_size=self.image_size, face_size=self.face_size),

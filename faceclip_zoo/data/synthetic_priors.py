@@ -55,31 +55,40 @@ def cosface_loss(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     return F.cross_entropy(scale * cos, labels)
 
 
+def _optimise(params, batch_loss, steps: int, lr: float, weight_decay: float) -> float:
+    """AdamW with a one-cycle schedule; `batch_loss()` draws a batch and returns its loss."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    for _ in range(steps):
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return loss.item()
+
+
 def train_face_vit(train, val, steps: int, seed: int, batch_size: int = 64) -> tuple[FaceViT, dict]:
     torch.manual_seed(seed)
     cfg = FaceViTConfig.from_name("face-vit-tiny")
     model = FaceViT(cfg)
     crops, labels = _stack([r.crop for r in train]), _labels(train)[0]
     classes = torch.nn.Parameter(torch.randn(int(labels.max()) + 1, cfg.id_dim) * 0.01)
-    opt = torch.optim.AdamW([*model.parameters(), classes], lr=2e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
+
+    def batch_loss():
         idx = torch.randint(len(crops), (batch_size,), generator=gen)
-        x = crops[idx]
         # light photometric jitter so identity cannot be read off exact colours alone
-        x = (x * torch.empty(len(x), 1, 1, 1).uniform_(0.85, 1.15, generator=gen)).clamp(0, 1)
-        loss = cosface_loss(model(x)[0], classes, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        gain = torch.empty(batch_size, 1, 1, 1).uniform_(0.85, 1.15, generator=gen)
+        return cosface_loss(model((crops[idx] * gain).clamp(0, 1))[0], classes, labels[idx])
+
+    model.train()
+    loss = _optimise([*model.parameters(), classes], batch_loss, steps, lr=2e-3, weight_decay=0.05)
     model.eval()
     with torch.no_grad():
         emb = model(_stack([r.crop for r in val]))[0]
     acc = nearest_neighbour_accuracy(emb, _labels(val)[1])
-    return model, {"train_loss": loss.item(), "val_identity_top1": acc}
+    return model, {"train_loss": loss, "val_identity_top1": acc}
 
 
 def train_clip(train, guided, val, steps: int, seed: int, batch_size: int = 64) -> tuple[torch.nn.Module, dict]:
@@ -91,24 +100,20 @@ def train_clip(train, guided, val, steps: int, seed: int, batch_size: int = 64) 
     images = clip_normalize(_stack([r.scene for r in pairs]))
     tokens = tok([r.caption for r in pairs])
     loss_fn = ClipLoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
+
+    def batch_loss():
         idx = torch.randint(len(pairs), (batch_size,), generator=gen)
-        img_f, txt_f, scale = model(images[idx], tokens[idx])
-        loss = loss_fn(img_f, txt_f, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        return loss_fn(*model(images[idx], tokens[idx]))
+
+    model.train()
+    loss = _optimise(model.parameters(), batch_loss, steps, lr=1e-3, weight_decay=0.1)
     model.eval()
     with torch.no_grad():
         img_f = model.encode_image(clip_normalize(_stack([r.scene for r in val])))
         txt_f = model.encode_text(tok([r.caption for r in val]))
     acc = retrieval_accuracy(img_f, txt_f, [r.caption for r in val])
-    return model, {"train_loss": loss.item(), "val_image_to_text_top1": acc}
+    return model, {"train_loss": loss, "val_image_to_text_top1": acc}
 
 
 def _meta_path(folder: Path) -> Path:

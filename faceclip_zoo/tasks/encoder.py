@@ -190,7 +190,10 @@ class FaceCLIPEncoderModule(L.LightningModule):
         return self.encoder(batch["face"], ids, has_face)
 
     @torch.no_grad()
-    def targets(self, batch: dict) -> dict[str, torch.Tensor]:
+    def targets(self, batch: dict, own_identity: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Frozen targets: cached in the batch when the shards carry them, else computed.
+        `own_identity`: the branch's identity vectors of this batch, reused as e_{r_cls}
+        when the branch's own face ViT is the identity model (same computation)."""
         out = {}
         if "image" in self.loss_names:
             out["image"] = batch.get("clip_image")
@@ -203,7 +206,9 @@ class FaceCLIPEncoderModule(L.LightningModule):
                 out["text"] = self.clip.encode_text(tokens)
         if "identity" in self.loss_names:
             out["identity"] = batch.get("arcface")
-            if out["identity"] is None:
+            if out["identity"] is None and own_identity is not None and self.identity_model is None:
+                out["identity"] = own_identity.detach()
+            elif out["identity"] is None:
                 model = self.identity_model or FaceViTIdentity(self.encoder.face_encoder)
                 out["identity"] = model(batch["face"])
         return out
@@ -212,15 +217,16 @@ class FaceCLIPEncoderModule(L.LightningModule):
         out = self.joint(batch)
         pooled = self._pool(out.embeds)
         e_ct = self.text_head(pooled) if {"image", "text"} & set(self.loss_names) else None
-        tgt = self.targets(batch)
+        tgt = self.targets(batch, own_identity=out.identity)
+        local = not self.training  # validation batches are not contrasted across ranks
         losses = {}
         if "image" in self.loss_names:
-            losses["image"] = self.loss_terms["image"](e_ct, tgt["image"])
+            losses["image"] = self.loss_terms["image"](e_ct, tgt["image"], local=local)
         if "identity" in self.loss_names:
             losses["identity"] = self.loss_terms["identity"](
-                self.identity_head(pooled), tgt["identity"], mask=batch["has_face"])
+                self.identity_head(pooled), tgt["identity"], mask=batch["has_face"], local=local)
         if "text" in self.loss_names:
-            losses["text"] = self.loss_terms["text"](e_ct, tgt["text"])
+            losses["text"] = self.loss_terms["text"](e_ct, tgt["text"], local=local)
         return losses, (out, e_ct, tgt)
 
     # ------------------------------------------------------------------ steps
@@ -243,9 +249,9 @@ class FaceCLIPEncoderModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         bs = len(batch["caption"])
         losses, (out, e_ct, tgt) = self.compute_losses(batch)
-        self.log("val/loss", sum(losses.values()), batch_size=bs, sync_dist=True)
+        self.log("val/loss", sum(losses.values()), batch_size=bs)
         for name, value in losses.items():
-            self.log(f"val/loss_{name}", value, batch_size=bs, sync_dist=True)
+            self.log(f"val/loss_{name}", value, batch_size=bs)
         store = self._val_store
         rows = batch["has_face"].cpu()
         if rows.any():
@@ -267,14 +273,14 @@ class FaceCLIPEncoderModule(L.LightningModule):
         if s.get("joint"):
             joint = torch.cat(s["joint"])
             self.log("val/identity_top1", nearest_neighbour_accuracy(joint, s["identity"]),
-                     prog_bar=True, sync_dist=True)
+                     prog_bar=True)
             # Reference point: the frozen face-ID model itself on the same references.
             self.log("val/identity_top1_faceid",
-                     nearest_neighbour_accuracy(torch.cat(s["faceid"]), s["identity"]), sync_dist=True)
+                     nearest_neighbour_accuracy(torch.cat(s["faceid"]), s["identity"]))
             self.last_val_embeddings = (joint, list(s["identity"]))
         if s.get("e_ct"):
             self.log("val/text_top1", retrieval_accuracy(torch.cat(s["e_ct"]), torch.cat(s["e_img"]),
-                                                         s["caption"]), sync_dist=True)
+                                                         s["caption"]))
         self._val_store = {}
 
     # ------------------------------------------------------------------ optimisation

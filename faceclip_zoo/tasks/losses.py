@@ -32,47 +32,45 @@ class ContrastiveTerm(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(init_scale))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if kind == "siglip" else None
         self.rank, self.world_size = 0, 1
-        self._loss: nn.Module | None = None
 
     def set_distributed(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
-        self._loss = None
 
-    def _library_loss(self) -> nn.Module:
-        if self._loss is None:
-            if self.kind == "clip":
-                self._loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True,
-                                      rank=self.rank, world_size=self.world_size)
-            else:
-                self._loss = SigLipLoss(rank=self.rank, world_size=self.world_size)
-        return self._loss
+    def _library_loss(self, rank: int, world_size: int) -> nn.Module:
+        if self.kind == "clip":
+            return ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+        return SigLipLoss(rank=rank, world_size=world_size)
 
     def scale(self) -> torch.Tensor:
         # Clamp as CLIP does (max 100) so the temperature cannot run away.
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None,
+                local: bool = False) -> torch.Tensor:
+        """`local=True` contrasts within this rank's batch only (no collective): for
+        validation, whose batches may differ in size and count across ranks."""
         a = F.normalize(a.float(), dim=-1)
         b = F.normalize(b.float(), dim=-1)
+        rank, world = (0, 1) if local else (self.rank, self.world_size)
         if mask is None:
-            return self._library_loss()(a, b, self.scale(), self.logit_bias)
-        return self._masked(a, b, mask)
+            return self._library_loss(rank, world)(a, b, self.scale(), self.logit_bias)
+        return self._masked(a, b, mask, rank, world)
 
-    def _masked(self, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _masked(self, a, b, mask, rank: int, world_size: int) -> torch.Tensor:
         """Local-loss form over gathered features; masked rows neither anchor a term nor
         serve as negatives. Equals the library loss when mask is all True."""
         n = a.shape[0]
         mask = mask.to(device=a.device, dtype=torch.bool)
-        if self.world_size > 1:
+        if world_size > 1:
             all_a, all_b = gather_features(a, b, local_loss=True, gather_with_grad=True,
-                                           rank=self.rank, world_size=self.world_size)
+                                           rank=rank, world_size=world_size)
             all_mask = torch.cat(torch.distributed.nn.all_gather(mask.float()), 0).bool()
         else:
             all_a, all_b, all_mask = a, b, mask
         scale = self.scale()
         logits_ab = scale * a @ all_b.T  # [n, N]
         logits_ba = scale * b @ all_a.T
-        labels = torch.arange(n, device=a.device) + n * self.rank
+        labels = torch.arange(n, device=a.device) + n * rank
         if self.kind == "clip":
             # Drop masked rows first (never multiply an infinite loss by zero), and mask
             # their columns out of every softmax.
@@ -84,9 +82,9 @@ class ContrastiveTerm(nn.Module):
                        + F.cross_entropy(logits_ba, labels[rows], reduction="sum")) / 2
             # Normalise by the global count of valid rows so ranks with few faces do not
             # weigh more; DDP averages over ranks, hence the world_size factor.
-            return per_row * self.world_size / all_mask.sum().clamp(min=1)
+            return per_row * world_size / all_mask.sum().clamp(min=1)
         signs = -torch.ones_like(logits_ab)
         signs[torch.arange(n), labels] = 1.0
         pair_ok = mask[:, None] & all_mask[None, :]
         loss = -F.logsigmoid(signs * (logits_ab + self.logit_bias)) * pair_ok
-        return loss.sum() / mask.sum().clamp(min=1)
+        return loss.sum() * world_size / all_mask.sum().clamp(min=1)
