@@ -29,8 +29,20 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+def _convert(argv: list[str]) -> int:
+    from jsonargparse import CLI
+
+    from faceclip_zoo.convert import convert
+
+    report = CLI(convert, args=argv, as_positional=False)
+    for name, info in report.items():
+        print(f"{name}: {info if isinstance(info, str) else ', '.join(info)}")
+    return 0
+
+
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "export": (_export, "fit checkpoint -> model.safetensors + config.json + recipe.yaml"),
+    "convert": (_convert, "official release weights -> faceclip_zoo model directories"),
 }
 
 HELP = """usage: python -m faceclip_zoo <command> [options]

@@ -56,7 +56,7 @@ class _Named:
     registry: ClassVar[dict[str, Any]]
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any):
+    def from_name(cls, name: str, /, **overrides: Any):
         if name not in cls.registry:
             raise ConfigError(
                 f"unknown {cls.__name__} name {name!r}; known: {sorted(cls.registry)}"
@@ -128,7 +128,7 @@ class TextTowerConfig(_Named):
     registry: ClassVar[dict[str, "TextTowerConfig"]] = {}
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "TextTowerConfig":
+    def from_name(cls, name: str, /, **overrides: Any) -> "TextTowerConfig":
         """Our named towers, else any open_clip model config by name (e.g. "ViT-B-16")."""
         if name in cls.registry:
             return super().from_name(name, **overrides)
@@ -222,7 +222,7 @@ class CLIPConfig(_Named):
     registry: ClassVar[dict[str, "CLIPConfig"]] = {}
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "CLIPConfig":
+    def from_name(cls, name: str, /, **overrides: Any) -> "CLIPConfig":
         """Our named models, else any open_clip ViT model config by name."""
         if name in cls.registry:
             return super().from_name(name, **overrides)

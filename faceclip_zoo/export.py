@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from faceclip_zoo.models.io import _builders, save_model_dir
-from faceclip_zoo.utils import UserError, load_strict, require_file
+from faceclip_zoo.utils import UserError, load_strict, require_file, safe_torch_load
 
 
 def find_run_config(ckpt: Path) -> Path | None:
@@ -35,10 +33,7 @@ def export_checkpoint(ckpt: str, out: str, part: str = "encoder", recipe: str | 
         recipe: the recipe to store beside the weights (default: the run's config.yaml).
     """
     ckpt_path = require_file(ckpt, "checkpoint")
-    try:
-        checkpoint = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {ckpt_path}: {str(exc).splitlines()[0][:200]}") from None
+    checkpoint = safe_torch_load(ckpt_path, mmap=False)
     exports = checkpoint.get("faceclip_zoo", {}).get("exports", {})
     if part not in exports:
         raise UserError(f"{ckpt_path} has no exportable part {part!r}; it has {sorted(exports) or 'none'} "

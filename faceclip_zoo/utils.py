@@ -21,6 +21,26 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+def safe_torch_load(path: str | os.PathLike, mmap: bool = True):
+    """torch.load with weights_only=True (the unpickler refuses anything but tensors and
+    plain containers, so no pickled code runs), memory-mapped when the file allows it."""
+    import pickle
+
+    try:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not mmap or "mmap" not in str(exc):
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"refusing to load {path}: it is not a plain tensor checkpoint "
+                        f"({str(exc).splitlines()[0][:200]})") from None
+    except Exception as exc:
+        raise UserError(f"cannot read {path}: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}") from None
+
+
 def load_weights_file(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
     """Read a safetensors file, or a foreign torch pickle with weights_only=True (never
     executing pickled code). A directory means its model.safetensors."""
@@ -31,13 +51,7 @@ def load_weights_file(path: str | os.PathLike, what: str = "weights file") -> di
         from safetensors.torch import load_file
 
         return load_file(str(p))
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:  # the unpickler refuses anything but tensors and containers
-        raise UserError(
-            f"refusing to load {p}: it is not a plain tensor checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]})"
-        ) from None
+    obj = safe_torch_load(p)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -45,26 +59,34 @@ def load_weights_file(path: str | os.PathLike, what: str = "weights file") -> di
     return dict(obj)
 
 
-def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """load_state_dict with a readable report instead of a long library traceback."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        def head(items):
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+def mismatch_report(expected: Mapping[str, tuple], got: Mapping[str, tuple]) -> str | None:
+    """Missing keys, unexpected keys and shape mismatches between two {key: shape} maps,
+    summarised on one line (None when they agree)."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = [f"{k}: got {tuple(got[k])} expected {tuple(expected[k])}"
+              for k in sorted(set(expected) & set(got)) if tuple(got[k]) != tuple(expected[k])]
 
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys [{head(missing)}]")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys [{head(unexpected)}]")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches [{head(shapes)}]")
-        raise UserError(f"{source} does not match {type(module).__name__}: " + "; ".join(parts))
+    def head(items):
+        return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys [{head(missing)}]")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys [{head(unexpected)}]")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches [{head(shapes)}]")
+    return "; ".join(parts) or None
+
+
+def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with a readable one-line report instead of a library traceback."""
+    report = mismatch_report(shapes_of(module.state_dict()), shapes_of(state))
+    if report:
+        raise UserError(f"{source} does not match {type(module).__name__}: {report}")
     module.load_state_dict(state, strict=True)

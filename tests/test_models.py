@@ -179,3 +179,17 @@ def test_dead_parameters_are_exactly_the_unused_ones():
     out.square().sum().backward()
     no_grad = {n for n, p in fuser.named_parameters() if p.grad is None or p.grad.abs().sum() == 0}
     assert no_grad == set(fuser.dead_parameter_names())
+
+
+def test_streaming_safetensors_writer_round_trips(tmp_path):
+    from safetensors.torch import load_file
+
+    from faceclip_zoo.models.io import write_safetensors
+
+    tensors = {"b.bf16": torch.randn(3, 5).bfloat16(), "a.f32": torch.randn(7), "c.i64": torch.tensor(3),
+               "d.empty": torch.zeros(0, 4), "e.view": torch.randn(4, 6)[:, ::2], "f.bool": torch.tensor([True, False])}
+    write_safetensors(tmp_path / "x.safetensors", tensors)
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from faceclip_zoo.config import CLIPConfig, FaceCLIPConfig, FaceViTConfig
 from faceclip_zoo.utils import UserError, load_strict, require_file
@@ -41,28 +42,85 @@ def model_type_of(module: torch.nn.Module) -> str:
         raise TypeError(f"no model directory format for {type(module).__name__}") from None
 
 
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write a .safetensors file one tensor at a time.
+
+    Hand-written because safetensors' own writer first copies every tensor to bytes in
+    memory; converting a 24 GB release file that way needs twice its size in RAM. The
+    header needs only shapes and dtypes, so memory-mapped inputs are read tensor by tensor.
+    The format is safetensors' documented one (8-byte header length, JSON header, data).
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in sorted(tensors):
+            t = tensors[name].detach().cpu().contiguous()
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+
+
+def _atomic_write(folder: Path, name: str, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, folder / name)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_model_dir(
+    out_dir: str | os.PathLike, model_type: str, config, tensors: Mapping[str, torch.Tensor],
+    recipe: str | None = None, extra: dict | None = None,
+) -> Path:
+    """Weights + config.json (+ recipe.yaml). Each file is written under a temporary name
+    and renamed, so a crash never leaves a half-written model that looks complete."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format_version": FORMAT_VERSION, "model_type": model_type, "config": config.to_dict(),
+            **(extra or {})}
+    _atomic_write(out, "model.safetensors", lambda p: write_safetensors(p, tensors))
+    _atomic_write(out, "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    if recipe is not None:
+        _atomic_write(out, "recipe.yaml", lambda p: Path(p).write_text(recipe))
+    return out
+
+
 def save_model_dir(
     module: torch.nn.Module, out_dir: str | os.PathLike, config=None,
     recipe: str | None = None, extra: dict | None = None,
 ) -> Path:
-    """Write weights, config and (optionally) the recipe that made them. Files are written
-    to temporary names first and renamed, so a crash never leaves a half-written model."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write a module's weights, its config and (optionally) the recipe that made it."""
     config = config if config is not None else module.config
-    meta = {"format_version": FORMAT_VERSION, "model_type": model_type_of(module),
-            "config": config.to_dict(), **(extra or {})}
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    files = {"model.safetensors": lambda p: save_file(state, p, metadata={"format": "pt"}),
-             "config.json": lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n")}
-    if recipe is not None:
-        files["recipe.yaml"] = lambda p: Path(p).write_text(recipe)
-    for name, write in files.items():
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, out / name)
-    return out
+    return write_model_dir(out_dir, model_type_of(module), config, module.state_dict(), recipe, extra)
+
+
+def build_on_meta(model_type: str, config) -> torch.nn.Module:
+    """The model of a directory, without allocating its weights (for key/shape checks)."""
+    _, build = _builders()[model_type]
+    with torch.device("meta"):
+        return build(config)
 
 
 def read_config(model_dir: str | os.PathLike) -> tuple[str, Any]:
