@@ -342,3 +342,51 @@ _register(
         text=TextTowerConfig.from_name("text-tiny"),
     ),
 )
+
+
+# ------------------------------------------------------------------ diffusion backbones
+# diffusers model configs (plain dicts, for `from_config`), named like everything else.
+DIFFUSERS_CONFIGS: dict[str, dict[str, Any]] = {
+    # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (2,567,463,684 parameters)
+    "sdxl-unet": dict(
+        _class_name="UNet2DConditionModel", act_fn="silu", addition_embed_type="text_time",
+        addition_embed_type_num_heads=64, addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
+        block_out_channels=[320, 640, 1280], center_input_sample=False, cross_attention_dim=2048,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+        mid_block_scale_factor=1, mid_block_type="UNetMidBlock2DCrossAttn", norm_eps=1e-5,
+        norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816,
+        sample_size=128, transformer_layers_per_block=[1, 2, 10],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        use_linear_projection=True,
+    ),
+    # the same family shrunk for CPU tests and quickstarts (diffusers' test sizes), fed by
+    # two faceclip-tiny branches: prompt_embeds 64 + 64, pooled 64 (+ 6 x 8 time ids)
+    "sdxl-unet-tiny": dict(
+        _class_name="UNet2DConditionModel", addition_embed_type="text_time", addition_time_embed_dim=8,
+        attention_head_dim=[2, 4], block_out_channels=[32, 64], cross_attention_dim=128,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], in_channels=4, layers_per_block=2,
+        norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=112, sample_size=32,
+        transformer_layers_per_block=[1, 2], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        use_linear_projection=True,
+    ),
+    # black-forest-labs/FLUX.1-dev transformer/config.json (11,901,408,320 parameters)
+    "flux-dev-transformer": dict(
+        _class_name="FluxTransformer2DModel", attention_head_dim=128, axes_dims_rope=[16, 56, 56],
+        guidance_embeds=True, in_channels=64, joint_attention_dim=4096, num_attention_heads=24,
+        num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768,
+    ),
+    "flux-transformer-tiny": dict(
+        _class_name="FluxTransformer2DModel", attention_head_dim=16, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True, in_channels=16, joint_attention_dim=32, num_attention_heads=2,
+        num_layers=1, num_single_layers=1, patch_size=1, pooled_projection_dim=32,
+    ),
+}
+
+
+def diffusers_config(name: str, /, **overrides: Any) -> dict[str, Any]:
+    if name not in DIFFUSERS_CONFIGS:
+        raise ConfigError(f"unknown diffusers model config {name!r}; known: {sorted(DIFFUSERS_CONFIGS)}")
+    cfg = copy.deepcopy(DIFFUSERS_CONFIGS[name])
+    cfg.update(overrides)
+    return cfg

@@ -4,6 +4,8 @@
 
 Release file (Hugging Face ByteDance/FaceCLIP)   -> our directory
 model/face_clip_encoder.pt                       -> <out>/faceclip-l14, <out>/faceclip-bigg14
+model/unet.pt                                    -> <out>/sdxl-unet (diffusers folder)
+model/dit.pt                                     -> <out>/flux-transformer (diffusers folder)
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from faceclip_zoo.utils import UserError, require_file
 
 log = logging.getLogger(__name__)
 
-# release file name -> converter (more arrive with the SDXL, FLUX and FaceT5 stages)
-SUPPORTED = ("face_clip_encoder.pt",)
-KNOWN_NOT_YET = ("unet.pt", "dit.pt", "face_t5_encoder.pt")
+# release files we convert, and those whose converter arrives with the FaceT5 stage
+SUPPORTED = ("face_clip_encoder.pt", "unet.pt", "dit.pt")
+KNOWN_NOT_YET = ("face_t5_encoder.pt",)
 
 
 def _find(official: Path) -> list[Path]:
@@ -38,15 +40,22 @@ def convert(official: str, out: str) -> dict:
         official: model/face_clip_encoder.pt, or the downloaded release folder.
         out: output folder; one model directory per converted model.
     """
+    from faceclip_zoo.models.convert_diffusion import convert_official_diffusers
     from faceclip_zoo.models.convert_faceclip import convert_official_faceclip
 
     src = require_file(official, "official release path")
+    out_dir = Path(out)
     report: dict = {}
     for path in _find(src):
-        if path.name == "face_clip_encoder.pt" or (src.is_file() and path.name not in KNOWN_NOT_YET):
-            report[path.name] = convert_official_faceclip(path, out)
-        else:
+        if path.name == "unet.pt":
+            report[path.name] = convert_official_diffusers(path, out_dir / "sdxl-unet", "sdxl-unet", "SDXL UNet")
+        elif path.name == "dit.pt":
+            report[path.name] = convert_official_diffusers(
+                path, out_dir / "flux-transformer", "flux-dev-transformer", "FLUX transformer")
+        elif path.name in KNOWN_NOT_YET:
             report[path.name] = "not converted: this release file is not supported yet"
+        else:  # face_clip_encoder.pt, or a single file under another name
+            report[path.name] = convert_official_faceclip(path, out_dir)
     converted = {k: v for k, v in report.items() if isinstance(v, dict)}
     if not converted:
         raise UserError(f"nothing converted from {src}: {json.dumps(report)}")
