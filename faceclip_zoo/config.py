@@ -376,6 +376,25 @@ DIFFUSERS_CONFIGS: dict[str, dict[str, Any]] = {
         guidance_embeds=True, in_channels=64, joint_attention_dim=4096, num_attention_heads=24,
         num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768,
     ),
+    # stabilityai/stable-diffusion-xl-base-1.0 vae/config.json
+    "sdxl-vae": dict(
+        _class_name="AutoencoderKL", act_fn="silu", block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4, force_upcast=True, in_channels=3, latent_channels=4,
+        layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=1024, scaling_factor=0.13025,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+    ),
+    # 2x downsampling: a 64 px synthetic scene becomes 4 x 32 x 32 latents
+    "vae-tiny": dict(
+        _class_name="AutoencoderKL", block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+        in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32, out_channels=3,
+        sample_size=64, scaling_factor=1.0, up_block_types=["UpDecoderBlock2D"] * 2,
+    ),
+    # stabilityai/stable-diffusion-xl-base-1.0 scheduler (training noise schedule)
+    "sdxl-scheduler": dict(
+        _class_name="EulerDiscreteScheduler", beta_end=0.012, beta_schedule="scaled_linear",
+        beta_start=0.00085, num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1,
+        timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
+    ),
     "flux-transformer-tiny": dict(
         _class_name="FluxTransformer2DModel", attention_head_dim=16, axes_dims_rope=[4, 4, 8],
         guidance_embeds=True, in_channels=16, joint_attention_dim=32, num_attention_heads=2,

@@ -116,6 +116,32 @@ def train_clip(train, guided, val, steps: int, seed: int, batch_size: int = 64) 
     return model, {"train_loss": loss, "val_image_to_text_top1": acc}
 
 
+def train_vae(train, guided, val, steps: int, seed: int, batch_size: int = 32) -> tuple[torch.nn.Module, dict]:
+    """A tiny diffusers AutoencoderKL (2x downsampling) for the synthetic scenes, trained
+    for reconstruction with a small KL term, so the diffusion quickstart decodes images."""
+    from faceclip_zoo.config import diffusers_config
+    from faceclip_zoo.models.convert_diffusion import build_diffusers
+
+    torch.manual_seed(seed)
+    vae = build_diffusers(diffusers_config("vae-tiny"))
+    images = _stack([r.scene for r in list(train) + list(guided)]) * 2 - 1
+    gen = torch.Generator().manual_seed(seed)
+
+    def batch_loss():
+        x = images[torch.randint(len(images), (batch_size,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    vae.train()
+    loss = _optimise(vae.parameters(), batch_loss, steps, lr=2e-3, weight_decay=0.0)
+    vae.eval()
+    with torch.no_grad():
+        x = _stack([r.scene for r in val]) * 2 - 1
+        err = (vae.decode(vae.encode(x).latent_dist.mode()).sample - x).abs().mean().item() / 2
+    return vae, {"train_loss": loss, "val_mean_abs_error": err}
+
+
 def _meta_path(folder: Path) -> Path:
     return folder / "config.json"
 

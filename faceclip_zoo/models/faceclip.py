@@ -107,14 +107,21 @@ class FaceCLIPEncoder(nn.Module):
 
     # -------------------------------------------------------------------- joint
     def forward(
-        self, face_images: torch.Tensor, input_ids: torch.Tensor, has_face: torch.Tensor
+        self, face_images: torch.Tensor | None, input_ids: torch.Tensor, has_face: torch.Tensor,
+        face_features: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> JointOutput:
         """face_images: aligned crops, RGB in [0, 1], [B, 3, H, W] (zeros where no face);
-        input_ids: from `tokenize` (prefix on rows with a face); has_face: bool [B]."""
-        has_face = has_face.to(device=face_images.device, dtype=torch.bool)
-        # Rows without a face see a black image, as the release's unconditional branch.
-        face_images = face_images * has_face[:, None, None, None].to(face_images.dtype)
-        identity, patches = self.encode_face(face_images)
+        input_ids: from `tokenize` (prefix on rows with a face); has_face: bool [B];
+        face_features: precomputed (normalised identity, patches) instead of face_images,
+        e.g. averaged over several references of one person."""
+        if face_features is None:
+            has_face = has_face.to(device=face_images.device, dtype=torch.bool)
+            # Rows without a face see a black image, as the release's unconditional branch.
+            face_images = face_images * has_face[:, None, None, None].to(face_images.dtype)
+            identity, patches = self.encode_face(face_images)
+        else:
+            identity, patches = face_features
+            has_face = has_face.to(device=identity.device, dtype=torch.bool)
         tokens, pooled = self.encode_tokens(input_ids, self.proj1(identity), has_face)
         text = self.text_embed_proj(tokens)
         text_pos = self.text_pos_proj(self.positional_embedding.to(text.dtype))[None]

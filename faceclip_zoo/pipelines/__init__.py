@@ -1,0 +1,1 @@
+"""diffusers pipelines and components of faceclip_zoo."""
