@@ -2,6 +2,7 @@
 
     python -m faceclip_zoo fit --config recipes/quickstart/faceclip.yaml
     python -m faceclip_zoo export --ckpt runs/.../last.ckpt --out checkpoints/my-encoder
+    python -m faceclip_zoo generate --pipeline checkpoints/my-sdxl --face me.png --prompt "..."
 """
 
 from __future__ import annotations
@@ -40,8 +41,15 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
+def _generate(argv: list[str]) -> int:
+    from faceclip_zoo.generate import main as generate_main
+
+    return generate_main(argv)
+
+
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "export": (_export, "fit checkpoint -> model.safetensors + config.json + recipe.yaml"),
+    "export": (_export, "fit checkpoint -> model directory (encoder) or pipeline folder (SDXL)"),
+    "generate": (_generate, "exported pipeline + face photo + prompt -> PNG"),
     "convert": (_convert, "official release weights -> faceclip_zoo model directories"),
 }
 

@@ -366,7 +366,7 @@ DIFFUSERS_CONFIGS: dict[str, dict[str, Any]] = {
         _class_name="UNet2DConditionModel", addition_embed_type="text_time", addition_time_embed_dim=8,
         attention_head_dim=[2, 4], block_out_channels=[32, 64], cross_attention_dim=128,
         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], in_channels=4, layers_per_block=2,
-        norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=112, sample_size=32,
+        norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=112, sample_size=16,
         transformer_layers_per_block=[1, 2], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
         use_linear_projection=True,
     ),
@@ -383,11 +383,14 @@ DIFFUSERS_CONFIGS: dict[str, dict[str, Any]] = {
         layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=1024, scaling_factor=0.13025,
         up_block_types=["UpDecoderBlock2D"] * 4,
     ),
-    # 2x downsampling: a 64 px synthetic scene becomes 4 x 32 x 32 latents
+    # 4x downsampling, no mid-block attention: a 64 px synthetic scene becomes 4 x 16 x 16
+    # latents; trainable on CPU in minutes (synthetic_priors.train_vae sets scaling_factor
+    # to 1 / latent std after training, as SD did).
     "vae-tiny": dict(
-        _class_name="AutoencoderKL", block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
-        in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32, out_channels=3,
-        sample_size=64, scaling_factor=1.0, up_block_types=["UpDecoderBlock2D"] * 2,
+        _class_name="AutoencoderKL", block_out_channels=[16, 32, 32],
+        down_block_types=["DownEncoderBlock2D"] * 3, in_channels=3, latent_channels=4,
+        layers_per_block=1, mid_block_add_attention=False, norm_num_groups=8, out_channels=3,
+        sample_size=64, scaling_factor=1.0, up_block_types=["UpDecoderBlock2D"] * 3,
     ),
     # stabilityai/stable-diffusion-xl-base-1.0 scheduler (training noise schedule)
     "sdxl-scheduler": dict(

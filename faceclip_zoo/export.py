@@ -1,4 +1,5 @@
-"""`python -m faceclip_zoo export`: a fit checkpoint -> a self-describing model directory.
+"""`python -m faceclip_zoo export`: a fit checkpoint -> a self-describing model directory
+(encoder runs) or a FaceCLIPSDXLPipeline folder (SDXL runs, EMA weights when kept).
 
 The Lightning checkpoint records (in `checkpoint["faceclip_zoo"]["exports"]`) which of its
 sub-models are exportable, under which key prefix, with which config. The output holds
@@ -23,29 +24,40 @@ def find_run_config(ckpt: Path) -> Path | None:
     return None
 
 
-def export_checkpoint(ckpt: str, out: str, part: str = "encoder", recipe: str | None = None) -> Path:
-    """Export sub-model `part` of a fit checkpoint to `out`.
+def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str | None = None,
+                      use_ema: bool = True) -> Path:
+    """Export a fit checkpoint to `out`: an encoder checkpoint becomes a model directory,
+    an SDXL checkpoint a FaceCLIPSDXLPipeline folder.
 
     Args:
         ckpt: a Lightning checkpoint written by `fit`.
         out: output directory (created).
-        part: which exportable sub-model (see the checkpoint's export table).
+        part: which exportable part (default: the checkpoint's only one).
         recipe: the recipe to store beside the weights (default: the run's config.yaml).
+        use_ema: export the EMA weights of the UNet when the run kept an EMA.
     """
     ckpt_path = require_file(ckpt, "checkpoint")
     checkpoint = safe_torch_load(ckpt_path, mmap=False)
     exports = checkpoint.get("faceclip_zoo", {}).get("exports", {})
+    if part is None and len(exports) == 1:
+        part = next(iter(exports))
     if part not in exports:
         raise UserError(f"{ckpt_path} has no exportable part {part!r}; it has {sorted(exports) or 'none'} "
                         "(was it written by a faceclip_zoo task?)")
     spec = exports[part]
+    recipe_path = Path(recipe) if recipe else find_run_config(ckpt_path)
+    recipe_text = recipe_path.read_text() if recipe_path and recipe_path.exists() else None
+    extra = {"source_checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step")}
+    if spec["model_type"] == "sdxl_pipeline":
+        from faceclip_zoo.pipelines.export import pipeline_from_checkpoint, save_pipeline
+
+        pipe = pipeline_from_checkpoint(checkpoint, spec, str(ckpt_path), use_ema=use_ema)
+        has_ema = "ema" in checkpoint.get("faceclip_zoo", {})
+        return save_pipeline(pipe, out, recipe_text, {**extra, "ema": bool(use_ema and has_ema)})
     cfg_cls, build = _builders()[spec["model_type"]]
     config = cfg_cls.from_dict(spec["config"])
     module = build(config)
     prefix = spec["prefix"]
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     load_strict(module, state, f"{ckpt_path} [{part}]")
-    recipe_path = Path(recipe) if recipe else find_run_config(ckpt_path)
-    recipe_text = recipe_path.read_text() if recipe_path and recipe_path.exists() else None
-    extra = {"source_checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step")}
     return save_model_dir(module, out, config=config, recipe=recipe_text, extra=extra)

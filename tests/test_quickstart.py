@@ -36,6 +36,8 @@ def test_quickstart_faceclip_fit_export(tmp_path):
         assert (tmp_path / "checkpoints" / "synthetic" / prior / "model.safetensors").exists()
 
     out = tmp_path / "checkpoints" / "quickstart-encoder"
+    # the recipe exports at the end of fit (the SDXL quickstart starts from there)
+    assert (out / "model.safetensors").is_file() and (out / "recipe.yaml").is_file()
     res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "export", "--ckpt",
                           str(run / "checkpoints" / "last.ckpt"), "--out", str(out)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -11,6 +11,7 @@ from faceclip_zoo.cli import CLI_KWARGS
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 PRODUCTION = [r for r in RECIPES if "quickstart" not in r.parts]
+ENCODER_PRODUCTION = [r for r in PRODUCTION if r.parent.name.startswith("faceclip-") and "sdxl" not in r.parent.name]
 
 
 class ParseOnly(LightningCLI):
@@ -26,7 +27,8 @@ def parse(recipe: Path, *extra: str):
 
 def test_there_are_recipes():
     names = {str(r.relative_to(REPO / "recipes")) for r in RECIPES}
-    assert {"quickstart/faceclip.yaml", "faceclip-l14/pretrain.yaml", "faceclip-bigg14/pretrain.yaml"} <= names
+    assert {"quickstart/faceclip.yaml", "faceclip-l14/pretrain.yaml", "faceclip-bigg14/pretrain.yaml",
+            "quickstart/sdxl.yaml", "faceclip-sdxl/finetune.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
@@ -39,7 +41,7 @@ def test_recipe_parses(recipe):
     assert cfg.trainer.logger.init_args.save_dir == cfg.trainer.default_root_dir
 
 
-@pytest.mark.parametrize("recipe", PRODUCTION, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+@pytest.mark.parametrize("recipe", ENCODER_PRODUCTION, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_production_recipe_builds_full_size_on_meta(recipe):
     cli = parse(recipe)
     cfg = cli.config
@@ -56,3 +58,27 @@ def test_production_recipe_builds_full_size_on_meta(recipe):
     assert all(p.is_meta for p in model.parameters())
     global_batch = cfg.data.init_args.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes
     assert global_batch == {"faceclip-l14": 24_000, "faceclip-bigg14": 16_000}[model.encoder_config.name]
+
+
+def test_sdxl_finetune_recipe_builds_full_size_on_meta(tmp_path):
+    """The paper-scale SDXL stage: two full branches (config-only encoder directories stand
+    in for converted weights), the full SDXL UNet and VAE, all on the meta device."""
+    from faceclip_zoo.config import FaceCLIPConfig
+    from faceclip_zoo.models.io import write_model_dir
+
+    dirs = {}
+    for name in ("faceclip-l14", "faceclip-bigg14"):
+        dirs[name] = write_model_dir(tmp_path / name, "faceclip", FaceCLIPConfig.from_name(name), {})
+    recipe = REPO / "recipes" / "faceclip-sdxl" / "finetune.yaml"
+    cli = parse(recipe, "--model.init_args.encoder_l", str(dirs["faceclip-l14"]),
+                "--model.init_args.encoder_g", str(dirs["faceclip-bigg14"]))
+    cfg = cli.config
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.num_nodes * cfg.trainer.devices == 128
+    assert cfg.model.init_args.optimizer.init_args.lr == 2e-5
+    assert cfg.model.init_args.condition_dropout == 0.1 and cfg.model.init_args.gradient_checkpointing
+    with torch.device("meta"):
+        model = cli.parser.instantiate_classes(cfg).model
+    assert sum(p.numel() for p in model.unet.parameters()) == 2_567_463_684
+    assert model.condition.embed_dim == 2048 and model.condition.pooled_dim == 1280
+    assert all(p.is_meta for p in model.parameters())
+    assert model.unet.is_gradient_checkpointing

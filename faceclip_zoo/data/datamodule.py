@@ -83,14 +83,15 @@ def _shuffled(src: Iterable, bufsize: int, seed: int) -> Iterator:
     yield from buf
 
 
-def _decoded(src: Iterable[dict], image_size: int, face_size: int) -> Iterator[dict]:
+def _decoded(src: Iterable[dict], image_size: int, face_size: int,
+             buckets: list[tuple[int, int]] | None = None) -> Iterator[dict]:
     global _tar_errors
     skipped = 0
     for raw in src:
         skipped += _tar_errors
         _tar_errors = 0
         try:
-            sample = decode_sample(raw, image_size, face_size)
+            sample = decode_sample(raw, image_size, face_size, buckets)
         except CorruptSample as exc:
             skipped += 1
             log.warning("skipped corrupt sample: %s", exc)
@@ -105,6 +106,18 @@ def _guided(src: Iterable[dict]) -> Iterator[dict]:
         yield strip_face(sample)
 
 
+def _bucket_batches(src: Iterable[dict], batch_size: int) -> Iterator[dict]:
+    """Aspect-ratio buckets: samples wait in their bucket until it holds a full batch, so
+    every batch has one image shape."""
+    waiting: dict[tuple, list[dict]] = {}
+    for sample in src:
+        group = waiting.setdefault(tuple(sample["image"].shape), [])
+        group.append(sample)
+        if len(group) == batch_size:
+            yield collate(group)
+            group.clear()
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {
         "image": torch.stack([s["image"] for s in samples]),
@@ -115,6 +128,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "key": [s["key"] for s in samples],
         "skipped": sum(int(s.get("skipped", 0)) for s in samples),
     }
+    if all("original_size" in s for s in samples):
+        batch["original_size"] = torch.tensor([list(s["original_size"]) for s in samples])
+        batch["crop_top_left"] = torch.tensor([list(s["crop_top_left"]) for s in samples])
     for name in CACHED_FEATURES:
         # The identity feature is only needed (and only present) on rows with a face.
         needed = [s for s in samples if s["has_face"]] if name == "arcface" else samples
@@ -138,7 +154,11 @@ class ShardDataModule(L.LightningDataModule):
         face_size: int = 112,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        buckets: list[tuple[int, int]] | None = None,
     ):
+        """buckets: (height, width) training resolutions for aspect-ratio bucketing; each
+        image goes to the bucket nearest its aspect ratio and batches hold one bucket.
+        Validation stays at image_size squares."""
         super().__init__()
         if not 0.0 <= guided_prob <= 1.0:
             raise UserError(f"guided_prob must be in [0, 1], got {guided_prob}")
@@ -152,6 +172,9 @@ class ShardDataModule(L.LightningDataModule):
         self.image_size, self.face_size = image_size, face_size
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.buckets = [tuple(int(v) for v in b) for b in buckets] if buckets else None
+        if self.buckets and any(len(b) != 2 or min(b) <= 0 for b in self.buckets):
+            raise UserError(f"buckets must be [height, width] pairs of positive sizes, got {buckets}")
 
     # ------------------------------------------------------------------ pipelines
     def _train_stream(self, spec, what: str, seed: int) -> wds.DataPipeline:
@@ -160,7 +183,8 @@ class ShardDataModule(L.LightningDataModule):
             wds.ResampledShards(urls, seed=seed, deterministic=True),
             wds.tarfile_to_samples(handler=_count_tar_error),
             partial(_shuffled, bufsize=self.shuffle_buffer, seed=seed),
-            partial(_decoded, image_size=self.image_size, face_size=self.face_size),
+            partial(_decoded, image_size=self.image_size, face_size=self.face_size,
+                    buckets=self.buckets),
         )
 
     def train_dataset(self):
@@ -185,6 +209,12 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_spec is None:
             raise UserError("no training shards configured (data.train)")
+        if self.buckets:
+            batches = wds.DataPipeline(self.train_dataset(),
+                                       partial(_bucket_batches, batch_size=self.batch_size))
+            return DataLoader(batches, batch_size=None, num_workers=self.num_workers,
+                              persistent_workers=self.num_workers > 0,
+                              pin_memory=torch.cuda.is_available())
         return DataLoader(
             self.train_dataset(), batch_size=self.batch_size, collate_fn=collate,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,

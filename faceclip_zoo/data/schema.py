@@ -7,11 +7,13 @@ One sample = files sharing a key inside a tar:
     <key>.ref.png | .ref.jpg      aligned reference face (absent for guided image-text pairs)
     <key>.json                    {"identity": str | null, ...free metadata}
     <key>.<feature>.npy           optional cached frozen-model outputs, float16/32:
-                                  arcface [D], clip_image [E], clip_text [E]
+                                  arcface [D], clip_image [E], clip_text [E];
+                                  for the diffusion stage vae_latents [C, h, w] (scaled),
+                                  prompt_embeds [77, W], pooled_prompt_embeds [W]
 
 Decoded, a sample is a dict: image [3, S, S] and face [3, F, F] float in [0, 1],
-has_face bool, caption str, identity str ("" if unknown), key str, and every cached
-feature as a float tensor. Everything here is plain Python/numpy/PIL so shard writers
+has_face bool, caption str, identity str ("" if unknown), key str, original_size and
+crop_top_left (SDXL micro-conditioning), and every cached feature as a float tensor. Everything here is plain Python/numpy/PIL so shard writers
 need no torch.
 """
 
@@ -27,7 +29,8 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REF_EXTS = tuple(f"ref.{e}" for e in IMAGE_EXTS)
-CACHED_FEATURES = ("arcface", "clip_image", "clip_text")
+CACHED_FEATURES = ("arcface", "clip_image", "clip_text",
+                   "vae_latents", "prompt_embeds", "pooled_prompt_embeds")
 
 # Refuse decompression bombs before decoding (PIL raises DecompressionBombError above 2x).
 Image.MAX_IMAGE_PIXELS = 64_000_000
@@ -74,21 +77,42 @@ def _open_rgb(data: bytes, what: str) -> Image.Image:
         raise CorruptSample(f"{what}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
+def resize_crop(img: Image.Image, size: int | tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize to cover `size` (an int = square, or (height, width)), centre crop ->
+    (float [3, H, W] in [0, 1], crop (top, left) in the resized image: SDXL's crop
+    micro-conditioning)."""
+    th, tw = (size, size) if isinstance(size, int) else size
+    w, h = img.size
+    top = left = 0
+    if (w, h) != (tw, th):
+        s = max(tw / w, th / h)
+        img = img.resize((max(tw, round(w * s)), max(th, round(h * s))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - tw) // 2, (h - th) // 2
+        img = img.crop((left, top, left + tw, top + th))
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0), (top, left)
+
+
 def _to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """Shorter side to `size`, centre crop, float [3, size, size] in [0, 1]."""
-    w, h = img.size
-    s = size / min(w, h)
-    if (w, h) != (size, size):
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return resize_crop(img, size)[0]
 
 
-def decode_sample(raw: dict[str, Any], image_size: int, face_size: int) -> dict[str, Any]:
-    """Raw tar members -> training sample; raises CorruptSample naming what is wrong."""
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (height, width) bucket whose aspect ratio is closest (in log space) to the image's."""
+    import math
+
+    aspect = math.log(height / width)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - aspect))
+
+
+def decode_sample(raw: dict[str, Any], image_size: int, face_size: int,
+                  buckets: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Raw tar members -> training sample; raises CorruptSample naming what is wrong.
+
+    With `buckets` ((height, width) pairs) the target image goes to the bucket nearest its
+    aspect ratio instead of an image_size square."""
     key = raw.get("__key__", "?")
     where = f"sample {key!r} in {raw.get('__url__', '?')}"
     image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
@@ -106,11 +130,19 @@ def decode_sample(raw: dict[str, Any], image_size: int, face_size: int) -> dict[
             meta = json.loads(raw["json"])
         except ValueError:
             raise CorruptSample(f"{where}: metadata .json is not valid JSON") from None
+    target = _open_rgb(raw[image_ext], f"{where} target")
+    w, h = target.size
+    size = nearest_bucket(h, w, buckets) if buckets else image_size
+    image, crop = resize_crop(target, size)
     out: dict[str, Any] = {
         "key": key,
         "caption": caption,
         "identity": str(meta.get("identity") or ""),
-        "image": _to_tensor(_open_rgb(raw[image_ext], f"{where} target"), image_size),
+        "image": image,
+        # SDXL micro-conditioning: the source size (before any earlier resize, when the
+        # shard writer recorded it) and where the crop starts.
+        "original_size": tuple(meta.get("original_size") or (h, w)),
+        "crop_top_left": crop,
     }
     ref_ext = next((e for e in REF_EXTS if e in raw), None)
     if ref_ext is not None:

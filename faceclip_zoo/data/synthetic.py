@@ -131,6 +131,9 @@ class SyntheticIdentities(ShardDataModule):
         train_identities, val_identities, samples_per_identity, guided_pairs, seed: the
             dataset's size and randomness (train and val identities are disjoint).
         prior_steps: optimisation steps for each of the two small frozen models.
+        vae_steps: when > 0, also train the tiny VAE of the diffusion stage
+            (`<priors_dir>/vae`, a diffusers folder) for this many steps.
+        buckets: aspect-ratio buckets, as ShardDataModule (the synthetic scenes are square).
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class SyntheticIdentities(ShardDataModule):
         samples_per_identity: int = 8,
         guided_pairs: int = 400,
         prior_steps: int = 400,
+        vae_steps: int = 0,
         guided_prob: float = 0.1,
         batch_size: int = 32,
         num_workers: int = 1,
@@ -149,6 +153,7 @@ class SyntheticIdentities(ShardDataModule):
         face_size: int = 112,
         seed: int = 0,
         shuffle_buffer: int = 500,
+        buckets: list[tuple[int, int]] | None = None,
     ):
         root_path = Path(root)
         super().__init__(
@@ -156,8 +161,9 @@ class SyntheticIdentities(ShardDataModule):
             guided=str(root_path / "guided") if guided_pairs > 0 else None,
             guided_prob=guided_prob if guided_pairs > 0 else 0.0,
             batch_size=batch_size, num_workers=num_workers, image_size=image_size,
-            face_size=face_size, shuffle_buffer=shuffle_buffer, seed=seed,
+            face_size=face_size, shuffle_buffer=shuffle_buffer, seed=seed, buckets=buckets,
         )
+        self.vae_steps = vae_steps
         self.root = root_path
         self.priors_dir = Path(priors_dir)
         self.prior_steps = prior_steps
@@ -168,12 +174,13 @@ class SyntheticIdentities(ShardDataModule):
         )
 
     def prepare_data(self) -> None:
-        from faceclip_zoo.data.synthetic_priors import ensure_priors, priors_ready
+        from faceclip_zoo.data.synthetic_priors import ensure_priors, ensure_vae, priors_ready, vae_ready
 
         digest = self.spec.digest()
         have_data = manifest_digest(self.root) == digest
         have_priors = priors_ready(self.priors_dir, digest, self.prior_steps)
-        if have_data and have_priors:
+        have_vae = self.vae_steps <= 0 or vae_ready(self.priors_dir, digest, self.vae_steps)
+        if have_data and have_priors and have_vae:
             return
         t0 = time.time()
         data = generate(self.spec)
@@ -183,3 +190,5 @@ class SyntheticIdentities(ShardDataModule):
             log.info("wrote synthetic shards to %s", self.root)
         if not have_priors:
             ensure_priors(self.priors_dir, self.spec, data, self.prior_steps)
+        if not have_vae:
+            ensure_vae(self.priors_dir, self.spec, data, self.vae_steps)

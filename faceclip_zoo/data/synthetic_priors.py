@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FACE_VIT = "face-vit"
 CLIP = "clip"
+VAE = "vae"
 
 
 def _stack(images) -> torch.Tensor:
@@ -116,19 +117,25 @@ def train_clip(train, guided, val, steps: int, seed: int, batch_size: int = 64) 
     return model, {"train_loss": loss, "val_image_to_text_top1": acc}
 
 
-def train_vae(train, guided, val, steps: int, seed: int, batch_size: int = 32) -> tuple[torch.nn.Module, dict]:
-    """A tiny diffusers AutoencoderKL (2x downsampling) for the synthetic scenes, trained
-    for reconstruction with a small KL term, so the diffusion quickstart decodes images."""
+def train_vae(train, guided, val, steps: int, seed: int, batch_size: int = 16) -> tuple[torch.nn.Module, dict]:
+    """The tiny diffusers AutoencoderKL (`vae-tiny`, 4x downsampling) for the synthetic
+    scenes: reconstruction + a small KL term on random 32 px crops (it is convolutional, so
+    it then codes whole scenes). Its scaling_factor becomes 1 / std of the latents."""
     from faceclip_zoo.config import diffusers_config
     from faceclip_zoo.models.convert_diffusion import build_diffusers
 
     torch.manual_seed(seed)
-    vae = build_diffusers(diffusers_config("vae-tiny"))
+    cfg = diffusers_config("vae-tiny")
+    vae = build_diffusers(cfg)
     images = _stack([r.scene for r in list(train) + list(guided)]) * 2 - 1
     gen = torch.Generator().manual_seed(seed)
+    crop = 32
+    room = images.shape[-1] - crop + 1
 
     def batch_loss():
         x = images[torch.randint(len(images), (batch_size,), generator=gen)]
+        top, left = torch.randint(0, room, (2,), generator=gen).tolist()
+        x = x[..., top:top + crop, left:left + crop]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
@@ -137,9 +144,33 @@ def train_vae(train, guided, val, steps: int, seed: int, batch_size: int = 32) -
     loss = _optimise(vae.parameters(), batch_loss, steps, lr=2e-3, weight_decay=0.0)
     vae.eval()
     with torch.no_grad():
+        latents = vae.encode(images[:512]).latent_dist.mode()
+        vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
         x = _stack([r.scene for r in val]) * 2 - 1
         err = (vae.decode(vae.encode(x).latent_dist.mode()).sample - x).abs().mean().item() / 2
-    return vae, {"train_loss": loss, "val_mean_abs_error": err}
+    return vae, {"train_loss": loss, "val_mean_abs_error": err,
+                 "scaling_factor": vae.config.scaling_factor}
+
+
+def vae_ready(priors_dir: Path, digest: str, steps: int) -> bool:
+    try:
+        meta = json.loads((priors_dir / VAE / "faceclip_zoo.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (meta.get("digest") == digest and meta.get("steps") == steps
+            and (priors_dir / VAE / "diffusion_pytorch_model.safetensors").exists())
+
+
+def ensure_vae(priors_dir: Path, spec, data: dict, steps: int) -> dict:
+    """Train and save the synthetic VAE as a diffusers folder (+ faceclip_zoo.json)."""
+    t0 = time.time()
+    vae, scores = train_vae(data["train"], data["guided"], data["val"], steps, spec.seed)
+    folder = priors_dir / VAE
+    vae.save_pretrained(folder, safe_serialization=True)
+    info = {"digest": spec.digest(), "steps": steps, **scores, "seconds": round(time.time() - t0, 1)}
+    (folder / "faceclip_zoo.json").write_text(json.dumps(info, indent=2) + "\n")
+    log.info("synthetic VAE: %s (%.0fs)", scores, time.time() - t0)
+    return scores
 
 
 def _meta_path(folder: Path) -> Path:

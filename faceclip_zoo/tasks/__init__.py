@@ -1,6 +1,15 @@
 """Lightning tasks (LightningModules); each holds plain-torch models from faceclip_zoo.models."""
 
-from faceclip_zoo.tasks.callbacks import IdentityTSNE
+from faceclip_zoo.tasks.callbacks import ExportOnFitEnd, IdentityTSNE
 from faceclip_zoo.tasks.encoder import FaceCLIPEncoderModule
 
-__all__ = ["FaceCLIPEncoderModule", "IdentityTSNE"]
+__all__ = ["ExportOnFitEnd", "FaceCLIPEncoderModule", "IdentityTSNE", "SDXLJointModule"]
+
+
+def __getattr__(name: str):
+    # The diffusion stages import diffusers; only when a recipe names them.
+    if name == "SDXLJointModule":
+        from faceclip_zoo.tasks.sdxl import SDXLJointModule
+
+        return SDXLJointModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

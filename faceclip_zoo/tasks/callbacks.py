@@ -53,3 +53,29 @@ class IdentityTSNE(Callback):
         out = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
         tsne_plot(emb, labels, out, "joint embeddings of held-out identities (same prompt)")
         log.info("wrote %s", out)
+
+
+class ExportOnFitEnd(Callback):
+    """At the end of fit, exports the trained model to `dirpath` (what `python -m
+    faceclip_zoo export` would write from the final checkpoint), so a recipe can hand its
+    result to the next stage by path."""
+
+    def __init__(self, dirpath: str, part: str | None = None):
+        self.dirpath = dirpath
+        self.part = part
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import tempfile
+
+        from faceclip_zoo.export import export_checkpoint, find_run_config
+
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Path(tmp) / "final.ckpt"
+            trainer.save_checkpoint(ckpt)  # collective under sharded strategies: all ranks
+            if trainer.is_global_zero:
+                recipe = find_run_config(folder / "checkpoints" / "x")
+                out = export_checkpoint(str(ckpt), self.dirpath, part=self.part,
+                                        recipe=str(recipe) if recipe else None)
+                log.info("exported to %s", out)
+        trainer.strategy.barrier("export_on_fit_end")

@@ -13,7 +13,6 @@ carry cached features, and computed otherwise.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal, Optional
 
 import lightning as L
@@ -28,16 +27,12 @@ from faceclip_zoo.models.face_vit import FaceViTIdentity, OnnxArcFace
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.io import read_config
 from faceclip_zoo.tasks.losses import ContrastiveTerm, LossKind
+from faceclip_zoo.tasks.optim import configure as configure_optimization, default_optimizer
 from faceclip_zoo.utils import UserError, load_strict, load_weights_file
 
 log = logging.getLogger(__name__)
 
 LOSS_TERMS = ("image", "identity", "text")
-
-
-def _default_optimizer(params):
-    # The paper's settings (AnyPrecisionAdamW is plain AdamW in fp32 state).
-    return torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), weight_decay=0.01)
 
 
 def _load_into(module: nn.Module, path: str, what: str, expect_type: str | None = None,
@@ -107,7 +102,7 @@ class FaceCLIPEncoderModule(L.LightningModule):
         loss_kind: LossKind = "clip",
         head_pool: Literal["flatten", "mean"] = "flatten",
         unfreeze_text_layers: int = 0,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         val_prompt: str = "a photo of a person",
@@ -285,27 +280,8 @@ class FaceCLIPEncoderModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "gamma" in name or "logit_" in name else decay).append(p)
-        optimizer = self.optimizer_factory([
-            {"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
-        warmup = self.hparams.warmup_steps
-        cosine = self.hparams.lr_schedule == "cosine"
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if not cosine:
-                return 1.0
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimization(self, self.optimizer_factory, self.hparams.warmup_steps,
+                                      self.hparams.lr_schedule)
 
     # ------------------------------------------------------------------ export
     def on_save_checkpoint(self, checkpoint: dict) -> None:

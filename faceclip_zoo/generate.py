@@ -1,0 +1,82 @@
+"""`python -m faceclip_zoo generate`: images of a person from an exported pipeline.
+
+    python -m faceclip_zoo generate --pipeline checkpoints/quickstart-sdxl \\
+        --face me.png --prompt "a photo of a person in front of a blue background" --out out.png
+
+--face may be given several times (references of one person, averaged). Without
+--steps/--guidance/--height/--width the release's settings apply (Euler, 50 steps,
+guidance 5.0) and the size is the UNet's native one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from faceclip_zoo.utils import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m faceclip_zoo generate", description=__doc__.split("\n")[0])
+    p.add_argument("--pipeline", required=True, help="an exported FaceCLIPSDXLPipeline folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--face", action="append", default=None,
+                   help="aligned face crop of the person (repeat for several references); omit for none")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--out", default="out.png", help="output PNG (out-K.png for --num-images > 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--scheduler", default=None,
+                   help="a diffusers scheduler class to sample with, e.g. DPMSolverMultistepScheduler")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA (as the release), float32 on CPU")
+    return p
+
+
+def output_paths(out: str, n: int) -> list[Path]:
+    path = Path(out)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    import diffusers
+
+    from faceclip_zoo.pipelines.export import load_pipeline
+
+    if args.num_images < 1 or args.steps < 1:
+        raise UserError("--num-images and --steps must be at least 1")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    pipe = load_pipeline(args.pipeline, dtype=getattr(torch, dtype_name)).to(device)
+    if args.scheduler:
+        cls = getattr(diffusers, args.scheduler, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise UserError(f"--scheduler {args.scheduler!r} is not a diffusers scheduler class")
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    images = pipe(
+        args.prompt, face_image=args.face, negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+        width=args.width, num_images_per_prompt=args.num_images, generator=generator,
+    ).images
+    paths = output_paths(args.out, len(images))
+    for image, path in zip(images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    return paths
+
+
+def main(argv: list[str]) -> int:
+    paths = run(build_parser().parse_args(argv))
+    for path in paths:
+        print(f"wrote {path}")
+    return 0

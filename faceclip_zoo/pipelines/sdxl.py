@@ -1,0 +1,187 @@
+"""FaceCLIPSDXLPipeline: a photo of a person + a prompt -> images of that person.
+
+The joint embedding of two FaceCLIP branches replaces SDXL's two CLIP text encoders;
+everything after the condition (scheduler loop, classifier-free guidance, micro-
+conditioning, VAE decoding) is diffusers' own StableDiffusionXLPipeline, called with
+`prompt_embeds`. So this pipeline's output equals a StableDiffusionXLPipeline run on the
+same UNet, VAE, scheduler and seed given our embeddings: the encoder is the only
+difference (tested).
+
+    pipe = FaceCLIPSDXLPipeline.from_pretrained("checkpoints/my-sdxl")
+    image = pipe("a photo of a person in a red hat", face_image="me_aligned.png").images[0]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from PIL import Image
+
+from faceclip_zoo.models.sdxl_condition import SDXLCondition
+from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
+from faceclip_zoo.utils import UserError
+
+# The release's inference settings (DESIGN.md 2.4).
+RELEASE_DEFAULTS = dict(num_inference_steps=50, guidance_scale=5.0, height=1152, width=864)
+
+FaceInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+Aligner = Callable[[Image.Image], Image.Image]
+
+
+def to_pil(face: FaceInput) -> Image.Image:
+    """A path, PIL image, H x W x 3 uint8 array or [3, H, W] tensor in [0, 1] -> RGB PIL."""
+    if isinstance(face, torch.Tensor):
+        t = face.detach().float().cpu()
+        if t.ndim != 3 or t.shape[0] != 3:
+            raise UserError(f"face tensor must be [3, H, W] in [0, 1], got shape {tuple(t.shape)}")
+        face = Image.fromarray((t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    elif isinstance(face, np.ndarray):
+        if face.ndim != 3 or face.shape[-1] != 3:
+            raise UserError(f"face array must be H x W x 3 (RGB uint8), got shape {face.shape}")
+        face = Image.fromarray(face.astype(np.uint8))
+    elif isinstance(face, (str, os.PathLike)):
+        path = Path(face)
+        if not path.is_file():
+            raise UserError(f"face image {path} does not exist")
+        try:
+            face = Image.open(path).convert("RGB")
+        except Exception as exc:  # PIL raises many types for bad files
+            raise UserError(f"face image {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(face, Image.Image):
+        raise UserError(f"face_image must be a path, PIL image, array or tensor, got {type(face).__name__}")
+    return face.convert("RGB")
+
+
+def load_face(face: FaceInput, size: int) -> torch.Tensor:
+    """An aligned face crop -> float [3, size, size] in [0, 1], resized exactly as the
+    training shards are decoded."""
+    from faceclip_zoo.data.schema import _to_tensor
+
+    return _to_tensor(to_pil(face), size)
+
+
+class FaceCLIPSDXLPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "face_encoder->face_encoder_2->unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        face_encoder: FaceCLIPEncoderModel,
+        face_encoder_2: FaceCLIPEncoderModel,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, face_encoder=face_encoder, face_encoder_2=face_encoder_2,
+                              unet=unet, scheduler=scheduler)
+        self.aligner: Aligner | None = None
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def condition(self) -> SDXLCondition:
+        return SDXLCondition(self.face_encoder.encoder, self.face_encoder_2.encoder)
+
+    def sdxl_pipeline(self) -> StableDiffusionXLPipeline:
+        """diffusers' SDXL pipeline over the same UNet, VAE and scheduler (no text encoders)."""
+        pipe = StableDiffusionXLPipeline(vae=self.vae, text_encoder=None, text_encoder_2=None,
+                                         tokenizer=None, tokenizer_2=None, unet=self.unet,
+                                         scheduler=self.scheduler, add_watermarker=False)
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return pipe
+
+    def set_aligner(self, aligner: Aligner | None) -> None:
+        """A function photo -> aligned face crop (raising UserError when it finds no face);
+        with one set, face images are aligned before encoding."""
+        self.aligner = aligner
+
+    def prepare_faces(self, face_image: FaceInput | Sequence[FaceInput]) -> torch.Tensor:
+        """One image or several references of one person -> aligned crops [N, 3, S, S]."""
+        size = self.face_encoder.encoder.config.face.image_size
+        faces = list(face_image) if isinstance(face_image, (list, tuple)) else [face_image]
+        if not faces:
+            raise UserError("face_image is an empty list")
+        if self.aligner is not None:
+            faces = [self.aligner(to_pil(face)) for face in faces]
+        return torch.stack([load_face(face, size) for face in faces])
+
+    @torch.no_grad()
+    def encode(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str],
+        faces: torch.Tensor | None, device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings for `prompts` of one person (faces [N, 3, S, S]: N references,
+        averaged) or of nobody (faces None), plus the release's negative branch."""
+        cond = self.condition
+        dtype = self.face_encoder.dtype
+        b = len(prompts)
+        if faces is None:
+            pos = cond.unconditional(list(prompts), device, dtype)
+        else:
+            feats = cond.face_features(faces.to(device=device, dtype=dtype))
+            feats = tuple(cond.average_references(f) for f in feats)
+            feats = tuple((i.expand(b, -1), p.expand(b, -1, -1)) for i, p in feats)
+            pos = cond(list(prompts), None, torch.ones(b, dtype=torch.bool, device=device),
+                       face_features=feats)
+        neg = cond.unconditional(list(negative_prompts), device, dtype)
+        return dict(prompt_embeds=pos[0], pooled_prompt_embeds=pos[1],
+                    negative_prompt_embeds=neg[0], negative_pooled_prompt_embeds=neg[1])
+
+    @torch.no_grad()
+    def per_row(self, faces: torch.Tensor | None, prompts: Sequence[str], negative_prompt: str = "",
+                **sdxl_kwargs: Any) -> torch.Tensor:
+        """A batch of different people: row i = (aligned crop faces[i], prompts[i]); faces
+        None = no face anywhere. Returns images [B, 3, H, W] in [0, 1] (validation grids,
+        evaluation)."""
+        device = self._execution_device
+        cond, dtype, b = self.condition, self.face_encoder.dtype, len(prompts)
+        if faces is None:
+            pos = cond.unconditional(list(prompts), device, dtype)
+        else:
+            pos = cond(list(prompts), faces.to(device=device, dtype=dtype),
+                       torch.ones(b, dtype=torch.bool, device=device))
+        neg = cond.unconditional([negative_prompt] * b, device, dtype)
+        return self.sdxl_pipeline()(
+            prompt_embeds=pos[0], pooled_prompt_embeds=pos[1], negative_prompt_embeds=neg[0],
+            negative_pooled_prompt_embeds=neg[1], output_type="pt", **sdxl_kwargs).images
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        face_image: FaceInput | Sequence[FaceInput] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = RELEASE_DEFAULTS["num_inference_steps"],
+        guidance_scale: float = RELEASE_DEFAULTS["guidance_scale"],
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        **sdxl_kwargs: Any,
+    ):
+        """face_image: an aligned crop (path, PIL, HxWx3 array or [3,H,W] tensor), or a
+        list of crops of the same person (identity vectors and patch features averaged),
+        or None for a face-free image. height/width default to the UNet's sample size times
+        the VAE factor (the release used 1152 x 864). Other keyword arguments go to
+        StableDiffusionXLPipeline (latents, callback_on_step_end, original_size, ...)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        faces = None if face_image is None else self.prepare_faces(face_image)
+        embeds = self.encode(prompts, negatives, faces, self._execution_device)
+        return self.sdxl_pipeline()(
+            **embeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+            generator=generator, output_type=output_type, **sdxl_kwargs,
+        )

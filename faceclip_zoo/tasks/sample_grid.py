@@ -1,0 +1,54 @@
+"""The validation image grid of the diffusion stages: for fixed (reference, prompt) pairs
+of the validation set, one row each of [reference | real target | generated], written as
+PNG to <log dir>/samples/step-NNNNNN.png and handed to the logger when it takes images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+def grid_image(rows: list[list[torch.Tensor]]) -> Image.Image:
+    """rows of [3, H, W] tensors in [0, 1] (resized to the first tile's size) -> one image."""
+    h, w = rows[0][0].shape[-2:]
+    tiles = [torch.cat([F.interpolate(t[None].float(), size=(h, w), mode="bilinear", antialias=True)[0]
+                        for t in row], dim=-1) for row in rows]
+    grid = torch.cat(tiles, dim=-2).clamp(0, 1)
+    return Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+
+
+def samples_dir(trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+
+
+@torch.no_grad()
+def write_sample_grid(module, samples: list[dict]) -> Path:
+    """Generate with the module's pipeline (EMA weights when kept) and save the grid."""
+    hp = module.hparams
+    pipe = module.pipeline(use_ema=True)
+    pipe.set_progress_bar_config(disable=True)
+    height, width = samples[0]["image"].shape[-2:]
+    images = pipe.per_row(
+        torch.stack([s["face"] for s in samples]), [s["caption"] for s in samples],
+        num_inference_steps=hp.sample_steps, guidance_scale=hp.sample_guidance, height=height,
+        width=width, generator=torch.Generator(device="cpu").manual_seed(hp.sample_seed),
+    )
+    rows = [[s["face"], s["image"], img.cpu()] for s, img in zip(samples, images)]
+    out = samples_dir(module.trainer) / f"step-{module.global_step:06d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image = grid_image(rows)
+    image.save(out)
+    logger = module.logger
+    if logger is not None and hasattr(logger, "log_image"):  # e.g. WandbLogger
+        logger.log_image(key="samples", images=[image], step=module.global_step)
+    elif logger is not None and hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+        logger.experiment.add_image("samples", np.asarray(image), module.global_step, dataformats="HWC")
+    log.info("wrote sample grid %s", out)
+    return out

@@ -1,0 +1,363 @@
+"""SDXLJointModule: the diffusion stage of FaceCLIP-SDXL (paper Eq. 2).
+
+The joint embedding of two FaceCLIP branches (L and G, frozen by default) replaces SDXL's
+text encoders; the whole UNet is fine-tuned with the usual noise-prediction loss:
+
+    z_0 = VAE(x_0) * scale;  z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps
+    L = w(t) * || UNet(z_t, t, e, pooled, time_ids) - target ||^2,
+    target = eps (epsilon) or v = sqrt(a_t) eps - sqrt(1 - a_t) z_0 (v_prediction)
+
+with condition dropout (zero face + empty prompt, for classifier-free guidance), noise
+offset, min-SNR weighting w(t) (diffusers' compute_snr), EMA of the UNet (diffusers'
+EMAModel), gradient checkpointing, and cached VAE latents / encoder outputs read from the
+shards when they hold them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from lightning.pytorch.cli import OptimizerCallable
+
+from faceclip_zoo.config import DIFFUSERS_CONFIGS, FaceCLIPConfig, diffusers_config
+from faceclip_zoo.models.convert_diffusion import build_diffusers, load_diffusers_weights, resolve_diffusers_config
+from faceclip_zoo.models.faceclip import FaceCLIPEncoder
+from faceclip_zoo.models.io import read_config
+from faceclip_zoo.models.sdxl_condition import SDXLCondition
+from faceclip_zoo.tasks.optim import configure as configure_optimization, default_optimizer
+from faceclip_zoo.utils import UserError, load_strict, load_weights_file
+
+log = logging.getLogger(__name__)
+
+
+def resolve_encoder(spec: str) -> tuple[FaceCLIPConfig, Path | None]:
+    """A named FaceCLIPConfig (random init: tests, from-scratch runs) or a faceclip_zoo
+    encoder directory (an `export` or `convert` output) -> (config, weights dir)."""
+    path = Path(spec)
+    if (path / "config.json").exists():
+        model_type, cfg = read_config(path)
+        if model_type != "faceclip":
+            raise UserError(f"{path} holds a {model_type!r} model; an encoder directory is needed")
+        return cfg, path
+    try:
+        return FaceCLIPConfig.from_name(spec), None
+    except (KeyError, ValueError):
+        raise UserError(f"encoder {spec!r} is neither an encoder directory (with config.json; "
+                        "run the encoder quickstart / export, or `convert` the release) "
+                        "nor a named config") from None
+
+
+def resolve_scheduler_config(spec: str) -> dict[str, Any]:
+    if spec in DIFFUSERS_CONFIGS:
+        return diffusers_config(spec)
+    path = Path(spec)
+    for name in ("scheduler_config.json", "config.json"):
+        if (path / name).exists():
+            return json.loads((path / name).read_text())
+    raise UserError(f"scheduler {spec!r} is neither a named config nor a folder with scheduler_config.json")
+
+
+def _config_without_meta(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+class SDXLJointModule(L.LightningModule):
+    """Fine-tunes an SDXL UNet on the FaceCLIP joint embedding.
+
+    Args:
+        encoder_l, encoder_g: the two FaceCLIP branches: encoder directories (exported or
+            converted) or named configs. The quickstart uses one tiny branch for both.
+        train_encoders: also fine-tune the branches' trainable parts (default frozen).
+        unet: named diffusers config (`sdxl-unet`, `sdxl-unet-tiny`) or a diffusers UNet
+            folder (its weights are loaded); unet_overrides change the config.
+        unet_weights: UNet weights (folder, .safetensors or the release's unet.pt).
+        vae, vae_weights: the same for the frozen AutoencoderKL.
+        scheduler: training noise schedule: named (`sdxl-scheduler`) or a scheduler folder;
+            it is also the pipeline's sampler. prediction_type overrides its own.
+        condition_dropout: probability of the unconditional condition per sample.
+        noise_offset: std of a per-channel constant added to the noise.
+        snr_gamma: min-SNR-gamma loss weighting (5.0 is the usual value); None = plain MSE.
+        ema_decay: keep an EMA of the UNet (exported instead of the raw weights).
+        gradient_checkpointing: recompute UNet activations in backward.
+        sample_prompts / sample_steps / sample_guidance / num_samples: the image grid
+            written at every validation (fixed references from the validation set).
+    """
+
+    def __init__(
+        self,
+        encoder_l: str = "faceclip-tiny",
+        encoder_g: str = "faceclip-tiny",
+        train_encoders: bool = False,
+        unet: str = "sdxl-unet-tiny",
+        unet_overrides: Optional[dict[str, Any]] = None,
+        unet_weights: Optional[str] = None,
+        vae: str = "vae-tiny",
+        vae_weights: Optional[str] = None,
+        scheduler: str = "sdxl-scheduler",
+        prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None,
+        condition_dropout: float = 0.1,
+        noise_offset: float = 0.0,
+        snr_gamma: Optional[float] = None,
+        ema_decay: Optional[float] = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        num_samples: int = 4,
+        sample_steps: int = 20,
+        sample_guidance: float = 5.0,
+        sample_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        if not 0.0 <= condition_dropout < 1.0:
+            raise UserError(f"condition_dropout must be in [0, 1), got {condition_dropout}")
+        self.optimizer_factory = optimizer
+
+        (cfg_l, self._dir_l), (cfg_g, self._dir_g) = resolve_encoder(encoder_l), resolve_encoder(encoder_g)
+        self.condition = SDXLCondition(FaceCLIPEncoder(cfg_l), FaceCLIPEncoder(cfg_g))
+        self.unet_config = {**resolve_diffusers_config(unet, "unet"), **(unet_overrides or {})}
+        self.unet = build_diffusers(self.unet_config)
+        self.vae_config = resolve_diffusers_config(vae, "vae")
+        self.vae = build_diffusers(self.vae_config)
+        self.scheduler_config = resolve_scheduler_config(scheduler)
+        if prediction_type:
+            self.scheduler_config["prediction_type"] = prediction_type
+        self.noise_scheduler = DDPMScheduler.from_config(_config_without_meta(self.scheduler_config))
+        self._check_dims()
+
+        self.vae.requires_grad_(False)
+        for branch in self.condition.branches:
+            trainable = set(branch.trainable_parameter_names()) if train_encoders else set()
+            for name, p in branch.named_parameters():
+                p.requires_grad_(name in trainable)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.ema: EMAModel | None = None
+        self._weights_loaded = False
+        self._null_condition: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._samples: list[dict] = []
+        self.skipped_samples = 0
+
+    def _check_dims(self) -> None:
+        cfg, cond = self.unet_config, self.condition
+        if cfg.get("cross_attention_dim") != cond.embed_dim:
+            raise UserError(f"unet cross_attention_dim {cfg.get('cross_attention_dim')} != the two "
+                            f"branches' widths {cond.branch_l.config.width} + {cond.branch_g.config.width}")
+        expected = cfg.get("addition_time_embed_dim", 0) * 6 + cond.pooled_dim
+        if cfg.get("projection_class_embeddings_input_dim") != expected:
+            raise UserError(f"unet projection_class_embeddings_input_dim must be 6 x "
+                            f"addition_time_embed_dim + G width = {expected}")
+        if cfg.get("in_channels") != self.vae_config.get("latent_channels"):
+            raise UserError(f"unet in_channels {cfg.get('in_channels')} != vae latent_channels "
+                            f"{self.vae_config.get('latent_channels')}")
+
+    # ------------------------------------------------------------------ weights
+    def setup(self, stage: str) -> None:
+        if not self._weights_loaded:
+            self.load_pretrained_weights()
+        if self.hparams.ema_decay and self.ema is None:
+            self.ema = EMAModel(self.unet.parameters(), decay=self.hparams.ema_decay)
+
+    def load_pretrained_weights(self) -> None:
+        hp = self.hparams
+        for branch, folder, what in ((self.condition.branch_l, self._dir_l, "encoder_l"),
+                                     (self.condition.branch_g, self._dir_g, "encoder_g")):
+            if folder is not None:
+                load_strict(branch, load_weights_file(folder / "model.safetensors", what), f"{what} {folder}")
+        unet_src = hp.unet_weights or (hp.unet if Path(hp.unet).is_dir() else None)
+        if unet_src:
+            load_diffusers_weights(self.unet, unet_src, "unet weights")
+        vae_src = hp.vae_weights or (hp.vae if Path(hp.vae).is_dir() else None)
+        if vae_src:
+            load_diffusers_weights(self.vae, vae_src, "vae weights")
+            self._adopt_latent_scale(Path(vae_src))
+        self._weights_loaded = True
+
+    def _adopt_latent_scale(self, folder: Path) -> None:
+        """A VAE folder's own scaling/shift factors belong to its weights (the synthetic
+        VAE's are measured after training, so a named architecture config cannot know them)."""
+        if not (folder / "config.json").is_file():
+            return
+        cfg = json.loads((folder / "config.json").read_text())
+        for key in ("scaling_factor", "shift_factor"):
+            if key in cfg:
+                self.vae_config[key] = cfg[key]
+                self.vae.register_to_config(**{key: cfg[key]})
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()
+        if not self.hparams.train_encoders:
+            self.condition.eval()
+        return self
+
+    # ------------------------------------------------------------------ conditioning
+    @property
+    def latent_scale(self) -> tuple[float, float]:
+        return float(self.vae_config.get("scaling_factor", 1.0)), float(self.vae_config.get("shift_factor") or 0.0)
+
+    @torch.no_grad()
+    def encode_latents(self, batch: dict) -> torch.Tensor:
+        cached = batch.get("vae_latents")
+        if cached is not None:
+            return cached.to(self.device)
+        scale, shift = self.latent_scale
+        image = batch["image"].to(device=self.device, dtype=self.vae.dtype) * 2 - 1
+        return (self.vae.encode(image).latent_dist.sample() - shift) * scale
+
+    def null_condition(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional embedding (zero face, empty prompt), computed once."""
+        if self._null_condition is None or self._null_condition[0].device != self.device:
+            self._null_condition = self.condition.unconditional([""], self.device)
+        e, p = self._null_condition
+        return e.expand(batch_size, -1, -1), p.expand(batch_size, -1)
+
+    def embed(self, batch: dict, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompt_embeds, pooled for the batch; rows in `drop` get the unconditional ones."""
+        b = len(batch["caption"])
+        if "prompt_embeds" in batch and "pooled_prompt_embeds" in batch and not self.hparams.train_encoders:
+            embeds, pooled = batch["prompt_embeds"].to(self.device), batch["pooled_prompt_embeds"].to(self.device)
+        else:
+            has_face = batch["has_face"].to(self.device) & ~drop
+            captions = [("" if d else c) for c, d in zip(batch["caption"], drop.tolist())]
+            with torch.set_grad_enabled(self.hparams.train_encoders and self.training):
+                return self.condition(captions, batch["face"].to(self.device), has_face)
+        if drop.any():
+            null_e, null_p = self.null_condition(b)
+            embeds = torch.where(drop[:, None, None], null_e.to(embeds.dtype), embeds)
+            pooled = torch.where(drop[:, None], null_p.to(pooled.dtype), pooled)
+        return embeds, pooled
+
+    def time_ids(self, batch: dict, latents: torch.Tensor) -> torch.Tensor:
+        """SDXL micro-conditioning: (original h, w, crop top, left, target h, w)."""
+        b = latents.shape[0]
+        h, w = batch["image"].shape[-2:]
+        target = torch.tensor([h, w], device=self.device).expand(b, 2)
+        original = batch.get("original_size", target).to(self.device)
+        crop = batch.get("crop_top_left", torch.zeros(b, 2, dtype=torch.long)).to(self.device)
+        return torch.cat([original, crop, target], dim=1).to(latents.dtype)
+
+    # ------------------------------------------------------------------ loss
+    def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        latents = self.encode_latents(batch)
+        b = latents.shape[0]
+        kw = dict(device=self.device, generator=generator)
+        noise = torch.randn(latents.shape, dtype=latents.dtype, **kw)
+        if self.hparams.noise_offset:
+            noise = noise + self.hparams.noise_offset * torch.randn(b, latents.shape[1], 1, 1, **kw)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), **kw)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        drop = torch.rand(b, **kw) < (self.hparams.condition_dropout if self.training else 0.0)
+        embeds, pooled = self.embed(batch, drop)
+        pred = self.unet(noisy, t, embeds.to(noisy.dtype),
+                         added_cond_kwargs={"text_embeds": pooled.to(noisy.dtype),
+                                            "time_ids": self.time_ids(batch, latents)}).sample
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            raise UserError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.hparams.snr_gamma:
+            # min-SNR-gamma (Hang et al. 2023): w = min(SNR, gamma) / SNR for epsilon,
+            # / (SNR + 1) for v-prediction.
+            snr = compute_snr(self.noise_scheduler, t)
+            clipped = snr.clamp(max=self.hparams.snr_gamma)
+            per_sample = per_sample * (clipped / (snr + 1 if kind == "v_prediction" else snr))
+        return per_sample.mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        bs = len(batch["caption"])
+        self.skipped_samples += int(batch.get("skipped", 0))
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/skipped_samples", float(self.skipped_samples), batch_size=bs)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._samples = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Fixed noise and timesteps per batch index: comparable across validations.
+        gen = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
+        loss = self.diffusion_loss(batch, generator=gen)
+        self.log("val/loss", loss, batch_size=len(batch["caption"]))
+        # Grid rows: the first samples of distinct identities (fixed across validations).
+        seen = {s["identity"] for s in self._samples}
+        for i in range(len(batch["caption"])):
+            if len(self._samples) >= self.hparams.num_samples:
+                break
+            if batch["has_face"][i] and batch["identity"][i] not in seen:
+                seen.add(batch["identity"][i])
+                self._samples.append({"face": batch["face"][i], "caption": batch["caption"][i],
+                                      "image": batch["image"][i], "identity": batch["identity"][i]})
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._samples or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        from faceclip_zoo.tasks.sample_grid import write_sample_grid
+
+        write_sample_grid(self, self._samples)
+
+    def pipeline(self, use_ema: bool = True):
+        """A FaceCLIPSDXLPipeline over this module's (shared) components."""
+        from faceclip_zoo.pipelines.export import pipeline_from_module
+
+        return pipeline_from_module(self, use_ema=use_ema)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        return configure_optimization(self, self.optimizer_factory, self.hparams.warmup_steps,
+                                      self.hparams.lr_schedule)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["faceclip_zoo"] = {"exports": {"pipeline": {
+            "model_type": "sdxl_pipeline",
+            "encoder_l": self.condition.branch_l.config.to_dict(),
+            "encoder_g": self.condition.branch_g.config.to_dict(),
+            "unet": self.unet_config, "vae": self.vae_config, "scheduler": self.scheduler_config,
+            "prefixes": {"encoder_l": "condition.branch_l.", "encoder_g": "condition.branch_g.",
+                         "unet": "unet.", "vae": "vae."},
+        }}}
+        if self.ema is not None:
+            # Named, so export can swap them in without knowing parameter order.
+            names = [n for n, _ in self.unet.named_parameters()]
+            checkpoint["faceclip_zoo"]["ema"] = {
+                "weights": {n: p.detach().cpu() for n, p in zip(names, self.ema.shadow_params)},
+                "optimization_step": self.ema.optimization_step, "decay": self.ema.decay,
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        ema = checkpoint.get("faceclip_zoo", {}).get("ema")
+        if ema is None:
+            return
+        if self.ema is None:
+            self.ema = EMAModel(self.unet.parameters(), decay=ema["decay"])
+        names = [n for n, _ in self.unet.named_parameters()]
+        missing = [n for n in names if n not in ema["weights"]]
+        if missing:
+            raise UserError(f"checkpoint EMA lacks {len(missing)} UNet weights (e.g. {missing[0]})")
+        for shadow, n in zip(self.ema.shadow_params, names):
+            shadow.data.copy_(ema["weights"][n])
+        self.ema.optimization_step = ema["optimization_step"]

@@ -1,0 +1,224 @@
+"""The SDXL stage: conditioning, training options, the pipeline against diffusers' own
+SDXL pipeline, save/load, and fit -> export -> generate through the command line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+from faceclip_zoo.config import FaceCLIPConfig, diffusers_config
+from faceclip_zoo.models.convert_diffusion import build_diffusers
+from faceclip_zoo.models.faceclip import FaceCLIPEncoder
+from faceclip_zoo.models.io import save_model_dir
+from faceclip_zoo.models.sdxl_condition import SDXLCondition
+from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
+from faceclip_zoo.pipelines.export import build_scheduler, load_pipeline, save_pipeline
+from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
+from faceclip_zoo.tasks.sdxl import SDXLJointModule
+from faceclip_zoo.utils import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a photo of a person wearing a red shirt, in front of a blue background, lit from the front"
+
+
+def branches(seed=0):
+    torch.manual_seed(seed)
+    return FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval(), \
+        FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    l, g = branches()
+    torch.manual_seed(1)
+    p = FaceCLIPSDXLPipeline(
+        vae=build_diffusers(diffusers_config("vae-tiny")).eval(),
+        face_encoder=FaceCLIPEncoderModel.from_encoder(l), face_encoder_2=FaceCLIPEncoderModel.from_encoder(g),
+        unet=build_diffusers(diffusers_config("sdxl-unet-tiny")).eval(),
+        scheduler=build_scheduler(diffusers_config("sdxl-scheduler")))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def batch(b=4, has_face=(True, True, False, True)):
+    g = torch.Generator().manual_seed(3)
+    return {"image": torch.rand(b, 3, 64, 64, generator=g), "face": torch.rand(b, 3, 112, 112, generator=g),
+            "has_face": torch.tensor(has_face), "caption": [PROMPT] * b}
+
+
+def test_condition_is_concat_of_branches_and_g_pooled():
+    l, g = branches()
+    cond = SDXLCondition(l, g)
+    faces = torch.rand(2, 3, 112, 112)
+    has = torch.tensor([True, False])
+    with torch.no_grad():
+        embeds, pooled = cond([PROMPT] * 2, faces, has)
+        out_l = l(faces, l.tokenize([PROMPT] * 2, has.tolist()), has)
+        out_g = g(faces, g.tokenize([PROMPT] * 2, has.tolist()), has)
+        uncond = cond.unconditional([PROMPT], "cpu")
+    assert embeds.shape == (2, 77, 128) and pooled.shape == (2, 64)
+    torch.testing.assert_close(embeds, torch.cat([out_l.embeds, out_g.embeds], -1))
+    torch.testing.assert_close(pooled, out_g.pooled)
+    # a row without a face is the unconditional branch (zero face, no prefix)
+    torch.testing.assert_close(embeds[1:], uncond[0], atol=1e-6, rtol=0)
+
+
+def test_pipeline_equals_diffusers_sdxl_given_our_embeddings(pipe):
+    # 8-bit values: the pipeline takes images (a tensor is read as an 8-bit picture)
+    face = (torch.rand(3, 112, 112, generator=torch.Generator().manual_seed(5)) * 255).round() / 255
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, height=64, width=64, output_type="pt")
+    ours = pipe(PROMPT, face_image=face, negative_prompt="blurry",
+                generator=torch.Generator().manual_seed(7), **kw).images
+    # The embeddings as DESIGN.md 2.1 defines them, computed without the pipeline.
+    cond = SDXLCondition(pipe.face_encoder.encoder, pipe.face_encoder_2.encoder)
+    with torch.no_grad():
+        pos = cond([PROMPT], face[None], torch.tensor([True]))
+        neg = cond(["blurry"], torch.zeros(1, 3, 112, 112), torch.tensor([False]))
+    sdxl = StableDiffusionXLPipeline(vae=pipe.vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=pipe.unet,
+                                     scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config),
+                                     add_watermarker=False)
+    sdxl.set_progress_bar_config(disable=True)
+    theirs = sdxl(prompt_embeds=pos[0], pooled_prompt_embeds=pos[1], negative_prompt_embeds=neg[0],
+                  negative_pooled_prompt_embeds=neg[1], generator=torch.Generator().manual_seed(7), **kw).images
+    assert (ours - theirs).abs().max().item() < 1e-5
+    # and the face matters: another face gives another image
+    other = pipe(PROMPT, face_image=torch.zeros(3, 112, 112) + 0.5,
+                 generator=torch.Generator().manual_seed(7), **kw).images
+    assert (ours - other).abs().max().item() > 1e-3
+
+
+def test_pipeline_inputs_and_multi_reference(pipe, tmp_path):
+    from PIL import Image
+
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="pt")
+    arr = (torch.rand(112, 112, 3) * 255).to(torch.uint8).numpy()
+    Image.fromarray(arr).save(tmp_path / "face.png")
+    by_path = pipe(PROMPT, face_image=tmp_path / "face.png", generator=torch.Generator().manual_seed(0), **kw).images
+    by_array = pipe(PROMPT, face_image=arr, generator=torch.Generator().manual_seed(0), **kw).images
+    twice = pipe(PROMPT, face_image=[arr, Image.fromarray(arr)], generator=torch.Generator().manual_seed(0),
+                 **kw).images
+    assert (by_path - by_array).abs().max() < 1e-6
+    assert (by_path - twice).abs().max() < 1e-5  # averaging identical references changes nothing
+    with pytest.raises(UserError, match="does not exist"):
+        pipe(PROMPT, face_image=tmp_path / "missing.png", **kw)
+
+
+def test_pipeline_save_load_round_trip(pipe, tmp_path):
+    save_pipeline(pipe, tmp_path / "pipe", recipe="# recipe\n")
+    assert (tmp_path / "pipe" / "face_encoder" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list((tmp_path / "pipe").rglob("*.bin"))  # no pickles
+    loaded = load_pipeline(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    kw = dict(face_image=torch.full((3, 112, 112), 0.3), num_inference_steps=3, height=64, width=64,
+              output_type="pt")
+    a = pipe(PROMPT, generator=torch.Generator().manual_seed(2), **kw).images
+    b = loaded(PROMPT, generator=torch.Generator().manual_seed(2), **kw).images
+    assert (a - b).abs().max().item() < 1e-5
+    with pytest.raises(UserError, match="model_index.json"):
+        load_pipeline(tmp_path)
+
+
+def test_targets_dropout_snr_and_cached_inputs(monkeypatch):
+    m = SDXLJointModule(prediction_type="v_prediction", snr_gamma=5.0, condition_dropout=0.5)
+    m.setup("fit")
+    assert m.noise_scheduler.config.prediction_type == "v_prediction"
+    b = batch()
+    # dropped rows get exactly the unconditional embedding
+    drop = torch.tensor([True, False, False, True])
+    with torch.no_grad():
+        embeds, pooled = m.embed(b, drop)
+        null_e, null_p = m.null_condition(1)
+        full, _ = m.embed(b, torch.zeros(4, dtype=torch.bool))
+    torch.testing.assert_close(embeds[0], null_e[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(embeds[1], full[1])
+    # cached latents / encoder outputs are used as they are: no VAE, no encoder call
+    cached = dict(b, vae_latents=torch.randn(4, 4, 16, 16), prompt_embeds=torch.randn(4, 77, 128),
+                  pooled_prompt_embeds=torch.randn(4, 64))
+    monkeypatch.setattr(m.vae, "encode", lambda *a, **k: pytest.fail("VAE called despite cached latents"))
+    monkeypatch.setattr(m.condition, "forward", lambda *a, **k: pytest.fail("encoder called despite cache"))
+    m.train()
+    loss = m.diffusion_loss(cached)
+    loss.backward()
+    assert torch.isfinite(loss) and m.unet.conv_in.weight.grad is not None
+    assert all(p.grad is None for p in m.condition.parameters())
+    # micro-conditioning from the batch
+    ids = m.time_ids(dict(cached, original_size=torch.tensor([[300, 200]] * 4),
+                          crop_top_left=torch.tensor([[5, 0]] * 4)), cached["vae_latents"])
+    assert ids[0].tolist() == [300, 200, 5, 0, 64, 64]
+
+
+def test_min_snr_weights_match_formula():
+    from diffusers.training_utils import compute_snr
+
+    m = SDXLJointModule(snr_gamma=5.0, condition_dropout=0.0)
+    t = torch.tensor([10, 500, 990])
+    snr = compute_snr(m.noise_scheduler, t)
+    assert snr[0] > 5 > snr[2]  # low t: high SNR gets clipped; high t: weight 1
+    torch.testing.assert_close(torch.minimum(snr, torch.tensor(5.0)) / snr,
+                               torch.stack([5 / snr[0], 5 / snr[1] if snr[1] > 5 else torch.tensor(1.0),
+                                            torch.tensor(1.0)]))
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="cross_attention_dim"):
+        SDXLJointModule(unet_overrides={"cross_attention_dim": 96})
+    with pytest.raises(UserError, match="neither an encoder directory"):
+        SDXLJointModule(encoder_l=str(tmp_path / "nope"))
+
+
+def sdxl_recipe(tmp_path: Path, shards: Path, encoder_dir: Path, steps: int = 4) -> Path:
+    recipe = yaml.safe_load((REPO / "recipes" / "quickstart" / "sdxl.yaml").read_text())
+    root = str(tmp_path / "run")
+    recipe["trainer"].update(max_steps=steps, val_check_interval=2, log_every_n_steps=1, default_root_dir=root,
+                             limit_val_batches=1)
+    recipe["trainer"]["logger"]["init_args"]["save_dir"] = root
+    recipe["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(tmp_path / "pipeline")
+    recipe["model"]["init_args"].update(encoder_l=str(encoder_dir), encoder_g=str(encoder_dir), vae_weights=None,
+                                        num_samples=2, sample_steps=2, warmup_steps=1)
+    recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {
+        "train": str(shards / "train"), "val": str(shards / "val"), "guided": str(shards / "guided"),
+        "guided_prob": 0.2, "batch_size": 4, "num_workers": 0, "image_size": 64, "face_size": 112}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):
+    from faceclip_zoo.cli import main
+
+    encoder_dir = save_model_dir(branches()[0], tmp_path / "encoder")
+    recipe = sdxl_recipe(tmp_path, tiny_shards, encoder_dir)
+    assert main(["fit", "--config", str(recipe)]) == 0
+    run = tmp_path / "run"
+    assert list(run.rglob("samples/step-*.png")), "no validation grid written"
+    assert (tmp_path / "pipeline" / "model_index.json").is_file()
+    assert (tmp_path / "pipeline" / "recipe.yaml").is_file()
+    # export from the checkpoint (EMA weights) and generate through the command line
+    ckpt = next(run.rglob("last.ckpt"))
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported")]) == 0
+    tiny_data["val"][0].crop.save(tmp_path / "face.png")
+    res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "generate", "--pipeline", str(tmp_path / "exported"),
+                          "--face", str(tmp_path / "face.png"), "--prompt", PROMPT, "--steps", "3",
+                          "--num-images", "2", "--out", str(tmp_path / "out.png")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out-0.png").is_file() and (tmp_path / "out-1.png").is_file()
+    # resume: the EMA state comes back with the checkpoint
+    ckpt_state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    ema = ckpt_state["faceclip_zoo"]["ema"]
+    assert ema["optimization_step"] == 4
+    m = SDXLJointModule(encoder_l=str(encoder_dir), encoder_g=str(encoder_dir), ema_decay=0.99)
+    m.on_load_checkpoint(ckpt_state)
+    name, shadow = next(iter(ema["weights"].items()))
+    assert m.ema.optimization_step == 4
+    torch.testing.assert_close(m.ema.shadow_params[0], shadow)
+    # no face in the generate command: clear error for a missing face file
+    res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "generate", "--pipeline", str(tmp_path / "exported"),
+                          "--face", str(tmp_path / "nobody.png"), "--prompt", "x", "--steps", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "nobody.png does not exist" in res.stderr
