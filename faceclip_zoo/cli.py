@@ -2,6 +2,7 @@
 
     python -m faceclip_zoo fit --config recipes/quickstart/faceclip.yaml
     python -m faceclip_zoo export --ckpt runs/.../last.ckpt --out checkpoints/my-encoder
+    python -m faceclip_zoo prepare --input photos/ --out data/my-shards
     python -m faceclip_zoo generate --pipeline checkpoints/my-sdxl --face me.png --prompt "..."
 """
 
@@ -41,6 +42,18 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
+def _prepare(argv: list[str]) -> int:
+    from jsonargparse import CLI
+
+    from faceclip_zoo.data.prepare import prepare
+
+    manifest = CLI(prepare, args=argv, as_positional=False)
+    c = manifest["counts"]
+    print(f"{c['inputs']} inputs: {c['accepted']} accepted in {len(manifest['shards'])} shard(s), "
+          f"{c['rejected']} rejected {c['rejected_by_reason'] or ''}")
+    return 0
+
+
 def _generate(argv: list[str]) -> int:
     from faceclip_zoo.generate import main as generate_main
 
@@ -50,6 +63,7 @@ def _generate(argv: list[str]) -> int:
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "export": (_export, "fit checkpoint -> model directory (encoder) or pipeline folder (SDXL)"),
     "generate": (_generate, "exported pipeline + face photo + prompt -> PNG"),
+    "prepare": (_prepare, "photos + captions -> aligned, filtered training shards"),
     "convert": (_convert, "official release weights -> faceclip_zoo model directories"),
 }
 

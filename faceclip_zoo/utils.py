@@ -90,3 +90,15 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
     if report:
         raise UserError(f"{source} does not match {type(module).__name__}: {report}")
     module.load_state_dict(state, strict=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write through a temporary file in the same folder and rename: readers (and a re-run
+    after a kill) see the old file or the whole new one, never a part."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

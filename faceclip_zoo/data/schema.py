@@ -47,18 +47,20 @@ def encode_image(img: Image.Image, fmt: str = "png") -> bytes:
 
 
 def make_sample(
-    key: str, image: Image.Image, caption: str, reference: Image.Image | None = None,
+    key: str, image: Image.Image | bytes, caption: str, reference: Image.Image | bytes | None = None,
     identity: str | None = None, meta: dict | None = None,
     features: dict[str, np.ndarray] | None = None, image_format: str = "png",
 ) -> dict[str, Any]:
+    """Tar members of one sample. `image` / `reference` may be already encoded bytes (in
+    `image_format` / PNG), which are stored as they are (no second JPEG generation)."""
     sample = {
         "__key__": key,
-        image_format: encode_image(image, image_format),
+        image_format: image if isinstance(image, bytes) else encode_image(image, image_format),
         "txt": caption.encode("utf-8"),
         "json": json.dumps({"identity": identity, **(meta or {})}).encode("utf-8"),
     }
     if reference is not None:
-        sample["ref.png"] = encode_image(reference, "png")
+        sample["ref.png"] = reference if isinstance(reference, bytes) else encode_image(reference, "png")
     for name, value in (features or {}).items():
         if name not in CACHED_FEATURES:
             raise ValueError(f"unknown cached feature {name!r}; known: {CACHED_FEATURES}")

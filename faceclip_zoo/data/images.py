@@ -1,0 +1,123 @@
+"""Reading photos from the wild: every way a file can be bad ends in an ImageRejected with
+a short reason code (for the rejects file) and a detail naming what was found.
+
+Handled: zero-byte files, non-images with an image extension, corrupt and truncated
+JPEG/PNG, decompression bombs (refused from the declared size, before any pixel is
+decoded), EXIF orientation (applied, so faces come out upright), CMYK, 16-bit and float
+images (scaled to 8 bit, not clipped), grayscale, palette and alpha (composited on white).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# A truncated file is a reject, never a half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000
+
+
+class ImageRejected(Exception):
+    """An input that cannot be used. `reason` is a stable code, `detail` says why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class LoadedImage:
+    rgb: np.ndarray  # [H, W, 3] uint8, upright
+    original_size: tuple[int, int]  # (height, width) after EXIF rotation
+    sha256: str  # of the file's bytes
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _to_8bit_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL's convert("L") clips these to 0..255 instead of scaling them.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if mode == "F":
+            top = max(float(arr.max()), 1e-8) if arr.max() > 1.0 else 1.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # RGB, L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1) -> LoadedImage:
+    """Read `path` as an upright 8-bit RGB array, or raise ImageRejected."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise ImageRejected("unreadable_file", f"{path}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise ImageRejected("empty_file", f"{path}: zero bytes")
+    digest = file_sha256(path)
+    with warnings.catch_warnings():
+        # PIL warns between MAX_IMAGE_PIXELS and 2x; we check the declared size ourselves.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as exc:
+            raise ImageRejected("too_many_pixels", f"{path}: {exc} Refused from its header; not decoded.") from None
+        except UnidentifiedImageError:
+            raise ImageRejected("not_an_image", f"{path}: not a readable image file "
+                                                "(the extension says image, the bytes do not)") from None
+        except OSError as exc:
+            raise ImageRejected("corrupt_image", f"{path}: {exc}") from None
+        with img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageRejected("too_many_pixels", f"{path}: declares {w}x{h} = {w * h} pixels "
+                                                       f"(limit {max_pixels}); not decoded")
+            try:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                rgb = _to_8bit_rgb(img)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                raise ImageRejected("corrupt_image", f"{path}: cannot decode ({type(exc).__name__}: {exc})") from None
+    arr = np.asarray(rgb, dtype=np.uint8)
+    if min(arr.shape[:2]) < min_size:
+        raise ImageRejected("image_too_small", f"{path}: {arr.shape[1]}x{arr.shape[0]} pixels, "
+                                               f"shorter side below {min_size}")
+    return LoadedImage(rgb=arr, original_size=(arr.shape[0], arr.shape[1]), sha256=digest)
+
+
+def as_rgb_array(image) -> np.ndarray:
+    """A path, PIL image or array (HWC uint8 RGB, or float in [0, 1]) -> [H, W, 3] uint8."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(str(image)).rgb
+    if isinstance(image, Image.Image):
+        return np.asarray(_to_8bit_rgb(ImageOps.exif_transpose(image)), dtype=np.uint8)
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an image array [H, W, 3], got shape {tuple(arr.shape)}")
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr.astype(np.float64) * (255.0 if arr.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)

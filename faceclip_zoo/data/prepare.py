@@ -1,0 +1,339 @@
+"""`python -m faceclip_zoo prepare`: real photo collections -> faceclip_zoo shards.
+
+    python -m faceclip_zoo prepare --input photos/ --out data/my-shards
+    python -m faceclip_zoo prepare --config recipes/prepare/default.yaml --input people.jsonl --out ...
+
+Two phases, so that a run can be killed at any moment and re-run:
+1. per input (parallel across processes): read, check, detect, filter, align; the result
+   (accepted: aligned 448 face + resized photo + metadata; rejected: reason) is written
+   to <out>/.work/ atomically, one item per input. A re-run skips items already there
+   (unless the input file changed since).
+2. assemble (deterministic, from the work items in input order): drop byte-identical
+   duplicates, choose each sample's reference face (another photo of the same person when
+   there is one: SPSV), write shard-NNNNN.tar, rejects.jsonl and manifest.json, each
+   through a temporary file and a rename. manifest.json is written last.
+accepted + rejected = inputs, always; every rejected input is a line of rejects.jsonl
+with its reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+from PIL import Image
+
+from faceclip_zoo.data.align import crop_face, pick_face, sharpness
+from faceclip_zoo.data.images import ImageRejected, load_image
+from faceclip_zoo.data.prepare_inputs import Record, read_inputs
+from faceclip_zoo.utils import UserError, atomic_write_bytes
+
+
+@dataclass
+class Filters:
+    """Which faces make usable training data. Defaults follow common practice for
+    identity datasets; every threshold is a recipe option."""
+
+    multiple_faces: Literal["largest", "reject"] = "largest"
+    min_face_size: int = 64  # shorter side of the detected box, pixels of the photo
+    min_score: float = 0.9  # detector confidence
+    max_yaw: float = 0.6  # align.pose_of units: about 1 at full profile
+    max_pitch: float = 0.3
+    min_sharpness: float = 15.0  # variance of the Laplacian of the 112 px grey face
+    min_image_size: int = 128  # shorter side of the photo
+    max_pixels: int = 64_000_000  # declared width x height above this is refused unread
+
+
+# ---------------------------------------------------------------- phase 1: one input
+_DETECTOR = None
+
+
+def _init_worker(detector: str, detector_model_dir: str | None, threads: int = 1) -> None:
+    global _DETECTOR
+    import torch
+
+    torch.set_num_threads(threads)
+    from faceclip_zoo.data.detect import build_detector
+
+    _DETECTOR = build_detector(detector, model_dir=detector_model_dir)
+
+
+def _face_of(path: str, filters: Filters, face_size: int) -> tuple[np.ndarray, dict, object]:
+    """-> (rgb, facts, aligned) or ImageRejected."""
+    loaded = load_image(path, max_pixels=filters.max_pixels, min_size=filters.min_image_size)
+    faces = _DETECTOR.detect(loaded.rgb)
+    face, count = pick_face(faces, filters.multiple_faces, where=path)
+    if face.score < filters.min_score:
+        raise ImageRejected("low_score", f"{path}: detection score {face.score:.3f} < {filters.min_score}")
+    if face.size < filters.min_face_size:
+        raise ImageRejected("face_too_small", f"{path}: face {face.size:.0f} px < {filters.min_face_size} px")
+    aligned = crop_face(loaded.rgb, face, face_size)
+    pose = aligned.pose
+    if abs(pose["yaw"]) > filters.max_yaw or abs(pose["pitch"]) > filters.max_pitch:
+        raise ImageRejected("extreme_pose", f"{path}: yaw {pose['yaw']:+.2f}, pitch {pose['pitch']:+.2f} "
+                                            f"(limits {filters.max_yaw}, {filters.max_pitch})")
+    sharp = sharpness(aligned.crop)
+    if sharp < filters.min_sharpness:
+        raise ImageRejected("blurry", f"{path}: face sharpness {sharp:.1f} < {filters.min_sharpness}")
+    facts = {"sha256": loaded.sha256, "original_size": list(loaded.original_size), "num_faces": count,
+             "score": round(face.score, 4), "box": [round(float(v), 1) for v in face.box],
+             "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in face.landmarks],
+             "pose": {k: round(v, 3) for k, v in pose.items()}, "sharpness": round(sharp, 1)}
+    return loaded.rgb, facts, aligned
+
+
+def _encode(arr: np.ndarray, fmt: str, max_side: int | None = None) -> bytes:
+    img = Image.fromarray(arr)
+    if max_side and max(img.size) > max_side:
+        s = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if fmt == "png" else "JPEG", **({} if fmt == "png" else {"quality": 95}))
+    return buf.getvalue()
+
+
+def _file_stamp(path: str | None) -> list | None:
+    try:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    except (OSError, TypeError):
+        return None
+
+
+def process_record(record: Record, work: str, filters: Filters, face_size: int, max_image_side: int) -> dict:
+    """Phase 1 for one input; writes <work>/<key>.json last (its presence = done)."""
+    key = record.key
+    result = {"key": key, "source": record.source, "kind": record.kind,
+              "stamp": [_file_stamp(record.image), _file_stamp(record.reference)]}
+    try:
+        if record.error:
+            raise ImageRejected(*record.error)
+        if record.image is None or not os.path.isfile(record.image):
+            raise ImageRejected("missing_file", f"{record.image}: no such file")
+        rgb, facts, aligned = _face_of(record.image, filters, face_size)
+        atomic_write_bytes(os.path.join(work, f"{key}.face.png"), _encode(aligned.crop, "png"))
+        if record.kind == "sample":
+            atomic_write_bytes(os.path.join(work, f"{key}.image.jpg"), _encode(rgb, "jpg", max_image_side))
+        if record.reference:
+            try:
+                _, ref_facts, ref_aligned = _face_of(record.reference, filters, face_size)
+            except ImageRejected as exc:
+                raise ImageRejected("bad_reference", f"reference photo: {exc}") from None
+            atomic_write_bytes(os.path.join(work, f"{key}.ref.png"), _encode(ref_aligned.crop, "png"))
+            facts["reference_sha256"] = ref_facts["sha256"]
+        result.update(status="accepted", caption=record.caption, identity=record.identity, **facts)
+    except ImageRejected as exc:
+        result.update(status="rejected", reason=exc.reason, detail=exc.detail)
+    except Exception as exc:  # a library failing on a strange file must not end the run
+        result.update(status="rejected", reason="processing_error", detail=f"{record.source}: "
+                      f"{type(exc).__name__}: {exc}")
+    atomic_write_bytes(os.path.join(work, f"{key}.json"), json.dumps(result).encode("utf-8"))
+    return result
+
+
+def _pending(records: list[Record], work: str) -> list[Record]:
+    todo = []
+    for r in records:
+        path = os.path.join(work, f"{r.key}.json")
+        try:
+            with open(path, "rb") as f:
+                done = json.load(f)
+            if done.get("stamp") == [_file_stamp(r.image), _file_stamp(r.reference)]:
+                continue
+        except (OSError, ValueError):
+            pass
+        todo.append(r)
+    return todo
+
+
+def _run_phase1(todo: list[Record], work: str, filters: Filters, face_size: int, max_image_side: int,
+                workers: int, detector: str, detector_model_dir: str | None, progress: bool) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="img", desc="detect+align", disable=not progress, smoothing=0.1)
+    args = (work, filters, face_size, max_image_side)
+    if workers <= 1:
+        _init_worker(detector, detector_model_dir, threads=max(1, os.cpu_count() or 1))
+        for r in todo:
+            process_record(r, *args)
+            bar.update()
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(detector, detector_model_dir)) as pool:
+            for fut in as_completed([pool.submit(process_record, r, *args) for r in todo]):
+                fut.result()
+                bar.update()
+    bar.close()
+
+
+# ---------------------------------------------------------------- phase 2: assemble
+def _read(work: str, name: str) -> bytes:
+    with open(os.path.join(work, name), "rb") as f:
+        return f.read()
+
+
+def _choose_references(accepted: list[dict]) -> dict[str, tuple[str, str]]:
+    """sample key -> (work file of its reference face, where it came from). SPSV: another
+    photo of the same person when the identity has one (the next one, cyclically, so each
+    photo also serves once as someone's reference), else the photo's own face."""
+    by_identity: dict[str, list[dict]] = defaultdict(list)
+    for item in accepted:
+        if item.get("identity"):
+            by_identity[item["identity"]].append(item)
+    chosen = {}
+    for item in accepted:
+        if item["kind"] != "sample":
+            continue
+        if "reference_sha256" in item:
+            chosen[item["key"]] = (f"{item['key']}.ref.png", "explicit")
+            continue
+        group = by_identity.get(item.get("identity") or "", [])
+        others = [g for g in group if g["key"] != item["key"] and g.get("sha256") != item.get("sha256")]
+        if others:
+            # the next photo of the person after this one, cyclically
+            chosen[item["key"]] = (f"{(pick := others[group.index(item) % len(others)])['key']}.face.png",
+                                   pick["source"])
+        else:
+            chosen[item["key"]] = (f"{item['key']}.face.png", "self")
+    return chosen
+
+
+def assemble(records: list[Record], out: str, work: str, samples_per_shard: int, manifest_extra: dict) -> dict:
+    from faceclip_zoo.data.schema import make_sample
+    import webdataset as wds
+
+    results = []
+    for r in records:
+        with open(os.path.join(work, f"{r.key}.json"), "rb") as f:
+            results.append(json.load(f))
+    first_of: dict[str, str] = {}
+    for item in results:  # byte-identical inputs: the first one (input order) stays
+        if item["status"] == "accepted":
+            if item["sha256"] in first_of:
+                item.update(status="rejected", reason="duplicate", detail=f"{item['source']}: same bytes as "
+                            f"{first_of[item['sha256']]}")
+            else:
+                first_of[item["sha256"]] = item["source"]
+    accepted = [i for i in results if i["status"] == "accepted"]
+    references = _choose_references(accepted)
+    samples = [i for i in accepted if i["kind"] == "sample"]
+
+    shard_names = []
+    for start in range(0, len(samples), samples_per_shard):
+        name = f"shard-{len(shard_names):05d}.tar"
+        tmp = os.path.join(out, name + ".tmp")
+        with wds.TarWriter(tmp, mtime=0) as sink:  # fixed mtime: a re-run writes identical bytes
+            for item in samples[start:start + samples_per_shard]:
+                ref_file, ref_source = references[item["key"]]
+                meta = {k: item[k] for k in ("source", "sha256", "original_size", "score", "box", "landmarks",
+                                             "pose", "sharpness", "num_faces")}
+                meta["reference_source"] = ref_source
+                sink.write(make_sample(item["key"], _read(work, f"{item['key']}.image.jpg"), item["caption"],
+                                       reference=_read(work, ref_file), identity=item.get("identity"),
+                                       meta=meta, image_format="jpg"))
+        os.replace(tmp, os.path.join(out, name))
+        shard_names.append(name)
+    for stale in os.listdir(out):  # shards of an earlier, larger run of the same output
+        if stale.startswith("shard-") and stale.endswith(".tar") and stale not in shard_names:
+            os.remove(os.path.join(out, stale))
+
+    rejected = [i for i in results if i["status"] == "rejected"]
+    atomic_write_bytes(os.path.join(out, "rejects.jsonl"), "".join(
+        json.dumps({"source": i["source"], "kind": i["kind"], "reason": i["reason"], "detail": i["detail"]},
+                   ensure_ascii=False) + "\n" for i in rejected).encode("utf-8"))
+
+    def counts(kind: str) -> dict:
+        mine = [i for i in results if i["kind"] == kind]
+        return {"inputs": len(mine), "accepted": sum(i["status"] == "accepted" for i in mine),
+                "rejected": sum(i["status"] == "rejected" for i in mine),
+                "rejected_by_reason": dict(sorted(Counter(i["reason"] for i in mine
+                                                          if i["status"] == "rejected").items()))}
+
+    manifest = {
+        "format": "faceclip_zoo shards v1 (see faceclip_zoo/data/schema.py)",
+        "counts": counts("sample"), "references": counts("reference"),
+        "identities": dict(sorted(Counter(i["identity"] for i in samples if i.get("identity")).items())),
+        "shards": shard_names,
+        "sources": {i["key"]: {"source": i["source"], "sha256": i["sha256"]} for i in samples},
+        **manifest_extra,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_bytes(os.path.join(out, "manifest.json"),
+                       json.dumps(manifest, indent=1, ensure_ascii=False).encode("utf-8"))
+    return manifest
+
+
+def _remove_debris(*folders: str) -> None:
+    """Temporary files of a killed run (one run per output folder at a time)."""
+    for folder in folders:
+        for name in os.listdir(folder):
+            if (name.endswith(".tmp") or ".tmp-" in name) and os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+
+
+def _versions() -> dict:
+    from faceclip_zoo.data.detect import _version
+
+    return {p: _version(p) for p in ("faceclip_zoo", "torch", "insightface", "facenet-pytorch",
+                                      "opencv-python", "pillow", "numpy")}
+
+
+def prepare(
+    input: str,
+    out: str,
+    references: Optional[str] = None,
+    identity_from_folder: bool = False,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    identity_column: str = "identity",
+    reference_column: str = "reference",
+    detector: str = "auto",
+    detector_model_dir: Optional[str] = None,
+    filters: Filters = Filters(),
+    face_size: int = 448,
+    max_image_side: int = 1536,
+    samples_per_shard: int = 1000,
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Turn photos with captions into faceclip_zoo shards (see the module docstring).
+
+    Args:
+        input: a folder of photos with same-name .txt captions, or a .jsonl/.csv/.parquet table.
+        out: output folder (shards, rejects.jsonl, manifest.json; .work/ holds resumable state).
+        references: optional folder <identity>/<photo> of extra reference photos per person.
+        identity_from_folder: a photo's parent folder names its person (folder input).
+        detector: mtcnn | insightface | auto (insightface when detector_model_dir has a model pack).
+        detector_model_dir: insightface model pack folder (e.g. a copy of buffalo_l).
+        face_size: aligned reference crop size (the release uses 448).
+        max_image_side: target photos larger than this are downscaled (longer side).
+        samples_per_shard: samples per tar file.
+        workers: processes for detection and alignment.
+    """
+    if face_size % 112:
+        raise UserError(f"face_size must be a multiple of 112 (ArcFace template), got {face_size}")
+    records = read_inputs(input, references, identity_from_folder, image_column=image_column,
+                          caption_column=caption_column, identity_column=identity_column,
+                          reference_column=reference_column)
+    work = os.path.join(out, ".work")
+    os.makedirs(work, exist_ok=True)
+    _remove_debris(out, work)
+    todo = _pending(records, work)
+    _run_phase1(todo, work, filters, face_size, max_image_side, workers, detector, detector_model_dir, progress)
+    from faceclip_zoo.data.detect import build_detector
+
+    describe = build_detector(detector, model_dir=detector_model_dir).describe()
+    options = {"filters": vars(filters), "face_size": face_size, "max_image_side": max_image_side,
+               "identity_from_folder": identity_from_folder, "input": os.path.abspath(input),
+               "references": os.path.abspath(references) if references else None}
+    return assemble(records, out, work, samples_per_shard,
+                    {"detector": describe, "versions": _versions(), "options": options})
