@@ -3,6 +3,7 @@
     python -m faceclip_zoo fit --config recipes/quickstart/faceclip.yaml
     python -m faceclip_zoo export --ckpt runs/.../last.ckpt --out checkpoints/my-encoder
     python -m faceclip_zoo prepare --input photos/ --out data/my-shards
+    python -m faceclip_zoo cache --recipe recipes/quickstart/faceclip.yaml
     python -m faceclip_zoo generate --pipeline checkpoints/my-sdxl --face me.png --prompt "..."
 """
 
@@ -54,6 +55,18 @@ def _prepare(argv: list[str]) -> int:
     return 0
 
 
+def _cache(argv: list[str]) -> int:
+    from jsonargparse import CLI
+
+    from faceclip_zoo.cache import cache
+
+    total = CLI(cache, args=argv, as_positional=False)
+    print(f"cached {','.join(total['features'])} for {total['cached']} samples "
+          f"({total['already']} already cached, {total['undecodable']} undecodable kept as they are) "
+          f"in {total['seconds']} s")
+    return 0
+
+
 def _generate(argv: list[str]) -> int:
     from faceclip_zoo.generate import main as generate_main
 
@@ -64,6 +77,7 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "export": (_export, "fit checkpoint -> model directory (encoder) or pipeline folder (SDXL)"),
     "generate": (_generate, "exported pipeline + face photo + prompt -> PNG"),
     "prepare": (_prepare, "photos + captions -> aligned, filtered training shards"),
+    "cache": (_cache, "fit recipe + shards -> frozen-model outputs stored in the shards"),
     "convert": (_convert, "official release weights -> faceclip_zoo model directories"),
 }
 

@@ -168,5 +168,6 @@ def strip_face(sample: dict[str, Any]) -> dict[str, Any]:
     sample = dict(sample)
     sample["face"] = torch.zeros_like(sample["face"])
     sample["has_face"] = False
-    sample.pop("arcface", None)
+    for name in ("arcface", "prompt_embeds", "pooled_prompt_embeds"):  # cached with the face: stale now
+        sample.pop(name, None)
     return sample

@@ -184,29 +184,35 @@ class FaceCLIPEncoderModule(L.LightningModule):
         ids = self.encoder.tokenize(prompts or batch["caption"], has_face.tolist()).to(self.device)
         return self.encoder(batch["face"], ids, has_face)
 
+    # Frozen-model outputs that `python -m faceclip_zoo cache` can store in the shards.
+    CACHEABLE = ("arcface", "clip_image", "clip_text")
+    _TARGET_FEATURE = {"image": "clip_image", "text": "clip_text", "identity": "arcface"}
+
+    @torch.no_grad()
+    def frozen_features(self, batch: dict, names) -> dict[str, torch.Tensor]:
+        """The frozen models' outputs for `names` (a subset of CACHEABLE), computed."""
+        out = {}
+        if "clip_image" in names:
+            out["clip_image"] = self.clip.encode_image(clip_normalize(batch["image"].to(self.device)))
+        if "clip_text" in names:
+            out["clip_text"] = self.clip.encode_text(self.encoder.tokenizer(batch["caption"]).to(self.device))
+        if "arcface" in names:
+            model = self.identity_model or FaceViTIdentity(self.encoder.face_encoder)
+            out["arcface"] = model(batch["face"].to(self.device))
+        return out
+
     @torch.no_grad()
     def targets(self, batch: dict, own_identity: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Frozen targets: cached in the batch when the shards carry them, else computed.
         `own_identity`: the branch's identity vectors of this batch, reused as e_{r_cls}
-        when the branch's own face ViT is the identity model (same computation)."""
-        out = {}
-        if "image" in self.loss_names:
-            out["image"] = batch.get("clip_image")
-            if out["image"] is None:
-                out["image"] = self.clip.encode_image(clip_normalize(batch["image"]))
-        if "text" in self.loss_names:
-            out["text"] = batch.get("clip_text")
-            if out["text"] is None:
-                tokens = self.encoder.tokenizer(batch["caption"]).to(self.device)
-                out["text"] = self.clip.encode_text(tokens)
-        if "identity" in self.loss_names:
-            out["identity"] = batch.get("arcface")
-            if out["identity"] is None and own_identity is not None and self.identity_model is None:
-                out["identity"] = own_identity.detach()
-            elif out["identity"] is None:
-                model = self.identity_model or FaceViTIdentity(self.encoder.face_encoder)
-                out["identity"] = model(batch["face"])
-        return out
+        when the branch's own (always frozen) face ViT is the identity model: the same
+        computation, done once."""
+        out = {loss: batch.get(self._TARGET_FEATURE[loss]) for loss in self.loss_names}
+        if out.get("identity", 0) is None and own_identity is not None and self.identity_model is None:
+            out["identity"] = own_identity.detach()
+        missing = [self._TARGET_FEATURE[loss] for loss, v in out.items() if v is None]
+        computed = self.frozen_features(batch, missing) if missing else {}
+        return {loss: v if v is not None else computed[self._TARGET_FEATURE[loss]] for loss, v in out.items()}
 
     def compute_losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], Any]:
         out = self.joint(batch)

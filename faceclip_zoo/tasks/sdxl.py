@@ -202,13 +202,40 @@ class SDXLJointModule(L.LightningModule):
 
     # ------------------------------------------------------------------ conditioning
     @property
+    def vae_downsample(self) -> int:
+        return 2 ** (len(self.vae_config.get("block_out_channels", [0])) - 1)
+
+    @property
     def latent_scale(self) -> tuple[float, float]:
         return float(self.vae_config.get("scaling_factor", 1.0)), float(self.vae_config.get("shift_factor") or 0.0)
+
+    # Frozen-model outputs that `python -m faceclip_zoo cache` can store in the shards.
+    CACHEABLE = ("vae_latents", "prompt_embeds", "pooled_prompt_embeds")
+
+    @torch.no_grad()
+    def frozen_features(self, batch: dict, names) -> dict[str, torch.Tensor]:
+        """The frozen VAE's latents and the frozen encoders' embeddings (no dropout)."""
+        if self.hparams.train_encoders and {"prompt_embeds", "pooled_prompt_embeds"} & set(names):
+            raise UserError("train_encoders is on: the encoders change during training, so their outputs "
+                            "cannot be cached; cache only vae_latents")
+        out = {}
+        if "vae_latents" in names:
+            out["vae_latents"] = self.encode_latents({k: v for k, v in batch.items() if k != "vae_latents"})
+        if {"prompt_embeds", "pooled_prompt_embeds"} & set(names):
+            embeds, pooled = self.condition(batch["caption"], batch["face"].to(self.device),
+                                            batch["has_face"].to(self.device))
+            out.update(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+        return {k: v for k, v in out.items() if k in names}
 
     @torch.no_grad()
     def encode_latents(self, batch: dict) -> torch.Tensor:
         cached = batch.get("vae_latents")
         if cached is not None:
+            expected = tuple(s // self.vae_downsample for s in batch["image"].shape[-2:])
+            if tuple(cached.shape[-2:]) != expected:
+                raise UserError(f"cached vae_latents are {tuple(cached.shape[-2:])} but images of "
+                                f"{tuple(batch['image'].shape[-2:])} need {expected}: the shards were cached at "
+                                "another resolution; run `python -m faceclip_zoo cache --overwrite true` again")
             return cached.to(self.device)
         scale, shift = self.latent_scale
         image = batch["image"].to(device=self.device, dtype=self.vae.dtype) * 2 - 1

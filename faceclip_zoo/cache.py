@@ -1,0 +1,212 @@
+"""`python -m faceclip_zoo cache`: store frozen-model outputs in the shards, so training
+skips the frozen forwards.
+
+    python -m faceclip_zoo cache --recipe recipes/quickstart/faceclip.yaml
+    python -m faceclip_zoo cache --recipe recipes/faceclip-sdxl/finetune.yaml --shards data/shards \
+        --features vae_latents,prompt_embeds,pooled_prompt_embeds --out data/shards-cached
+
+The recipe names the model whose frozen parts compute the features (its `CACHEABLE`:
+arcface / clip_image / clip_text for FaceCLIPEncoderModule, vae_latents / prompt_embeds /
+pooled_prompt_embeds for SDXLJointModule) and the data settings (image_size, face_size,
+buckets) that decide the crops: the cache holds exactly what training would compute. The
+shards default to the recipe's data (train, val, guided).
+
+Each shard is rewritten whole (every original member kept, `<key>.<feature>.npy` added)
+through a temporary file and a rename, in place or into --out; samples that cannot be
+decoded are kept as they are and counted. A shard that already holds the features is
+skipped, so an interrupted run is re-run. The DataModules read the features when present
+and the modules compute them otherwise. VAE latents are one sample of the latent
+distribution, fixed for the whole run (the usual trade of latent caching), and random
+crops, if any, are fixed too. cache.json beside the shards records what made them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+from typing import Optional
+
+import numpy as np
+import torch
+import yaml
+
+from faceclip_zoo.data.schema import CACHED_FEATURES
+from faceclip_zoo.utils import UserError, atomic_write_bytes
+
+
+def build_from_recipe(recipe: str):
+    """(LightningModule, LightningDataModule | None) as `fit --config recipe` builds them."""
+    import lightning as L
+    from jsonargparse import ArgumentParser
+
+    try:
+        with open(recipe, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise UserError(f"recipe not found: {recipe} ({exc.strerror})") from None
+    if "model" not in cfg:
+        raise UserError(f"{recipe} has no `model:` section (a fit recipe is needed)")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningModule, "model", required=True)
+    parser.add_subclass_arguments(L.LightningDataModule, "data", required=False)
+    try:
+        parsed = parser.parse_object({"model": cfg["model"], "data": cfg.get("data")})
+    except Exception as exc:  # jsonargparse's own message names the bad key
+        raise UserError(f"{recipe}: {str(exc).splitlines()[0]}") from None
+    seed = cfg.get("seed_everything")
+    if seed is not None and seed is not False:
+        L.seed_everything(int(seed), verbose=False)  # as fit does: the same initial weights
+    init = parser.instantiate_classes(parsed)
+    return init.model, init.get("data")
+
+
+def _npy(value: torch.Tensor, dtype: str) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, value.detach().float().cpu().numpy().astype(dtype), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _members(raw: dict) -> dict:
+    return {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
+
+
+def cache_shard(src: str, dest: str, module, names: list[str], image_size: int, face_size: int,
+                buckets, batch_size: int, dtype: str, overwrite: bool, bar=None) -> dict:
+    """Add `names` to every decodable sample of one shard; -> counts."""
+    import webdataset as wds
+
+    from faceclip_zoo.data.datamodule import collate
+    from faceclip_zoo.data.schema import CorruptSample, decode_sample
+
+    try:
+        raws = [_members(r) for r in wds.DataPipeline(wds.SimpleShardList([src]), wds.tarfile_to_samples())]
+    except Exception as exc:
+        raise UserError(f"{src}: not a readable tar shard ({type(exc).__name__}: {exc})") from None
+
+    def needs(raw: dict, name: str) -> bool:
+        return name != "arcface" or any(k.startswith("ref.") for k in raw)  # no face: no identity
+
+    todo = [i for i, r in enumerate(raws) if overwrite or any(needs(r, n) and f"{n}.npy" not in r for n in names)]
+    counts = {"samples": len(raws), "cached": 0, "already": len(raws) - len(todo), "undecodable": 0}
+    by_shape: dict[tuple, list[tuple[int, dict]]] = defaultdict(list)
+    for i in todo:
+        try:
+            sample = decode_sample(raws[i], image_size, face_size, buckets)
+        except CorruptSample:
+            counts["undecodable"] += 1  # kept as it is; the loader skips and counts it
+            if bar is not None:
+                bar.update()
+            continue
+        by_shape[tuple(sample["image"].shape)].append((i, sample))
+    for group in by_shape.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            batch = collate([s for _, s in chunk])
+            for name in CACHED_FEATURES:
+                batch.pop(name, None)  # never feed old cached values into the computation
+            feats = module.frozen_features(batch, names)
+            for row, (i, sample) in enumerate(chunk):
+                for name, value in feats.items():
+                    if needs(raws[i], name) and (name != "arcface" or sample["has_face"]):
+                        raws[i][f"{name}.npy"] = _npy(value[row], dtype)
+                counts["cached"] += 1
+            if bar is not None:
+                bar.update(len(chunk))
+    if not todo:
+        if os.path.abspath(src) != os.path.abspath(dest):
+            shutil.copyfile(src, dest + ".tmp")
+            os.replace(dest + ".tmp", dest)
+        return counts
+    tmp = dest + ".tmp"
+    with wds.TarWriter(tmp, mtime=0) as sink:
+        for raw in raws:
+            sink.write(raw)
+    os.replace(tmp, dest)
+    return counts
+
+
+def _default_shards(data) -> list[str]:
+    if data is None:
+        raise UserError("the recipe has no `data:` section; name the shards with --shards")
+    if hasattr(data, "prepare_data"):
+        data.prepare_data()  # e.g. the synthetic identities render their shards here
+    specs = [getattr(data, a, None) for a in ("train_spec", "val_spec", "guided_spec")]
+    return [s for s in specs if s]
+
+
+def cache(
+    recipe: str,
+    shards: Optional[list[str]] = None,
+    features: Optional[str] = None,
+    out: Optional[str] = None,
+    batch_size: int = 32,
+    dtype: str = "float16",
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Precompute frozen-model outputs into shards (see the module docstring).
+
+    Args:
+        recipe: the fit recipe whose model and data settings define the features.
+        shards: shard folders / files / globs (default: the recipe's train, val and guided shards).
+        features: comma-separated names (default: everything the recipe's model can cache).
+        out: write the cached shards here (default: rewrite the shards in place).
+        batch_size: samples per frozen forward.
+        dtype: storage dtype of the .npy members (float16 or float32).
+        overwrite: recompute features a shard already holds.
+        device: auto (CUDA when available), cpu, cuda, cuda:1, ...
+    """
+    from tqdm import tqdm
+
+    from faceclip_zoo.data.datamodule import resolve_shards
+
+    if dtype not in ("float16", "float32"):
+        raise UserError(f"dtype must be float16 or float32, got {dtype!r}")
+    module, data = build_from_recipe(recipe)
+    cacheable = tuple(getattr(module, "CACHEABLE", ()))
+    if not cacheable:
+        raise UserError(f"{type(module).__name__} has no frozen outputs to cache")
+    names = [n.strip() for n in features.split(",") if n.strip()] if features else list(cacheable)
+    unknown = [n for n in names if n not in cacheable]
+    if unknown:
+        raise UserError(f"{type(module).__name__} cannot cache {unknown}; it can cache {list(cacheable)}")
+    image_size = getattr(data, "image_size", 224)
+    face_size = getattr(data, "face_size", 112)
+    buckets = getattr(data, "buckets", None)
+    paths = [p for spec in (shards or _default_shards(data)) for p in resolve_shards(spec, "input")]
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    module.setup("fit")
+    module.to(dev).eval()
+    total = {"samples": 0, "cached": 0, "already": 0, "undecodable": 0}
+    per_folder: dict[str, dict] = defaultdict(dict)
+    t0 = time.time()
+    with tqdm(unit="sample", desc="cache " + ",".join(names), disable=not progress) as bar:
+        for path in paths:
+            folder = os.path.dirname(os.path.abspath(path))
+            dest_dir = folder if out is None else os.path.join(out, os.path.basename(folder))
+            os.makedirs(dest_dir, exist_ok=True)
+            counts = cache_shard(path, os.path.join(dest_dir, os.path.basename(path)), module, names,
+                                 image_size, face_size, buckets, batch_size, dtype, overwrite, bar)
+            per_folder[dest_dir][os.path.basename(path)] = counts
+            for k in total:
+                total[k] += counts[k]
+    for dest_dir, shard_counts in per_folder.items():
+        record = {"features": names, "dtype": dtype, "recipe": os.path.abspath(recipe),
+                  "model": type(module).__name__, "hparams": _jsonable(dict(module.hparams)),
+                  "image_size": image_size, "face_size": face_size, "buckets": buckets,
+                  "shards": shard_counts, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_bytes(os.path.join(dest_dir, "cache.json"), json.dumps(record, indent=1).encode("utf-8"))
+    total["seconds"] = round(time.time() - t0, 1)
+    total["features"] = names
+    return total
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))

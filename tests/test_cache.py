@@ -1,0 +1,108 @@
+"""`cache`: frozen-model outputs stored in the shards equal what training computes, are
+read back by the DataModule, keep every original member, and a re-run does no work."""
+
+import tarfile
+
+import pytest
+import torch
+
+from faceclip_zoo.cache import build_from_recipe, cache
+from faceclip_zoo.data.datamodule import ShardDataModule
+from faceclip_zoo.models.io import save_model_dir
+from faceclip_zoo.utils import UserError
+from test_cli import corrupt_shard, tiny_recipe  # noqa: F401  (fixture)
+from test_sdxl import branches, sdxl_recipe
+
+
+def members(path) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    with tarfile.open(path) as tar:
+        for name in tar.getnames():
+            key, ext = name.split(".", 1)
+            out.setdefault(key, set()).add(ext)
+    return out
+
+
+def first_val_batch(folder, **kw):
+    dm = ShardDataModule(val=str(folder), num_workers=0, batch_size=64, image_size=64, face_size=112, **kw)
+    return next(iter(dm.val_dataloader()))
+
+
+def test_encoder_features_equal_the_computed_targets(tmp_path, tiny_shards, corrupt_shard):  # noqa: F811
+    recipe = tiny_recipe(tmp_path, tiny_shards)
+    out = tmp_path / "cached"
+    total = cache(str(recipe), out=str(out), batch_size=7, progress=False)
+    assert total["features"] == ["arcface", "clip_image", "clip_text"]
+    assert total["undecodable"] == 3 and total["samples"] == total["cached"] + 3
+    # every original member is kept; features added; the corrupt samples stay as they were
+    for shard in (tiny_shards / "train").glob("*.tar"):
+        before, after = members(shard), members(out / "train" / shard.name)
+        assert set(before) == set(after)
+        for key, exts in before.items():
+            added = {"clip_image.npy", "clip_text.npy"} | ({"arcface.npy"} if "ref.png" in exts else set())
+            assert after[key] == exts | added
+    corrupt = members(out / tmp_path.name / "corrupt.tar")
+    assert corrupt == {k: v | ({"arcface.npy", "clip_image.npy", "clip_text.npy"} if k.startswith("good") else set())
+                       for k, v in members(tmp_path / "corrupt.tar").items()}
+    assert (out / "train" / "cache.json").is_file()
+
+    module, _ = build_from_recipe(str(recipe))  # the same seed: the same frozen weights
+    module.setup("fit")
+    module.eval()
+    cached = first_val_batch(out / "val")
+    assert {"arcface", "clip_image", "clip_text"} <= set(cached)
+    fresh = {k: v for k, v in cached.items() if k not in ("arcface", "clip_image", "clip_text")}
+    computed = module.frozen_features(fresh, module.CACHEABLE)
+    for name in ("clip_image", "clip_text"):
+        torch.testing.assert_close(cached[name], computed[name], atol=2e-3, rtol=2e-3)
+    rows = cached["has_face"]
+    torch.testing.assert_close(cached["arcface"][rows], computed["arcface"][rows], atol=2e-3, rtol=2e-3)
+    # the module's targets use the cache: with the frozen models broken, the targets stay right
+    module.clip.encode_image = module.clip.encode_text = lambda *_: pytest.fail("computed a cached target")
+    targets = module.targets(cached)
+    torch.testing.assert_close(targets["image"], cached["clip_image"])
+
+    again = cache(str(recipe), shards=[str(out / "train")], progress=False)
+    assert again["cached"] == 0 and again["already"] == again["samples"]
+
+
+def test_sdxl_latents_and_embeddings_equal_the_computed_ones(tmp_path, tiny_shards):
+    encoder_dir = save_model_dir(branches()[0], tmp_path / "encoder")
+    recipe = sdxl_recipe(tmp_path, tiny_shards, encoder_dir)
+    out = tmp_path / "cached"
+    total = cache(str(recipe), shards=[str(tiny_shards / "val")], out=str(out), dtype="float32", progress=False)
+    assert total["cached"] == total["samples"] > 0
+    module, _ = build_from_recipe(str(recipe))
+    module.setup("fit")
+    module.eval()
+    cached = first_val_batch(out / "val")
+    assert cached["vae_latents"].shape[-2:] == (16, 16)
+    fresh = {k: v for k, v in cached.items() if k not in module.CACHEABLE}
+    e, p = module.condition(fresh["caption"], fresh["face"], fresh["has_face"])
+    torch.testing.assert_close(cached["prompt_embeds"], e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached["pooled_prompt_embeds"], p, atol=1e-5, rtol=1e-5)
+    # latents are one sample of the VAE posterior, at the configured scale
+    scale, shift = module.latent_scale
+    posterior = module.vae.encode(fresh["image"] * 2 - 1).latent_dist
+    z = ((cached["vae_latents"] / scale + shift) - posterior.mean) / posterior.std
+    assert z.mean().abs() < 0.1 and 0.9 < z.std() < 1.1
+    # a training step reads them: no VAE, no encoder forward
+    module.vae.encode = lambda *_: pytest.fail("VAE ran on a cached batch")
+    module.condition.forward = lambda *_: pytest.fail("encoders ran on a cached batch")
+    module.train()
+    assert torch.isfinite(module.diffusion_loss(cached))
+    # cached at another resolution: a clear error, not a silent shape mix-up
+    wrong = first_val_batch(out / "val")
+    wrong["image"] = torch.nn.functional.interpolate(wrong["image"], size=32)
+    with pytest.raises(UserError, match="cached at another resolution"):
+        module.encode_latents(wrong)
+
+
+def test_bad_requests_are_clear(tmp_path, tiny_shards, corrupt_shard):  # noqa: F811
+    recipe = tiny_recipe(tmp_path, tiny_shards)
+    with pytest.raises(UserError, match="cannot cache \\['vae_latents'\\]"):
+        cache(str(recipe), features="vae_latents", progress=False)
+    with pytest.raises(UserError, match="recipe not found"):
+        cache(str(tmp_path / "nope.yaml"), progress=False)
+    with pytest.raises(UserError, match="no train shards|no input shards"):
+        cache(str(recipe), shards=[str(tmp_path / "empty")], progress=False)
