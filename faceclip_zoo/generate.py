@@ -23,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", required=True, help="an exported FaceCLIPSDXLPipeline folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--face", action="append", default=None,
-                   help="aligned face crop of the person (repeat for several references); omit for none")
+                   help="photo of the person (repeat for several references of one person); omit for none")
+    p.add_argument("--align", default="auto", choices=["auto", "always", "never"],
+                   help="auto: photos are aligned like the training data, aligned crops kept as they are; "
+                        "never: the faces are aligned crops already (e.g. synthetic faces)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--out", default="out.png", help="output PNG (out-K.png for --num-images > 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     images = pipe(
         args.prompt, face_image=args.face, negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-        width=args.width, num_images_per_prompt=args.num_images, generator=generator,
+        width=args.width, num_images_per_prompt=args.num_images, generator=generator, align=args.align,
     ).images
     paths = output_paths(args.out, len(images))
     for image, path in zip(images, paths):

@@ -95,7 +95,7 @@ def test_pipeline_equals_diffusers_sdxl_given_our_embeddings(pipe):
 def test_pipeline_inputs_and_multi_reference(pipe, tmp_path):
     from PIL import Image
 
-    kw = dict(num_inference_steps=2, height=64, width=64, output_type="pt")
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="pt", align="never")
     arr = (torch.rand(112, 112, 3) * 255).to(torch.uint8).numpy()
     Image.fromarray(arr).save(tmp_path / "face.png")
     by_path = pipe(PROMPT, face_image=tmp_path / "face.png", generator=torch.Generator().manual_seed(0), **kw).images
@@ -106,6 +106,27 @@ def test_pipeline_inputs_and_multi_reference(pipe, tmp_path):
     assert (by_path - twice).abs().max() < 1e-5  # averaging identical references changes nothing
     with pytest.raises(UserError, match="does not exist"):
         pipe(PROMPT, face_image=tmp_path / "missing.png", **kw)
+
+
+def test_photos_are_aligned_automatically_and_faceless_photos_refused(pipe, tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    from faceclip_zoo.data.align import align_face
+
+    photo = data.astronaut()
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=95)
+    crop = align_face(str(tmp_path / "photo.jpg")).crop
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="pt")
+    run = lambda face, align=None: pipe(PROMPT, face_image=face, generator=torch.Generator().manual_seed(0),  # noqa
+                                        align=align, **kw).images
+    by_crop = run(crop, "never")
+    assert (run(tmp_path / "photo.jpg") - by_crop).abs().max() < 1e-6  # the photo was aligned
+    assert (run(crop) - by_crop).abs().max() < 1e-6  # an aligned crop is kept as it is
+    assert (run(photo, "never") - by_crop).abs().max() > 1e-3  # unaligned, it is another condition
+    with pytest.raises(UserError, match="no face found in .*wall.png.*align='never'"):
+        Image.new("RGB", (300, 200), (90, 90, 90)).save(tmp_path / "wall.png")
+        run(tmp_path / "wall.png")
 
 
 def test_pipeline_save_load_round_trip(pipe, tmp_path):
@@ -164,6 +185,18 @@ def test_min_snr_weights_match_formula():
                                             torch.tensor(1.0)]))
 
 
+def test_zero_terminal_snr_schedule_reaches_the_sampler():
+    overrides = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    m = SDXLJointModule(prediction_type="v_prediction", scheduler_overrides=overrides)
+    assert m.noise_scheduler.alphas_cumprod[-1] == 0
+    sampler = build_scheduler(m.scheduler_config)
+    assert sampler.config.rescale_betas_zero_snr and sampler.config.prediction_type == "v_prediction"
+    torch.manual_seed(0)
+    assert torch.isfinite(m.diffusion_loss(batch()))  # min-SNR weight at SNR 0 stays finite
+    with pytest.raises(UserError, match="needs prediction_type: v_prediction"):
+        SDXLJointModule(scheduler_overrides=overrides)
+
+
 def test_bad_configuration_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="cross_attention_dim"):
         SDXLJointModule(unet_overrides={"cross_attention_dim": 96})
@@ -203,7 +236,7 @@ def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):
     assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported")]) == 0
     tiny_data["val"][0].crop.save(tmp_path / "face.png")
     res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "generate", "--pipeline", str(tmp_path / "exported"),
-                          "--face", str(tmp_path / "face.png"), "--prompt", PROMPT, "--steps", "3",
+                          "--face", str(tmp_path / "face.png"), "--align", "never", "--prompt", PROMPT, "--steps", "3",
                           "--num-images", "2", "--out", str(tmp_path / "out.png")],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
@@ -222,3 +255,8 @@ def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):
                           "--face", str(tmp_path / "nobody.png"), "--prompt", "x", "--steps", "1"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "nobody.png does not exist" in res.stderr
+    # a synthetic face is no face to the detector: alignment says so, and how to skip it
+    res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "generate", "--pipeline", str(tmp_path / "exported"),
+                          "--face", str(tmp_path / "face.png"), "--prompt", "x", "--steps", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "no face found" in res.stderr and "--align never" in res.stderr

@@ -8,7 +8,10 @@ same UNet, VAE, scheduler and seed given our embeddings: the encoder is the only
 difference (tested).
 
     pipe = FaceCLIPSDXLPipeline.from_pretrained("checkpoints/my-sdxl")
-    image = pipe("a photo of a person in a red hat", face_image="me_aligned.png").images[0]
+    image = pipe("a photo of a person in a red hat", face_image="me.jpg").images[0]
+
+Face photos are aligned like the training data (faceclip_zoo.data.align_face: 5-point
+detection, ArcFace template) unless they already are; see `align`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,35 @@ RELEASE_DEFAULTS = dict(num_inference_steps=50, guidance_scale=5.0, height=1152,
 
 FaceInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 Aligner = Callable[[Image.Image], Image.Image]
+AlignMode = str  # "auto" | "always" | "never"
+# Landmarks this close (pixels of a 448 crop, mean over the 5 points) to the template: the
+# image is already an aligned crop and is used as it is (re-cropping would only blur it).
+ALREADY_ALIGNED_PX = 8.0
+
+
+def auto_align(face: Image.Image, mode: AlignMode = "auto", detector=None) -> Image.Image:
+    """Align a photo like the training data. "auto": photos are aligned, crops that are
+    already aligned are kept; "always": always re-crop; "never": trust the input. A photo
+    without a detectable face is a UserError."""
+    if mode == "never":
+        return face
+    if mode not in ("auto", "always"):
+        raise UserError(f"align must be auto, always or never, got {mode!r}")
+    from faceclip_zoo.data.align import crop_face, default_detector, pick_face, template_deviation
+    from faceclip_zoo.data.images import ImageRejected
+
+    rgb = np.asarray(face.convert("RGB"))
+    name = getattr(face, "filename", "") or "face_image"
+    try:
+        found, _ = pick_face((detector or default_detector()).detect(rgb), where=name)
+    except ImageRejected:
+        raise UserError(f"no face found in {name}: give a photo in which a face is visible; if it is "
+                        "already an aligned crop the detector cannot read (e.g. the synthetic faces), "
+                        "pass align='never' (generate: --align never)") from None
+    if mode == "auto" and face.width == face.height:
+        if template_deviation(found.landmarks * (448 / face.width)).mean() < ALREADY_ALIGNED_PX:
+            return face
+    return Image.fromarray(crop_face(rgb, found, 448).crop)
 
 
 def to_pil(face: FaceInput) -> Image.Image:
@@ -50,7 +82,9 @@ def to_pil(face: FaceInput) -> Image.Image:
         if not path.is_file():
             raise UserError(f"face image {path} does not exist")
         try:
-            face = Image.open(path).convert("RGB")
+            from PIL import ImageOps
+
+            face = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # phone photos: upright
         except Exception as exc:  # PIL raises many types for bad files
             raise UserError(f"face image {path} cannot be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(face, Image.Image):
@@ -81,6 +115,7 @@ class FaceCLIPSDXLPipeline(DiffusionPipeline):
         self.register_modules(vae=vae, face_encoder=face_encoder, face_encoder_2=face_encoder_2,
                               unet=unet, scheduler=scheduler)
         self.aligner: Aligner | None = None
+        self.align: AlignMode = "auto"
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -96,19 +131,30 @@ class FaceCLIPSDXLPipeline(DiffusionPipeline):
         return pipe
 
     def set_aligner(self, aligner: Aligner | None) -> None:
-        """A function photo -> aligned face crop (raising UserError when it finds no face);
-        with one set, face images are aligned before encoding."""
+        """Replace the built-in alignment (auto_align) by a function photo -> aligned crop
+        (raising UserError when it finds no face)."""
         self.aligner = aligner
 
-    def prepare_faces(self, face_image: FaceInput | Sequence[FaceInput]) -> torch.Tensor:
-        """One image or several references of one person -> aligned crops [N, 3, S, S]."""
+    def prepare_faces(self, face_image: FaceInput | Sequence[FaceInput], align: AlignMode | None = None
+                      ) -> torch.Tensor:
+        """One image or several references of one person -> aligned crops [N, 3, S, S].
+        Tensors are taken as aligned crops (they come from datasets); paths, PIL images and
+        arrays go through the aligner (see auto_align)."""
         size = self.face_encoder.encoder.config.face.image_size
         faces = list(face_image) if isinstance(face_image, (list, tuple)) else [face_image]
         if not faces:
             raise UserError("face_image is an empty list")
-        if self.aligner is not None:
-            faces = [self.aligner(to_pil(face)) for face in faces]
-        return torch.stack([load_face(face, size) for face in faces])
+        mode = align or self.align
+
+        def aligned(face):
+            if isinstance(face, torch.Tensor):
+                return face
+            pil = to_pil(face)
+            if isinstance(face, (str, os.PathLike)):
+                pil.filename = str(face)
+            return self.aligner(pil) if self.aligner is not None else auto_align(pil, mode)
+
+        return torch.stack([load_face(aligned(face), size) for face in faces])
 
     @torch.no_grad()
     def encode(
@@ -164,11 +210,13 @@ class FaceCLIPSDXLPipeline(DiffusionPipeline):
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
+        align: AlignMode | None = None,
         **sdxl_kwargs: Any,
     ):
         """face_image: an aligned crop (path, PIL, HxWx3 array or [3,H,W] tensor), or a
         list of crops of the same person (identity vectors and patch features averaged),
-        or None for a face-free image. height/width default to the UNet's sample size times
+        or None for a face-free image. align: auto (default: photos are aligned, aligned
+        crops kept), always, or never (see auto_align). height/width default to the UNet's sample size times
         the VAE factor (the release used 1152 x 864). Other keyword arguments go to
         StableDiffusionXLPipeline (latents, callback_on_step_end, original_size, ...)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -178,7 +226,7 @@ class FaceCLIPSDXLPipeline(DiffusionPipeline):
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
-        faces = None if face_image is None else self.prepare_faces(face_image)
+        faces = None if face_image is None else self.prepare_faces(face_image, align)
         embeds = self.encode(prompts, negatives, faces, self._execution_device)
         return self.sdxl_pipeline()(
             **embeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,

@@ -82,6 +82,11 @@ class SDXLJointModule(L.LightningModule):
         vae, vae_weights: the same for the frozen AutoencoderKL.
         scheduler: training noise schedule: named (`sdxl-scheduler`) or a scheduler folder;
             it is also the pipeline's sampler. prediction_type overrides its own.
+        scheduler_overrides: changes to the scheduler config, applied to training and to
+            the exported sampler alike, e.g. {rescale_betas_zero_snr: true,
+            timestep_spacing: trailing} (zero terminal SNR, Lin et al. 2024: at t=T the
+            model sees pure noise, so it must take the image's colours from the condition;
+            needs v_prediction).
         condition_dropout: probability of the unconditional condition per sample.
         noise_offset: std of a per-channel constant added to the noise.
         snr_gamma: min-SNR-gamma loss weighting (5.0 is the usual value); None = plain MSE.
@@ -103,6 +108,7 @@ class SDXLJointModule(L.LightningModule):
         vae_weights: Optional[str] = None,
         scheduler: str = "sdxl-scheduler",
         prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None,
+        scheduler_overrides: Optional[dict[str, Any]] = None,
         condition_dropout: float = 0.1,
         noise_offset: float = 0.0,
         snr_gamma: Optional[float] = None,
@@ -129,8 +135,13 @@ class SDXLJointModule(L.LightningModule):
         self.vae_config = resolve_diffusers_config(vae, "vae")
         self.vae = build_diffusers(self.vae_config)
         self.scheduler_config = resolve_scheduler_config(scheduler)
+        self.scheduler_config.update(scheduler_overrides or {})
         if prediction_type:
             self.scheduler_config["prediction_type"] = prediction_type
+        if self.scheduler_config.get("rescale_betas_zero_snr") and \
+                self.scheduler_config.get("prediction_type", "epsilon") == "epsilon":
+            raise UserError("rescale_betas_zero_snr needs prediction_type: v_prediction (at zero SNR the "
+                            "noise alone says nothing about the image, so epsilon cannot be learned there)")
         self.noise_scheduler = DDPMScheduler.from_config(_config_without_meta(self.scheduler_config))
         self._check_dims()
 
