@@ -9,7 +9,9 @@ from lightning.pytorch.cli import LightningCLI
 from faceclip_zoo.cli import CLI_KWARGS
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+ALL_RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+PREPARE = [r for r in ALL_RECIPES if "prepare" in r.parts]  # options of `prepare`, not fit recipes
+RECIPES = [r for r in ALL_RECIPES if r not in PREPARE]
 PRODUCTION = [r for r in RECIPES if "quickstart" not in r.parts]
 ENCODER_PRODUCTION = [r for r in PRODUCTION if r.parent.name.startswith("faceclip-") and "sdxl" not in r.parent.name]
 
@@ -29,6 +31,19 @@ def test_there_are_recipes():
     names = {str(r.relative_to(REPO / "recipes")) for r in RECIPES}
     assert {"quickstart/faceclip.yaml", "faceclip-l14/pretrain.yaml", "faceclip-bigg14/pretrain.yaml",
             "quickstart/sdxl.yaml", "faceclip-sdxl/finetune.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", PREPARE, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_prepare_recipe_parses(recipe):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from faceclip_zoo.data.prepare import prepare
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(prepare)
+    cfg = parser.parse_args(["--config", str(recipe), "--input", "photos", "--out", "shards"])
+    assert cfg.filters.multiple_faces in ("largest", "reject") and cfg.face_size == 448
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))

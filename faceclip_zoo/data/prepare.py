@@ -160,7 +160,9 @@ def _run_phase1(todo: list[Record], work: str, filters: Filters, face_size: int,
     bar = tqdm(total=len(todo), unit="img", desc="detect+align", disable=not progress, smoothing=0.1)
     args = (work, filters, face_size, max_image_side)
     if workers <= 1:
-        _init_worker(detector, detector_model_dir, threads=max(1, os.cpu_count() or 1))
+        import torch
+
+        _init_worker(detector, detector_model_dir, threads=torch.get_num_threads())  # the caller's setting
         for r in todo:
             process_record(r, *args)
             bar.update()
