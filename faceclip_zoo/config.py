@@ -172,6 +172,9 @@ class FusionConfig(_Named):
     face_ff: int = 2048
     dropout: float = 0.0
     layer_scale_init: float = 1e-4
+    # "deformable": FaceCLIP's deformable attention on the face grid; "plain": FaceT5's
+    # ordinary multi-head self-attention over the face tokens.
+    face_attention: str = "deformable"
 
     registry: ClassVar[dict[str, "FusionConfig"]] = {}
 
@@ -239,7 +242,68 @@ class CLIPConfig(_Named):
         return _apply_overrides(cfg, overrides)
 
 
+@dataclass
+class T5Config(_Named):
+    """A T5 v1.1 encoder as transformers' T5EncoderModel builds it (gated GELU, RMSNorm,
+    relative position bias shared from the first layer).
+
+    tokenizer: None = the real T5 v1.1 SentencePiece vocabulary, read from a local folder
+    at build time (e.g. FLUX.1-dev/tokenizer_2, or <model dir>/tokenizer); "builtin-words"
+    = a small word-level Unigram vocabulary built in-process (tests and quickstarts; no
+    package ships T5's vocabulary file, and the hub is unreachable offline)."""
+
+    d_model: int = 4096
+    num_layers: int = 24
+    num_heads: int = 64
+    d_kv: int = 64
+    d_ff: int = 10240
+    vocab_size: int = 32128
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    tokenizer: Optional[str] = None
+
+    registry: ClassVar[dict[str, "T5Config"]] = {}
+
+    def transformers_kwargs(self) -> dict[str, Any]:
+        return dict(d_model=self.d_model, num_layers=self.num_layers, num_heads=self.num_heads,
+                    d_kv=self.d_kv, d_ff=self.d_ff, vocab_size=self.vocab_size,
+                    relative_attention_num_buckets=self.relative_attention_num_buckets,
+                    relative_attention_max_distance=self.relative_attention_max_distance,
+                    layer_norm_epsilon=self.layer_norm_epsilon, feed_forward_proj=self.feed_forward_proj,
+                    dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
+
+
+@dataclass
+class FaceT5Config(_Named):
+    """The FaceT5 joint encoder for FLUX (DESIGN.md 2.2): a frozen T5 encoder, the face
+    ViT, face projections, fixed sinusoidal text positions and a fuser whose face layers
+    use plain attention. Output [B, text_length, t5.d_model] = FLUX prompt_embeds.
+
+    release_compat: reproduce the release's forward exactly (face positional embedding
+    never applied; the face layer's attention runs across the batch axis, which is right
+    only at batch 1). Off (the default) for new training: per-sample attention with
+    positions, as the architecture intends."""
+
+    name: str = "facet5-xxl"
+    t5: T5Config = field(default_factory=T5Config)
+    face: FaceViTConfig = field(default_factory=FaceViTConfig)
+    fusion: FusionConfig = field(default_factory=lambda: FusionConfig(face_attention="plain"))
+    text_length: int = 512
+    release_compat: bool = False
+
+    registry: ClassVar[dict[str, "FaceT5Config"]] = {}
+
+    @property
+    def width(self) -> int:
+        return self.t5.d_model
+
+
 _NESTED = {
+    ("FaceT5Config", "t5"): T5Config,
+    ("FaceT5Config", "face"): FaceViTConfig,
+    ("FaceT5Config", "fusion"): FusionConfig,
     ("FaceCLIPConfig", "text"): TextTowerConfig,
     ("FaceCLIPConfig", "face"): FaceViTConfig,
     ("FaceCLIPConfig", "fusion"): FusionConfig,
@@ -313,6 +377,41 @@ _register(
         face=FaceViTConfig.from_name("face-vit-tiny"),
         fusion=FusionConfig.from_name("fusion-tiny"),
     ),
+)
+
+_register(FusionConfig, "fusion-t5-release", FusionConfig(face_attention="plain"))
+_register(
+    FusionConfig,
+    "fusion-t5-tiny",
+    FusionConfig(layers=2, bi_attn_dim=64, bi_attn_heads=4, text_heads=4, text_ff=64,
+                 face_heads=4, face_ff=64, face_attention="plain"),
+)
+
+# google/t5-v1_1-xxl encoder (FLUX.1-dev text_encoder_2; the release's FaceT5 backbone)
+_register(T5Config, "t5-v1_1-xxl", T5Config())
+_register(
+    T5Config,
+    "t5-tiny",
+    T5Config(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64, vocab_size=320,
+             relative_attention_num_buckets=8, relative_attention_max_distance=16,
+             tokenizer="builtin-words"),
+)
+_register(
+    FaceT5Config,
+    "facet5-xxl",
+    FaceT5Config(name="facet5-xxl", t5=T5Config.from_name("t5-v1_1-xxl"),
+                 face=FaceViTConfig.from_name("face-vit-l"),
+                 fusion=FusionConfig.from_name("fusion-t5-release")),
+)
+# The release's own forward (see FaceT5Config.release_compat): what `convert` writes.
+_register(FaceT5Config, "facet5-xxl-release", FaceT5Config.from_name("facet5-xxl", name="facet5-xxl-release",
+                                                                     release_compat=True))
+_register(
+    FaceT5Config,
+    "facet5-tiny",
+    FaceT5Config(name="facet5-tiny", t5=T5Config.from_name("t5-tiny"),
+                 face=FaceViTConfig.from_name("face-vit-tiny"),
+                 fusion=FusionConfig.from_name("fusion-t5-tiny"), text_length=32),
 )
 
 _register(
@@ -398,11 +497,39 @@ DIFFUSERS_CONFIGS: dict[str, dict[str, Any]] = {
         beta_start=0.00085, num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1,
         timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False,
     ),
+    # black-forest-labs/FLUX.1-dev vae/config.json (16 latent channels, x8)
+    "flux-vae": dict(
+        _class_name="AutoencoderKL", act_fn="silu", block_out_channels=[128, 256, 512, 512],
+        down_block_types=["DownEncoderBlock2D"] * 4, force_upcast=True, in_channels=3, latent_channels=16,
+        layers_per_block=2, mid_block_add_attention=True, norm_num_groups=32, out_channels=3,
+        sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, up_block_types=["UpDecoderBlock2D"] * 4,
+        use_post_quant_conv=False, use_quant_conv=False,
+    ),
+    # black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json (the release's sampler)
+    "flux-scheduler": dict(
+        _class_name="FlowMatchEulerDiscreteScheduler", base_image_seq_len=256, base_shift=0.5,
+        max_image_seq_len=4096, max_shift=1.15, num_train_timesteps=1000, shift=3.0,
+        use_dynamic_shifting=True,
+    ),
+    # FLUX's transformer shrunk for CPU: 4-channel latents packed 2x2 -> 16 channels; fed
+    # by facet5-tiny (joint 32) and clip-text-tiny (pooled 32)
     "flux-transformer-tiny": dict(
         _class_name="FluxTransformer2DModel", attention_head_dim=16, axes_dims_rope=[4, 4, 8],
         guidance_embeds=True, in_channels=16, joint_attention_dim=32, num_attention_heads=2,
         num_layers=1, num_single_layers=1, patch_size=1, pooled_projection_dim=32,
     ),
+}
+
+
+# transformers CLIPTextConfig kwargs of the CLIP text model whose pooled output is FLUX's
+# pooled_prompt_embeds (FLUX.1-dev text_encoder = openai/clip-vit-large-patch14's text tower)
+CLIP_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
+    "clip-l-text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
+                        projection_dim=768, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2),
+    "clip-text-tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=77, vocab_size=49408,
+                           projection_dim=32, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2),
 }
 
 

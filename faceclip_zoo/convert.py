@@ -4,6 +4,7 @@
 
 Release file (Hugging Face ByteDance/FaceCLIP)   -> our directory
 model/face_clip_encoder.pt                       -> <out>/faceclip-l14, <out>/faceclip-bigg14
+model/face_t5_encoder.pt                         -> <out>/facet5-xxl-release, <out>/clip-l-text
 model/unet.pt                                    -> <out>/sdxl-unet (diffusers folder)
 model/dit.pt                                     -> <out>/flux-transformer (diffusers folder)
 """
@@ -18,9 +19,8 @@ from faceclip_zoo.utils import UserError, require_file
 
 log = logging.getLogger(__name__)
 
-# release files we convert, and those whose converter arrives with the FaceT5 stage
-SUPPORTED = ("face_clip_encoder.pt", "unet.pt", "dit.pt")
-KNOWN_NOT_YET = ("face_t5_encoder.pt",)
+SUPPORTED = ("face_clip_encoder.pt", "face_t5_encoder.pt", "unet.pt", "dit.pt")
+KNOWN_NOT_YET: tuple[str, ...] = ()
 
 
 def _find(official: Path) -> list[Path]:
@@ -33,15 +33,29 @@ def _find(official: Path) -> list[Path]:
     return found
 
 
-def convert(official: str, out: str) -> dict:
+def _t5_tokenizer_folder(official: Path, given: str | None) -> Path | None:
+    """The T5 tokenizer to store with FaceT5: given, or one shipped beside the weights."""
+    if given:
+        return require_file(given, "T5 tokenizer folder")
+    root = official if official.is_dir() else official.parent.parent
+    for cand in (root / "model" / "tokenizer_2", root / "model" / "tokenizer", root / "tokenizer_2"):
+        if (cand / "spiece.model").exists():  # SentencePiece: a T5 vocabulary (CLIP's is BPE)
+            return cand
+    return None
+
+
+def convert(official: str, out: str, t5_tokenizer: str | None = None) -> dict:
     """Convert every release file found at `official` (a file, or the release folder).
 
     Args:
-        official: model/face_clip_encoder.pt, or the downloaded release folder.
+        official: a release file (model/face_clip_encoder.pt, ...), or the downloaded release folder.
         out: output folder; one model directory per converted model.
+        t5_tokenizer: a T5 v1.1 tokenizer folder (e.g. FLUX.1-dev/tokenizer_2) to store in
+            the FaceT5 directory (found automatically when the release folder has one).
     """
     from faceclip_zoo.models.convert_diffusion import convert_official_diffusers
     from faceclip_zoo.models.convert_faceclip import convert_official_faceclip
+    from faceclip_zoo.models.convert_facet5 import convert_official_facet5
 
     src = require_file(official, "official release path")
     out_dir = Path(out)
@@ -52,6 +66,9 @@ def convert(official: str, out: str) -> dict:
         elif path.name == "dit.pt":
             report[path.name] = convert_official_diffusers(
                 path, out_dir / "flux-transformer", "flux-dev-transformer", "FLUX transformer")
+        elif path.name == "face_t5_encoder.pt":
+            report[path.name] = convert_official_facet5(path, out_dir,
+                                                        tokenizer=_t5_tokenizer_folder(src, t5_tokenizer))
         elif path.name in KNOWN_NOT_YET:
             report[path.name] = "not converted: this release file is not supported yet"
         else:  # face_clip_encoder.pt, or a single file under another name

@@ -27,7 +27,7 @@ def find_run_config(ckpt: Path) -> Path | None:
 def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str | None = None,
                       use_ema: bool = True) -> Path:
     """Export a fit checkpoint to `out`: an encoder checkpoint becomes a model directory,
-    an SDXL checkpoint a FaceCLIPSDXLPipeline folder.
+    an SDXL / FLUX checkpoint a FaceCLIPSDXLPipeline / FaceT5FluxPipeline folder.
 
     Args:
         ckpt: a Lightning checkpoint written by `fit`.
@@ -48,10 +48,13 @@ def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str 
     recipe_path = Path(recipe) if recipe else find_run_config(ckpt_path)
     recipe_text = recipe_path.read_text() if recipe_path and recipe_path.exists() else None
     extra = {"source_checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step")}
-    if spec["model_type"] == "sdxl_pipeline":
-        from faceclip_zoo.pipelines.export import pipeline_from_checkpoint, save_pipeline
+    if spec["model_type"] in ("sdxl_pipeline", "flux_pipeline"):
+        from faceclip_zoo.pipelines.export import (
+            flux_pipeline_from_checkpoint, pipeline_from_checkpoint, save_pipeline,
+        )
 
-        pipe = pipeline_from_checkpoint(checkpoint, spec, str(ckpt_path), use_ema=use_ema)
+        rebuild = pipeline_from_checkpoint if spec["model_type"] == "sdxl_pipeline" else flux_pipeline_from_checkpoint
+        pipe = rebuild(checkpoint, spec, str(ckpt_path), use_ema=use_ema)
         has_ema = "ema" in checkpoint.get("faceclip_zoo", {})
         return save_pipeline(pipe, out, recipe_text, {**extra, "ema": bool(use_ema and has_ema)})
     cfg_cls, build = _builders()[spec["model_type"]]

@@ -3,9 +3,12 @@
     python -m faceclip_zoo generate --pipeline checkpoints/quickstart-sdxl \\
         --face me.png --prompt "a photo of a person in front of a blue background" --out out.png
 
---face may be given several times (references of one person, averaged). Without
---steps/--guidance/--height/--width the release's settings apply (Euler, 50 steps,
-guidance 5.0) and the size is the UNet's native one.
+The folder's model_index.json says which pipeline it is: FaceCLIPSDXLPipeline or
+FaceT5FluxPipeline. --face may be given several times (references of one person,
+averaged). Without --steps/--guidance the release's settings apply: SDXL Euler, 50 steps,
+guidance 5.0; FLUX flow-matching Euler, 50 steps, true CFG 3.5 (--guidance) with
+distilled guidance 1.0 (--distilled-guidance) and the release's negative prompt. The
+size defaults to the model's native one.
 """
 
 from __future__ import annotations
@@ -20,18 +23,22 @@ from faceclip_zoo.utils import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m faceclip_zoo generate", description=__doc__.split("\n")[0])
-    p.add_argument("--pipeline", required=True, help="an exported FaceCLIPSDXLPipeline folder")
+    p.add_argument("--pipeline", required=True, help="an exported pipeline folder (SDXL or FLUX)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--face", action="append", default=None,
                    help="photo of the person (repeat for several references of one person); omit for none")
     p.add_argument("--align", default="auto", choices=["auto", "always", "never"],
                    help="auto: photos are aligned like the training data, aligned crops kept as they are; "
                         "never: the faces are aligned crops already (e.g. synthetic faces)")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default=None,
+                   help="default: empty (SDXL), the release's negative prompt (FLUX)")
     p.add_argument("--out", default="out.png", help="output PNG (out-K.png for --num-images > 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (SDXL default 5.0; FLUX: true CFG, default 3.5)")
+    p.add_argument("--distilled-guidance", type=float, default=None,
+                   help="FLUX.1-dev's guidance input (default 1.0, as the release)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
@@ -66,10 +73,20 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise UserError(f"--scheduler {args.scheduler!r} is not a diffusers scheduler class")
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    guidance = {}
+    if type(pipe).__name__ == "FaceT5FluxPipeline":
+        if args.guidance is not None:
+            guidance["true_cfg_scale"] = args.guidance
+        if args.distilled_guidance is not None:
+            guidance["guidance_scale"] = args.distilled_guidance
+    elif args.distilled_guidance is not None:
+        raise UserError("--distilled-guidance applies to FLUX pipelines only")
+    elif args.guidance is not None:
+        guidance["guidance_scale"] = args.guidance
     images = pipe(
         args.prompt, face_image=args.face, negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
-        width=args.width, num_images_per_prompt=args.num_images, generator=generator, align=args.align,
+        num_inference_steps=args.steps, height=args.height, width=args.width,
+        num_images_per_prompt=args.num_images, generator=generator, align=args.align, **guidance,
     ).images
     paths = output_paths(args.out, len(images))
     for image, path in zip(images, paths):

@@ -160,3 +160,63 @@ def official_state_from_ours(ours: dict, width: int, seed: int = 0) -> dict:
     sd["fuser.enc_output_norm.weight"] = torch.ones(width)
     sd["fuser.enc_output_norm.bias"] = torch.zeros(width)
     return sd
+
+
+# ----------------------------------------------------------------------------- FaceT5
+def _rms(sd, name, x, eps=1e-6):
+    return sd[name] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _t5_bucket(rel, num_buckets, max_distance):
+    """Mesh-TensorFlow relative position buckets, bidirectional (the release's encoder)."""
+    num_buckets //= 2
+    out = (rel > 0).long() * num_buckets
+    rel = rel.abs()
+    max_exact = num_buckets // 2
+    large = max_exact + (torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return out + torch.where(rel < max_exact, rel, large)
+
+
+def flash_t5_encoder(sd, ids, t5cfg):
+    """The release's FlashT5Stack (reference attention path) in its own key names."""
+    x = F.embedding(ids, sd["embed_tokens.weight"])
+    b, n, _ = x.shape
+    h, d = t5cfg.num_heads, t5cfg.d_kv
+    pos = torch.arange(n)
+    buckets = _t5_bucket(pos[None, :] - pos[:, None], t5cfg.relative_attention_num_buckets,
+                         t5cfg.relative_attention_max_distance)
+    bias = F.embedding(buckets, sd["block.0.self_attention_layer.self_attention.pe_encoding."
+                                    "relative_attention_bias.weight"]).permute(2, 0, 1)[None]
+    for i in range(t5cfg.num_layers):
+        p = f"block.{i}"
+        y = _rms(sd, f"{p}.self_attention_layer.layer_norm.weight", x)
+        q, k, v = (F.linear(y, sd[f"{p}.self_attention_layer.self_attention.{w}.weight"]).view(b, n, h, d)
+                   .transpose(1, 2) for w in ("Wq", "Wk", "Wv"))
+        att = ((q @ k.transpose(-1, -2)) * 1.0 + bias).softmax(-1)  # attention_scale 1.0
+        x = x + F.linear((att @ v).transpose(1, 2).reshape(b, n, h * d),
+                         sd[f"{p}.self_attention_layer.self_attention.o.weight"])
+        y = _rms(sd, f"{p}.ff_layer.layer_norm.weight", x)
+        g = F.gelu(F.linear(y, sd[f"{p}.ff_layer.act.wi_0.weight"]), approximate="tanh")
+        x = x + F.linear(g * F.linear(y, sd[f"{p}.ff_layer.act.wi_1.weight"]), sd[f"{p}.ff_layer.wo.weight"])
+    return _rms(sd, "final_layer_norm.weight", x)
+
+
+def release_facet5_forward(sd, cfg, images, ids):
+    """sd: the release's `encoder_2.*` state (prefix removed). The face layers receive
+    [B, N, D] in a sequence-first attention and no positions, exactly as released."""
+    fe = {k[len("face_encoder."):]: v for k, v in sd.items() if k.startswith("face_encoder.")}
+    _, patch = face_vit(fe, images, cfg.face.heads)
+    face = _linear(sd, "face_patch_proj", patch)
+    t5 = {k[len("t5_encoder."):]: v for k, v in sd.items() if k.startswith("t5_encoder.")}
+    text = flash_t5_encoder(t5, ids, cfg.t5)
+    text_pos = sd["positional_embedding"].repeat(len(ids), 1, 1)
+    f = cfg.fusion
+    for i in range(f.layers):
+        face, text = bi_attention(sd, f"fuser.encoder.fusion_layers.{i}", face, text, f.bi_attn_heads)
+        text = text_layer(sd, f"fuser.encoder.text_layers.{i}", text, text_pos, f.text_heads)
+        # sequence-first attention fed batch-first data: "sequence" = the batch axis
+        face = text_layer(sd, f"fuser.encoder.layers.{i}", face.transpose(0, 1),
+                          torch.zeros_like(face).transpose(0, 1), f.face_heads).transpose(0, 1)
+    return text

@@ -97,3 +97,48 @@ def test_sdxl_finetune_recipe_builds_full_size_on_meta(tmp_path):
     assert model.condition.embed_dim == 2048 and model.condition.pooled_dim == 1280
     assert all(p.is_meta for p in model.parameters())
     assert model.unet.is_gradient_checkpointing
+
+
+def test_flux_finetune_recipe_builds_on_meta_and_fsdp_wraps_every_block(tmp_path):
+    """The production FLUX stage: full FaceT5 (config-only directory in place of converted
+    weights), full CLIP-L text, full FLUX.1-dev transformer on the meta device; its FSDP
+    policy must make every FLUX and T5 block its own shard unit, and checkpoint every FLUX
+    block's activations."""
+    import json
+
+    from faceclip_zoo.config import CLIP_TEXT_CONFIGS, FaceT5Config
+    from faceclip_zoo.models.io import write_model_dir
+    from faceclip_zoo.tasks.strategies import FluxFSDPStrategy, encoder_block_classes, flux_block_classes
+
+    enc = write_model_dir(tmp_path / "facet5", "facet5", FaceT5Config.from_name("facet5-xxl"), {})
+    clip = tmp_path / "clip-l-text"
+    clip.mkdir()
+    (clip / "config.json").write_text(json.dumps(CLIP_TEXT_CONFIGS["clip-l-text"]))
+    recipe = REPO / "recipes" / "facet5-flux" / "finetune.yaml"
+    cli = parse(recipe, "--model.init_args.encoder", str(enc), "--model.init_args.clip_text", str(clip),
+                "--model.init_args.t5_tokenizer", "null", "--model.init_args.clip_tokenizer", "null")
+    cfg = cli.config
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.strategy.class_path.endswith("FluxFSDPStrategy")
+    assert cfg.trainer.strategy.init_args.sharding_strategy == "FULL_SHARD"
+    assert cfg.model.init_args.optimizer.init_args.lr == 2e-5 and cfg.model.init_args.condition_dropout == 0.1
+    with torch.device("meta"):
+        init = cli.parser.instantiate_classes(cfg)
+    model = init.model
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.transformer.parameters()) == 11_901_408_320
+    assert model.condition.embed_dim == 4096 and model.condition.pooled_dim == 768
+    strategy = FluxFSDPStrategy(**cfg.trainer.strategy.init_args)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    wrapped = policy._run_policy(model, ignored_modules=set(), root_kwargs={})
+    blocks = [m for m in model.modules() if isinstance(m, tuple(flux_block_classes()))]
+    t5_blocks = [m for m in model.condition.face_t5.t5_encoder.modules() if isinstance(m, tuple(encoder_block_classes()))]
+    assert len(blocks) == 19 + 38 and len(t5_blocks) == 24
+    assert all(b in wrapped for b in blocks + t5_blocks)
+    # the wrapped FLUX blocks hold nearly all of the transformer: sharding covers it
+    in_blocks = sum(p.numel() for b in blocks for p in b.parameters())
+    assert in_blocks / sum(p.numel() for p in model.transformer.parameters()) > 0.97
+    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._run_policy(
+        model, ignored_modules=set(), root_kwargs={})
+    assert all(b in checkpointed for b in blocks)
+    assert not any(b in checkpointed for b in t5_blocks)  # frozen, no_grad: nothing to recompute

@@ -200,7 +200,7 @@ def test_zero_terminal_snr_schedule_reaches_the_sampler():
 def test_bad_configuration_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="cross_attention_dim"):
         SDXLJointModule(unet_overrides={"cross_attention_dim": 96})
-    with pytest.raises(UserError, match="neither an encoder directory"):
+    with pytest.raises(UserError, match="neither a faceclip model directory"):
         SDXLJointModule(encoder_l=str(tmp_path / "nope"))
 
 

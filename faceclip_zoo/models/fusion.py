@@ -91,6 +91,7 @@ class TextSelfAttentionLayer(nn.Module):
 
     def __init__(self, dim: int, heads: int, ff: int, dropout: float):
         super().__init__()
+        self.use_pos, self.across_batch = True, False
         self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.linear1 = nn.Linear(dim, ff)
         self.linear2 = nn.Linear(ff, dim)
@@ -98,10 +99,28 @@ class TextSelfAttentionLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        qk = x + pos
-        x = self.norm1(x + self.dropout(self.self_attn(qk, qk, x, need_weights=False)[0]))
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, *_unused) -> torch.Tensor:
+        qk = x + pos if self.use_pos else x
+        if self.across_batch:
+            # The FaceT5 release feeds [B, N, D] to a sequence-first attention: each token
+            # position attends over the *batch*. Reproduced on request (release_compat).
+            attended = self.self_attn(qk.transpose(0, 1), qk.transpose(0, 1), x.transpose(0, 1),
+                                      need_weights=False)[0].transpose(0, 1)
+        else:
+            attended = self.self_attn(qk, qk, x, need_weights=False)[0]
+        x = self.norm1(x + self.dropout(attended))
         return self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+
+class PlainFaceSelfAttentionLayer(TextSelfAttentionLayer):
+    """FaceT5's face layer: the same post-norm layer over the face tokens (plain attention).
+
+    release_compat reproduces the release: the face positional embedding never reaches the
+    layer (it was passed in the attention-mask slot) and attention runs across the batch."""
+
+    def __init__(self, dim: int, heads: int, ff: int, dropout: float, release_compat: bool = False):
+        super().__init__(dim, heads, ff, dropout)
+        self.use_pos, self.across_batch = not release_compat, release_compat
 
 
 def deformable_attention(
@@ -211,9 +230,11 @@ class FaceTextFuser(nn.Module):
     `fuser.enc_output*` modules are not built.
     """
 
-    def __init__(self, dim: int, grid: int, config: FusionConfig):
+    def __init__(self, dim: int, grid: int, config: FusionConfig, release_compat: bool = False):
         super().__init__()
         c = config
+        if c.face_attention not in ("deformable", "plain"):
+            raise ValueError(f"face_attention must be 'deformable' or 'plain', got {c.face_attention!r}")
         self.shapes = [(grid, grid)] * c.face_levels
         self.fusion_layers = nn.ModuleList(
             BiAttentionBlock(dim, c.bi_attn_dim, c.bi_attn_heads, c.dropout, c.layer_scale_init)
@@ -222,17 +243,22 @@ class FaceTextFuser(nn.Module):
         self.text_layers = nn.ModuleList(
             TextSelfAttentionLayer(dim, c.text_heads, c.text_ff, c.dropout) for _ in range(c.layers)
         )
-        self.layers = nn.ModuleList(
-            FaceSelfAttentionLayer(dim, c.face_heads, c.face_levels, c.face_points, c.face_ff, c.dropout)
-            for _ in range(c.layers)
-        )
+        if c.face_attention == "plain":
+            self.layers = nn.ModuleList(
+                PlainFaceSelfAttentionLayer(dim, c.face_heads, c.face_ff, c.dropout, release_compat)
+                for _ in range(c.layers))
+        else:
+            self.layers = nn.ModuleList(
+                FaceSelfAttentionLayer(dim, c.face_heads, c.face_levels, c.face_points, c.face_ff, c.dropout)
+                for _ in range(c.layers))
         # The release re-initialises every matrix with xavier_uniform, then the deformable
         # attention with its own scheme; do the same so fresh training starts alike.
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         for layer in self.layers:
-            layer.self_attn.reset_parameters()
+            if isinstance(layer, FaceSelfAttentionLayer):
+                layer.self_attn.reset_parameters()
 
     def forward(
         self, text: torch.Tensor, text_pos: torch.Tensor, face: torch.Tensor, face_pos: torch.Tensor,

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 from safetensors.torch import load_file
 
-from faceclip_zoo.config import CLIPConfig, FaceCLIPConfig, FaceViTConfig
+from faceclip_zoo.config import CLIPConfig, FaceCLIPConfig, FaceT5Config, FaceViTConfig
 from faceclip_zoo.utils import UserError, load_strict, require_file
 
 FORMAT_VERSION = 1
@@ -26,16 +26,18 @@ def _builders() -> dict[str, tuple[type, Callable[[Any], torch.nn.Module]]]:
     from faceclip_zoo.models.face_vit import FaceViT
     from faceclip_zoo.models.faceclip import FaceCLIPEncoder
     from faceclip_zoo.models.clip import build_clip
+    from faceclip_zoo.models.facet5 import FaceT5Encoder
 
     return {
         "faceclip": (FaceCLIPConfig, FaceCLIPEncoder),
+        "facet5": (FaceT5Config, FaceT5Encoder),
         "face_vit": (FaceViTConfig, FaceViT),
         "clip": (CLIPConfig, build_clip),
     }
 
 
 def model_type_of(module: torch.nn.Module) -> str:
-    names = {"FaceCLIPEncoder": "faceclip", "FaceViT": "face_vit", "CLIP": "clip"}
+    names = {"FaceCLIPEncoder": "faceclip", "FaceT5Encoder": "facet5", "FaceViT": "face_vit", "CLIP": "clip"}
     try:
         return names[type(module).__name__]
     except KeyError:
@@ -113,7 +115,21 @@ def save_model_dir(
 ) -> Path:
     """Write a module's weights, its config and (optionally) the recipe that made it."""
     config = config if config is not None else module.config
-    return write_model_dir(out_dir, model_type_of(module), config, module.state_dict(), recipe, extra)
+    out = write_model_dir(out_dir, model_type_of(module), config, module.state_dict(), recipe, extra)
+    save_tokenizer(module, out)
+    return out
+
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def save_tokenizer(module: torch.nn.Module, out: Path) -> None:
+    """A FaceT5 encoder with a real (file-based) T5 tokenizer keeps it beside its weights,
+    so the directory is usable alone; builtin vocabularies are rebuilt from the config."""
+    tok = getattr(module, "_tokenizer", None)
+    cfg = getattr(module, "config", None)
+    if tok is not None and isinstance(cfg, FaceT5Config) and cfg.t5.tokenizer is None:
+        tok.save_pretrained(str(out / TOKENIZER_DIR))
 
 
 def build_on_meta(model_type: str, config) -> torch.nn.Module:
@@ -143,6 +159,8 @@ def load_model_dir(model_dir: str | os.PathLike, expect: str | None = None) -> t
     module = build(cfg)
     weights = require_file(Path(model_dir) / "model.safetensors", "model weights")
     load_strict(module, load_file(str(weights)), str(weights))
+    if model_type == "facet5" and (Path(model_dir) / TOKENIZER_DIR).is_dir():
+        module.set_tokenizer(Path(model_dir) / TOKENIZER_DIR)
     if not hasattr(module, "config"):
         module.config = cfg
     return module.eval()

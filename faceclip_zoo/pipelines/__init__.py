@@ -10,4 +10,8 @@ def __getattr__(name: str):
         from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
 
         return FaceCLIPSDXLPipeline
+    if name == "FaceT5FluxPipeline":
+        from faceclip_zoo.pipelines.flux import FaceT5FluxPipeline
+
+        return FaceT5FluxPipeline
     raise AttributeError(name)

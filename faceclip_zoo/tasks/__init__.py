@@ -3,7 +3,7 @@
 from faceclip_zoo.tasks.callbacks import ExportOnFitEnd, IdentityTSNE
 from faceclip_zoo.tasks.encoder import FaceCLIPEncoderModule
 
-__all__ = ["ExportOnFitEnd", "FaceCLIPEncoderModule", "IdentityTSNE", "SDXLJointModule"]
+__all__ = ["ExportOnFitEnd", "FaceCLIPEncoderModule", "FluxJointModule", "IdentityTSNE", "SDXLJointModule"]
 
 
 def __getattr__(name: str):
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from faceclip_zoo.tasks.sdxl import SDXLJointModule
 
         return SDXLJointModule
+    if name == "FluxJointModule":
+        from faceclip_zoo.tasks.flux import FluxJointModule
+
+        return FluxJointModule
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,39 +20,26 @@ import logging
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import compute_snr
 from lightning.pytorch.cli import OptimizerCallable
 
 from faceclip_zoo.config import DIFFUSERS_CONFIGS, FaceCLIPConfig, diffusers_config
 from faceclip_zoo.models.convert_diffusion import build_diffusers, load_diffusers_weights, resolve_diffusers_config
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
-from faceclip_zoo.models.io import read_config
 from faceclip_zoo.models.sdxl_condition import SDXLCondition
-from faceclip_zoo.tasks.optim import configure as configure_optimization, default_optimizer
+from faceclip_zoo.tasks.diffusion import JointDiffusionModule, resolve_model_spec
+from faceclip_zoo.tasks.optim import default_optimizer
 from faceclip_zoo.utils import UserError, load_strict, load_weights_file
 
 log = logging.getLogger(__name__)
 
 
 def resolve_encoder(spec: str) -> tuple[FaceCLIPConfig, Path | None]:
-    """A named FaceCLIPConfig (random init: tests, from-scratch runs) or a faceclip_zoo
-    encoder directory (an `export` or `convert` output) -> (config, weights dir)."""
-    path = Path(spec)
-    if (path / "config.json").exists():
-        model_type, cfg = read_config(path)
-        if model_type != "faceclip":
-            raise UserError(f"{path} holds a {model_type!r} model; an encoder directory is needed")
-        return cfg, path
-    try:
-        return FaceCLIPConfig.from_name(spec), None
-    except (KeyError, ValueError):
-        raise UserError(f"encoder {spec!r} is neither an encoder directory (with config.json; "
-                        "run the encoder quickstart / export, or `convert` the release) "
-                        "nor a named config") from None
+    """A named FaceCLIPConfig or a faceclip_zoo encoder directory -> (config, weights dir)."""
+    return resolve_model_spec(spec, FaceCLIPConfig, "faceclip")
 
 
 def resolve_scheduler_config(spec: str) -> dict[str, Any]:
@@ -69,7 +56,7 @@ def _config_without_meta(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-class SDXLJointModule(L.LightningModule):
+class SDXLJointModule(JointDiffusionModule):
     """Fine-tunes an SDXL UNet on the FaceCLIP joint embedding.
 
     Args:
@@ -124,9 +111,7 @@ class SDXLJointModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
-        if not 0.0 <= condition_dropout < 1.0:
-            raise UserError(f"condition_dropout must be in [0, 1), got {condition_dropout}")
-        self.optimizer_factory = optimizer
+        self._init_common(optimizer)
 
         (cfg_l, self._dir_l), (cfg_g, self._dir_g) = resolve_encoder(encoder_l), resolve_encoder(encoder_g)
         self.condition = SDXLCondition(FaceCLIPEncoder(cfg_l), FaceCLIPEncoder(cfg_g))
@@ -152,11 +137,6 @@ class SDXLJointModule(L.LightningModule):
                 p.requires_grad_(name in trainable)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.ema: EMAModel | None = None
-        self._weights_loaded = False
-        self._null_condition: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._samples: list[dict] = []
-        self.skipped_samples = 0
 
     def _check_dims(self) -> None:
         cfg, cond = self.unet_config, self.condition
@@ -172,12 +152,6 @@ class SDXLJointModule(L.LightningModule):
                             f"{self.vae_config.get('latent_channels')}")
 
     # ------------------------------------------------------------------ weights
-    def setup(self, stage: str) -> None:
-        if not self._weights_loaded:
-            self.load_pretrained_weights()
-        if self.hparams.ema_decay and self.ema is None:
-            self.ema = EMAModel(self.unet.parameters(), decay=self.hparams.ema_decay)
-
     def load_pretrained_weights(self) -> None:
         hp = self.hparams
         for branch, folder, what in ((self.condition.branch_l, self._dir_l, "encoder_l"),
@@ -187,93 +161,7 @@ class SDXLJointModule(L.LightningModule):
         unet_src = hp.unet_weights or (hp.unet if Path(hp.unet).is_dir() else None)
         if unet_src:
             load_diffusers_weights(self.unet, unet_src, "unet weights")
-        vae_src = hp.vae_weights or (hp.vae if Path(hp.vae).is_dir() else None)
-        if vae_src:
-            load_diffusers_weights(self.vae, vae_src, "vae weights")
-            self._adopt_latent_scale(Path(vae_src))
-        self._weights_loaded = True
-
-    def _adopt_latent_scale(self, folder: Path) -> None:
-        """A VAE folder's own scaling/shift factors belong to its weights (the synthetic
-        VAE's are measured after training, so a named architecture config cannot know them)."""
-        if not (folder / "config.json").is_file():
-            return
-        cfg = json.loads((folder / "config.json").read_text())
-        for key in ("scaling_factor", "shift_factor"):
-            if key in cfg:
-                self.vae_config[key] = cfg[key]
-                self.vae.register_to_config(**{key: cfg[key]})
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.vae.eval()
-        if not self.hparams.train_encoders:
-            self.condition.eval()
-        return self
-
-    # ------------------------------------------------------------------ conditioning
-    @property
-    def vae_downsample(self) -> int:
-        return 2 ** (len(self.vae_config.get("block_out_channels", [0])) - 1)
-
-    @property
-    def latent_scale(self) -> tuple[float, float]:
-        return float(self.vae_config.get("scaling_factor", 1.0)), float(self.vae_config.get("shift_factor") or 0.0)
-
-    # Frozen-model outputs that `python -m faceclip_zoo cache` can store in the shards.
-    CACHEABLE = ("vae_latents", "prompt_embeds", "pooled_prompt_embeds")
-
-    @torch.no_grad()
-    def frozen_features(self, batch: dict, names) -> dict[str, torch.Tensor]:
-        """The frozen VAE's latents and the frozen encoders' embeddings (no dropout)."""
-        if self.hparams.train_encoders and {"prompt_embeds", "pooled_prompt_embeds"} & set(names):
-            raise UserError("train_encoders is on: the encoders change during training, so their outputs "
-                            "cannot be cached; cache only vae_latents")
-        out = {}
-        if "vae_latents" in names:
-            out["vae_latents"] = self.encode_latents({k: v for k, v in batch.items() if k != "vae_latents"})
-        if {"prompt_embeds", "pooled_prompt_embeds"} & set(names):
-            embeds, pooled = self.condition(batch["caption"], batch["face"].to(self.device),
-                                            batch["has_face"].to(self.device))
-            out.update(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
-        return {k: v for k, v in out.items() if k in names}
-
-    @torch.no_grad()
-    def encode_latents(self, batch: dict) -> torch.Tensor:
-        cached = batch.get("vae_latents")
-        if cached is not None:
-            expected = tuple(s // self.vae_downsample for s in batch["image"].shape[-2:])
-            if tuple(cached.shape[-2:]) != expected:
-                raise UserError(f"cached vae_latents are {tuple(cached.shape[-2:])} but images of "
-                                f"{tuple(batch['image'].shape[-2:])} need {expected}: the shards were cached at "
-                                "another resolution; run `python -m faceclip_zoo cache --overwrite true` again")
-            return cached.to(self.device)
-        scale, shift = self.latent_scale
-        image = batch["image"].to(device=self.device, dtype=self.vae.dtype) * 2 - 1
-        return (self.vae.encode(image).latent_dist.sample() - shift) * scale
-
-    def null_condition(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unconditional embedding (zero face, empty prompt), computed once."""
-        if self._null_condition is None or self._null_condition[0].device != self.device:
-            self._null_condition = self.condition.unconditional([""], self.device)
-        e, p = self._null_condition
-        return e.expand(batch_size, -1, -1), p.expand(batch_size, -1)
-
-    def embed(self, batch: dict, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompt_embeds, pooled for the batch; rows in `drop` get the unconditional ones."""
-        b = len(batch["caption"])
-        if "prompt_embeds" in batch and "pooled_prompt_embeds" in batch and not self.hparams.train_encoders:
-            embeds, pooled = batch["prompt_embeds"].to(self.device), batch["pooled_prompt_embeds"].to(self.device)
-        else:
-            has_face = batch["has_face"].to(self.device) & ~drop
-            captions = [("" if d else c) for c, d in zip(batch["caption"], drop.tolist())]
-            with torch.set_grad_enabled(self.hparams.train_encoders and self.training):
-                return self.condition(captions, batch["face"].to(self.device), has_face)
-        if drop.any():
-            null_e, null_p = self.null_condition(b)
-            embeds = torch.where(drop[:, None, None], null_e.to(embeds.dtype), embeds)
-            pooled = torch.where(drop[:, None], null_p.to(pooled.dtype), pooled)
-        return embeds, pooled
+        self._load_vae()
 
     def time_ids(self, batch: dict, latents: torch.Tensor) -> torch.Tensor:
         """SDXL micro-conditioning: (original h, w, crop top, left, target h, w)."""
@@ -294,8 +182,7 @@ class SDXLJointModule(L.LightningModule):
             noise = noise + self.hparams.noise_offset * torch.randn(b, latents.shape[1], 1, 1, **kw)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), **kw)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        drop = torch.rand(b, **kw) < (self.hparams.condition_dropout if self.training else 0.0)
-        embeds, pooled = self.embed(batch, drop)
+        embeds, pooled = self.embed(batch, self.drop_mask(b, generator))
         pred = self.unet(noisy, t, embeds.to(noisy.dtype),
                          added_cond_kwargs={"text_embeds": pooled.to(noisy.dtype),
                                             "time_ids": self.time_ids(batch, latents)}).sample
@@ -315,87 +202,19 @@ class SDXLJointModule(L.LightningModule):
             per_sample = per_sample * (clipped / (snr + 1 if kind == "v_prediction" else snr))
         return per_sample.mean()
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch)
-        bs = len(batch["caption"])
-        self.skipped_samples += int(batch.get("skipped", 0))
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log("train/skipped_samples", float(self.skipped_samples), batch_size=bs)
-        return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:
-            self.ema.step(self.unet.parameters())
-
-    def on_fit_start(self) -> None:
-        if self.ema is not None:
-            self.ema.to(self.device)
-
-    # ------------------------------------------------------------------ validation
-    def on_validation_epoch_start(self) -> None:
-        self._samples = []
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # Fixed noise and timesteps per batch index: comparable across validations.
-        gen = torch.Generator(device=self.device).manual_seed(1000 + batch_idx)
-        loss = self.diffusion_loss(batch, generator=gen)
-        self.log("val/loss", loss, batch_size=len(batch["caption"]))
-        # Grid rows: the first samples of distinct identities (fixed across validations).
-        seen = {s["identity"] for s in self._samples}
-        for i in range(len(batch["caption"])):
-            if len(self._samples) >= self.hparams.num_samples:
-                break
-            if batch["has_face"][i] and batch["identity"][i] not in seen:
-                seen.add(batch["identity"][i])
-                self._samples.append({"face": batch["face"][i], "caption": batch["caption"][i],
-                                      "image": batch["image"][i], "identity": batch["identity"][i]})
-
-    def on_validation_epoch_end(self) -> None:
-        if not self._samples or self.trainer.sanity_checking or not self.trainer.is_global_zero:
-            return
-        from faceclip_zoo.tasks.sample_grid import write_sample_grid
-
-        write_sample_grid(self, self._samples)
-
     def pipeline(self, use_ema: bool = True):
         """A FaceCLIPSDXLPipeline over this module's (shared) components."""
         from faceclip_zoo.pipelines.export import pipeline_from_module
 
         return pipeline_from_module(self, use_ema=use_ema)
 
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self):
-        return configure_optimization(self, self.optimizer_factory, self.hparams.warmup_steps,
-                                      self.hparams.lr_schedule)
-
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["faceclip_zoo"] = {"exports": {"pipeline": {
+    def export_spec(self) -> dict:
+        return {
             "model_type": "sdxl_pipeline",
             "encoder_l": self.condition.branch_l.config.to_dict(),
             "encoder_g": self.condition.branch_g.config.to_dict(),
             "unet": self.unet_config, "vae": self.vae_config, "scheduler": self.scheduler_config,
             "prefixes": {"encoder_l": "condition.branch_l.", "encoder_g": "condition.branch_g.",
                          "unet": "unet.", "vae": "vae."},
-        }}}
-        if self.ema is not None:
-            # Named, so export can swap them in without knowing parameter order.
-            names = [n for n, _ in self.unet.named_parameters()]
-            checkpoint["faceclip_zoo"]["ema"] = {
-                "weights": {n: p.detach().cpu() for n, p in zip(names, self.ema.shadow_params)},
-                "optimization_step": self.ema.optimization_step, "decay": self.ema.decay,
-            }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        ema = checkpoint.get("faceclip_zoo", {}).get("ema")
-        if ema is None:
-            return
-        if self.ema is None:
-            self.ema = EMAModel(self.unet.parameters(), decay=ema["decay"])
-        names = [n for n, _ in self.unet.named_parameters()]
-        missing = [n for n in names if n not in ema["weights"]]
-        if missing:
-            raise UserError(f"checkpoint EMA lacks {len(missing)} UNet weights (e.g. {missing[0]})")
-        for shadow, n in zip(self.ema.shadow_params, names):
-            shadow.data.copy_(ema["weights"][n])
-        self.ema.optimization_step = ema["optimization_step"]
+        }

@@ -1,0 +1,154 @@
+"""Face inputs of the pipelines: photos or crops -> aligned crops as the training data.
+
+Shared by FaceCLIPSDXLPipeline and FaceT5FluxPipeline (both name their encoder component
+`face_encoder`, whose `.encoder.config.face.image_size` is the crop size).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from faceclip_zoo.utils import UserError
+
+FaceInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+Aligner = Callable[[Image.Image], Image.Image]
+AlignMode = str  # "auto" | "always" | "never"
+# Landmarks this close (pixels of a 448 crop, mean over the 5 points) to the template: the
+# image is already an aligned crop and is used as it is (re-cropping would only blur it).
+ALREADY_ALIGNED_PX = 8.0
+
+
+def auto_align(face: Image.Image, mode: AlignMode = "auto", detector=None) -> Image.Image:
+    """Align a photo like the training data. "auto": photos are aligned, crops that are
+    already aligned are kept; "always": always re-crop; "never": trust the input. A photo
+    without a detectable face is a UserError."""
+    if mode == "never":
+        return face
+    if mode not in ("auto", "always"):
+        raise UserError(f"align must be auto, always or never, got {mode!r}")
+    from faceclip_zoo.data.align import crop_face, default_detector, pick_face, template_deviation
+    from faceclip_zoo.data.images import ImageRejected
+
+    rgb = np.asarray(face.convert("RGB"))
+    name = getattr(face, "filename", "") or "face_image"
+    try:
+        found, _ = pick_face((detector or default_detector()).detect(rgb), where=name)
+    except ImageRejected:
+        raise UserError(f"no face found in {name}: give a photo in which a face is visible; if it is "
+                        "already an aligned crop the detector cannot read (e.g. the synthetic faces), "
+                        "pass align='never' (generate: --align never)") from None
+    if mode == "auto" and face.width == face.height:
+        if template_deviation(found.landmarks * (448 / face.width)).mean() < ALREADY_ALIGNED_PX:
+            return face
+    return Image.fromarray(crop_face(rgb, found, 448).crop)
+
+
+def to_pil(face: FaceInput) -> Image.Image:
+    """A path, PIL image, H x W x 3 uint8 array or [3, H, W] tensor in [0, 1] -> RGB PIL."""
+    if isinstance(face, torch.Tensor):
+        t = face.detach().float().cpu()
+        if t.ndim != 3 or t.shape[0] != 3:
+            raise UserError(f"face tensor must be [3, H, W] in [0, 1], got shape {tuple(t.shape)}")
+        face = Image.fromarray((t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    elif isinstance(face, np.ndarray):
+        if face.ndim != 3 or face.shape[-1] != 3:
+            raise UserError(f"face array must be H x W x 3 (RGB uint8), got shape {face.shape}")
+        face = Image.fromarray(face.astype(np.uint8))
+    elif isinstance(face, (str, os.PathLike)):
+        path = Path(face)
+        if not path.is_file():
+            raise UserError(f"face image {path} does not exist")
+        try:
+            from PIL import ImageOps
+
+            face = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # phone photos: upright
+        except Exception as exc:  # PIL raises many types for bad files
+            raise UserError(f"face image {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(face, Image.Image):
+        raise UserError(f"face_image must be a path, PIL image, array or tensor, got {type(face).__name__}")
+    return face.convert("RGB")
+
+
+def load_face(face: FaceInput, size: int) -> torch.Tensor:
+    """An aligned face crop -> float [3, size, size] in [0, 1], resized exactly as the
+    training shards are decoded."""
+    from faceclip_zoo.data.schema import _to_tensor
+
+    return _to_tensor(to_pil(face), size)
+
+
+class FaceInputMixin:
+    """Face preparation and embedding for a pipeline with a `face_encoder` component and a
+    `condition` (SDXLCondition / FluxCondition) over it."""
+
+    aligner: Aligner | None = None
+    align: AlignMode = "auto"
+
+    def set_aligner(self, aligner: Aligner | None) -> None:
+        """Replace the built-in alignment (auto_align) by a function photo -> aligned crop
+        (raising UserError when it finds no face)."""
+        self.aligner = aligner
+
+    def prepare_faces(self, face_image: FaceInput | Sequence[FaceInput], align: AlignMode | None = None
+                      ) -> torch.Tensor:
+        """One image or several references of one person -> aligned crops [N, 3, S, S].
+        Tensors are taken as aligned crops (they come from datasets); paths, PIL images and
+        arrays go through the aligner (see auto_align)."""
+        size = self.face_encoder.encoder.config.face.image_size
+        faces = list(face_image) if isinstance(face_image, (list, tuple)) else [face_image]
+        if not faces:
+            raise UserError("face_image is an empty list")
+        mode = align or self.align
+
+        def aligned(face):
+            if isinstance(face, torch.Tensor):
+                return face
+            pil = to_pil(face)
+            if isinstance(face, (str, os.PathLike)):
+                pil.filename = str(face)
+            return self.aligner(pil) if self.aligner is not None else auto_align(pil, mode)
+
+        return torch.stack([load_face(aligned(face), size) for face in faces])
+
+
+    @torch.no_grad()
+    def encode(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str],
+        faces: torch.Tensor | None, device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        """Embeddings for `prompts` of one person (faces [N, 3, S, S]: N references,
+        averaged) or of nobody (faces None), plus the release's negative branch."""
+        cond = self.condition
+        dtype = self.face_encoder.dtype
+        b = len(prompts)
+        if faces is None:
+            pos = cond.unconditional(list(prompts), device, dtype)
+        else:
+            feats = cond.face_features(faces.to(device=device, dtype=dtype))
+            feats = tuple(cond.average_references(f) for f in feats)
+            feats = tuple((i.expand(b, -1), p.expand(b, -1, -1)) for i, p in feats)
+            pos = cond(list(prompts), None, torch.ones(b, dtype=torch.bool, device=device),
+                       face_features=feats)
+        neg = cond.unconditional(list(negative_prompts), device, dtype)
+        return dict(prompt_embeds=pos[0], pooled_prompt_embeds=pos[1],
+                    negative_prompt_embeds=neg[0], negative_pooled_prompt_embeds=neg[1])
+
+    @torch.no_grad()
+    def encode_rows(self, faces: torch.Tensor | None, prompts: Sequence[str], negative_prompt: str,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+        """Embeddings of a batch of different people: row i = (faces[i], prompts[i])."""
+        cond, dtype, b = self.condition, self.face_encoder.dtype, len(prompts)
+        if faces is None:
+            pos = cond.unconditional(list(prompts), device, dtype)
+        else:
+            pos = cond(list(prompts), faces.to(device=device, dtype=dtype),
+                       torch.ones(b, dtype=torch.bool, device=device))
+        neg = cond.unconditional([negative_prompt] * b, device, dtype)
+        return dict(prompt_embeds=pos[0], pooled_prompt_embeds=pos[1],
+                    negative_prompt_embeds=neg[0], negative_pooled_prompt_embeds=neg[1])

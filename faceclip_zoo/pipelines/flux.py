@@ -1,0 +1,125 @@
+"""FaceT5FluxPipeline: a photo of a person + a prompt -> FLUX images of that person.
+
+FaceT5 (prompt + face) gives prompt_embeds and the CLIP-L text model gives
+pooled_prompt_embeds; everything after the condition (flow-matching Euler loop, true
+classifier-free guidance, distilled guidance input, latent packing, VAE decoding) is
+diffusers' own FluxPipeline called with embeddings. So this pipeline's output equals a
+FluxPipeline run on the same transformer, VAE, scheduler and seed given our embeddings
+(tested, true CFG included).
+
+    pipe = FaceT5FluxPipeline.from_pretrained("checkpoints/my-flux")
+    image = pipe("a woman in a denim shirt on a desert plateau", face_image="me.jpg").images[0]
+
+Release settings (DESIGN.md 2.2): FlowMatchEuler, 50 steps, true CFG 3.5 against a zero
+face with the release's negative prompt, distilled guidance 1.0, 1152 x 864.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import FluxTransformer2DModel
+
+from faceclip_zoo.models.flux_condition import FluxCondition
+from faceclip_zoo.pipelines.components import FaceT5EncoderModel
+from faceclip_zoo.pipelines.faces import AlignMode, FaceInput, FaceInputMixin
+from faceclip_zoo.utils import UserError
+
+RELEASE_DEFAULTS = dict(num_inference_steps=50, true_cfg_scale=3.5, guidance_scale=1.0, height=1152, width=864)
+# The negative prompt of the release's FLUX inference (its unconditional branch).
+RELEASE_NEGATIVE_PROMPT = (
+    "digital painting, 3d render, CGI, cartoon, anime, unreal, stylized, overexposed, glossy skin, "
+    "wearing mask, looking away from the camera, wearing glasses, wearing sunglasses, "
+    "nude, worst quality, low quality, normal quality, nsfw, abstract, glitch, deformed, "
+    "mutated, ugly, disfigured, text, watermark, bad hands, error, jpeg artifacts, blurry, "
+    "missing fingers, poorly drawn face, ugly eyes, imperfect eyes, deformed pupils, deformed iris, bad anatomy"
+)
+
+
+class FaceT5FluxPipeline(FaceInputMixin, DiffusionPipeline):
+    model_cpu_offload_seq = "face_encoder->text_encoder->transformer->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        face_encoder: FaceT5EncoderModel,
+        tokenizer_2,  # the T5 tokenizer of face_encoder
+        text_encoder,  # transformers CLIPTextModel (pooled output)
+        tokenizer,  # its CLIPTokenizer
+        transformer: FluxTransformer2DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, face_encoder=face_encoder, tokenizer_2=tokenizer_2,
+                              text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+                              scheduler=scheduler)
+        face_encoder.encoder.set_tokenizer(tokenizer_2)
+        self.aligner = None
+        self.align: AlignMode = "auto"
+
+    @property
+    def condition(self) -> FluxCondition:
+        return FluxCondition(self.face_encoder.encoder, self.text_encoder, self.tokenizer)
+
+    def flux_pipeline(self) -> FluxPipeline:
+        """diffusers' FLUX pipeline over the same transformer, VAE and scheduler (no text encoders)."""
+        pipe = FluxPipeline(scheduler=self.scheduler, vae=self.vae, text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None, transformer=self.transformer)
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return pipe
+
+    def default_size(self) -> int:
+        """The VAE's native sample size (1024 for FLUX.1-dev's; the release used 1152 x 864)."""
+        return int(self.vae.config.sample_size)
+
+    @torch.no_grad()
+    def per_row(self, faces: torch.Tensor | None, prompts: Sequence[str], negative_prompt: str = "",
+                guidance_scale: float = RELEASE_DEFAULTS["true_cfg_scale"], **flux_kwargs: Any) -> torch.Tensor:
+        """A batch of different people (row i = faces[i], prompts[i]) -> images [B, 3, H, W]
+        in [0, 1]. guidance_scale is the true CFG scale (validation grids, evaluation)."""
+        embeds = self.encode_rows(faces, prompts, negative_prompt, self._execution_device)
+        flux_kwargs.setdefault("guidance_scale", RELEASE_DEFAULTS["guidance_scale"])
+        return self.flux_pipeline()(**embeds, true_cfg_scale=guidance_scale, output_type="pt",
+                                    **flux_kwargs).images
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        face_image: FaceInput | Sequence[FaceInput] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = RELEASE_DEFAULTS["num_inference_steps"],
+        true_cfg_scale: float = RELEASE_DEFAULTS["true_cfg_scale"],
+        guidance_scale: float = RELEASE_DEFAULTS["guidance_scale"],
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        align: AlignMode | None = None,
+        **flux_kwargs: Any,
+    ):
+        """face_image: a photo or aligned crop (path, PIL, array, [3,H,W] tensor), a list of
+        references of one person (averaged), or None. negative_prompt: default the
+        release's; with a zero face it is the true-CFG branch (true_cfg_scale, 1 = off).
+        guidance_scale: FLUX.1-dev's distilled guidance input. Sizes default to the VAE's
+        sample size. Other keyword arguments go to FluxPipeline (latents, sigmas, ...)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is None:
+            negative_prompt = RELEASE_NEGATIVE_PROMPT
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        faces = None if face_image is None else self.prepare_faces(face_image, align)
+        embeds = self.encode(prompts, negatives, faces, self._execution_device)
+        if true_cfg_scale <= 1.0:  # no negative branch: FluxPipeline then runs one pass per step
+            embeds = {k: v for k, v in embeds.items() if not k.startswith("negative_")}
+        size = self.default_size()
+        return self.flux_pipeline()(
+            **embeds, num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale,
+            guidance_scale=guidance_scale, height=height or size, width=width or size,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, output_type=output_type,
+            max_sequence_length=embeds["prompt_embeds"].shape[1], **flux_kwargs,
+        )

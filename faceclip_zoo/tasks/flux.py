@@ -1,0 +1,239 @@
+"""FluxJointModule: the diffusion stage of FaceT5-FLUX, rectified-flow matching.
+
+The FaceT5 embedding (prompt_embeds) and CLIP-L pooled text replace FLUX's text
+encoders; the whole FLUX transformer is fine-tuned:
+
+    z_0 = (VAE(x_0) - shift) * scale,  sigma ~ p(sigma),  z_s = (1 - sigma) z_0 + sigma eps
+    L = w(sigma) * || FLUX(pack(z_s), sigma, guidance, e, pooled) - pack(eps - z_0) ||^2
+
+sigma is drawn logit-normal / "mode" / uniform (diffusers' SD3 helpers) and shifted as the
+sampler will shift it: by default with FLUX's resolution-dependent mu (the scheduler's
+dynamic shifting, mu from the packed sequence length), else by a fixed `timestep_shift`.
+The guidance-distilled FLUX.1-dev takes a guidance value as input: training feeds
+`train_guidance` (the release samples with 1.0). Condition dropout, EMA and cached
+latents/embeddings come from JointDiffusionModule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from lightning.pytorch.cli import OptimizerCallable
+
+from faceclip_zoo.config import FaceT5Config
+from faceclip_zoo.models.convert_diffusion import build_diffusers, load_diffusers_weights, resolve_diffusers_config
+from faceclip_zoo.models.facet5 import FaceT5Encoder
+from faceclip_zoo.models.flux_condition import FluxCondition
+from faceclip_zoo.models.text_encoders import build_clip_text_model, build_clip_tokenizer, clip_text_config
+from faceclip_zoo.tasks.diffusion import JointDiffusionModule, resolve_model_spec
+from faceclip_zoo.tasks.optim import default_optimizer
+from faceclip_zoo.tasks.sdxl import resolve_scheduler_config
+from faceclip_zoo.utils import UserError, load_strict, load_weights_file
+
+
+def resolve_clip_text(spec: str) -> tuple[dict[str, Any], Path | None]:
+    """A named CLIP text config, or a transformers CLIPTextModel folder (FLUX.1-dev/text_encoder,
+    or the `convert` output clip-l-text) -> (CLIPTextConfig kwargs, weights folder)."""
+    path = Path(spec)
+    if (path / "config.json").is_file():
+        cfg = json.loads((path / "config.json").read_text())
+        return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures",
+                                                                                     "transformers_version")}, path
+    return clip_text_config(spec), None
+
+
+class FluxJointModule(JointDiffusionModule):
+    """Fine-tunes a FLUX transformer on the FaceT5 joint embedding.
+
+    Args:
+        encoder: FaceT5 encoder: a faceclip_zoo directory (export / convert output) or a
+            named config (`facet5-xxl`, `facet5-tiny`; random init).
+        t5_tokenizer: folder of the T5 v1.1 tokenizer when the encoder directory has none
+            (e.g. FLUX.1-dev/tokenizer_2).
+        clip_text: CLIP-L text model for pooled_prompt_embeds: a transformers folder
+            (FLUX.1-dev/text_encoder, or convert's clip-l-text) or a named config.
+        clip_tokenizer: its tokenizer folder (default: OpenAI's vocabulary, from open_clip).
+        train_encoders: also fine-tune FaceT5's trainable parts (fuser, projections).
+        transformer: named diffusers config (`flux-dev-transformer`, `flux-transformer-tiny`)
+            or a FluxTransformer2DModel folder; transformer_weights: its weights (folder,
+            .safetensors, or the release's dit.pt).
+        vae, vae_weights: the frozen AutoencoderKL (FLUX.1-dev/vae: 16 channels).
+        scheduler: the flow-matching schedule (`flux-scheduler` or a scheduler folder);
+            the exported sampler.
+        timestep_sampling: "logit_normal" (logit_mean, logit_std), "mode" (mode_scale) or
+            "uniform" density of sigma.
+        timestep_shift: None = FLUX's resolution-dependent shift (mu from the image's
+            sequence length, as the sampler does); a number = that fixed shift.
+        loss_weighting: "none", "sigma_sqrt" or "cosmap" (SD3's schemes).
+        train_guidance: the distilled-guidance input during training.
+        condition_dropout, ema_decay, gradient_checkpointing, optimizer, warmup_steps,
+        lr_schedule: as SDXLJointModule.
+        sample_*: the validation grid (sample_guidance = true CFG scale, release 3.5).
+    """
+
+    DENOISER = "transformer"
+
+    def __init__(
+        self,
+        encoder: str = "facet5-tiny",
+        t5_tokenizer: Optional[str] = None,
+        clip_text: str = "clip-text-tiny",
+        clip_tokenizer: Optional[str] = None,
+        train_encoders: bool = False,
+        transformer: str = "flux-transformer-tiny",
+        transformer_overrides: Optional[dict[str, Any]] = None,
+        transformer_weights: Optional[str] = None,
+        vae: str = "vae-tiny",
+        vae_weights: Optional[str] = None,
+        scheduler: str = "flux-scheduler",
+        scheduler_overrides: Optional[dict[str, Any]] = None,
+        timestep_sampling: Literal["logit_normal", "mode", "uniform"] = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        timestep_shift: Optional[float] = None,
+        loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none",
+        train_guidance: float = 1.0,
+        condition_dropout: float = 0.1,
+        ema_decay: Optional[float] = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        num_samples: int = 4,
+        sample_steps: int = 20,
+        sample_guidance: float = 3.5,
+        sample_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self._init_common(optimizer)
+        enc_cfg, self._encoder_dir = resolve_model_spec(encoder, FaceT5Config, "facet5")
+        face_t5 = FaceT5Encoder(enc_cfg)
+        if not t5_tokenizer and self._encoder_dir is not None and (self._encoder_dir / "tokenizer").is_dir():
+            t5_tokenizer = str(self._encoder_dir / "tokenizer")
+        self.t5_tokenizer_dir = t5_tokenizer  # recorded for export
+        if t5_tokenizer:
+            face_t5.set_tokenizer(t5_tokenizer)
+        self.clip_text_config, self._clip_dir = resolve_clip_text(clip_text)
+        self.condition = FluxCondition(face_t5, build_clip_text_model(self.clip_text_config),
+                                       build_clip_tokenizer(clip_tokenizer))
+        self.transformer_config = {**resolve_diffusers_config(transformer, "transformer"),
+                                   **(transformer_overrides or {})}
+        self.transformer = build_diffusers(self.transformer_config)
+        self.vae_config = resolve_diffusers_config(vae, "vae")
+        self.vae = build_diffusers(self.vae_config)
+        if self.vae_config.get("shift_factor") is None:  # FluxPipeline decodes with it: 0 = none
+            self.vae_config["shift_factor"] = 0.0
+            self.vae.register_to_config(shift_factor=0.0)
+        self.scheduler_config = {**resolve_scheduler_config(scheduler), **(scheduler_overrides or {})}
+        self._check_dims()
+
+        self.vae.requires_grad_(False)
+        self.condition.clip_text.requires_grad_(False)
+        trainable = set(face_t5.trainable_parameter_names()) if train_encoders else set()
+        for name, p in face_t5.named_parameters():
+            p.requires_grad_(name in trainable)
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+
+    def _check_dims(self) -> None:
+        cfg, cond = self.transformer_config, self.condition
+        if cfg.get("joint_attention_dim") != cond.embed_dim:
+            raise UserError(f"transformer joint_attention_dim {cfg.get('joint_attention_dim')} != the FaceT5 "
+                            f"width {cond.embed_dim}")
+        if cfg.get("pooled_projection_dim") != cond.pooled_dim:
+            raise UserError(f"transformer pooled_projection_dim {cfg.get('pooled_projection_dim')} != the CLIP "
+                            f"text width {cond.pooled_dim}")
+        if cfg.get("in_channels") != 4 * self.vae_config.get("latent_channels", 0):
+            raise UserError(f"transformer in_channels {cfg.get('in_channels')} must be 4 x vae latent_channels "
+                            f"({self.vae_config.get('latent_channels')}): FLUX packs 2x2 latent patches")
+
+    # ------------------------------------------------------------------ weights
+    def load_pretrained_weights(self) -> None:
+        hp = self.hparams
+        if self._encoder_dir is not None:
+            load_strict(self.condition.face_t5, load_weights_file(self._encoder_dir / "model.safetensors", "encoder"),
+                        f"encoder {self._encoder_dir}")
+        if self._clip_dir is not None:
+            load_strict(self.condition.clip_text, load_weights_file(self._clip_dir / "model.safetensors", "clip_text"),
+                        f"clip_text {self._clip_dir}")
+        src = hp.transformer_weights or (hp.transformer if Path(hp.transformer).is_dir() else None)
+        if src:
+            load_diffusers_weights(self.transformer, src, "transformer weights")
+        self._load_vae()
+
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self.hparams.ema_decay and self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise UserError("ema_decay with an FSDP strategy is not supported yet (the EMA would copy sharded "
+                            "parameters); set ema_decay: null or train with DDP")
+        super().setup(stage)
+
+    # ------------------------------------------------------------------ flow matching
+    def sample_sigmas(self, b: int, seq_len: int, generator: torch.Generator | None) -> torch.Tensor:
+        """sigma in (0, 1) per sample: the density, then the sampler's shift."""
+        hp = self.hparams
+        u = compute_density_for_timestep_sampling(hp.timestep_sampling, b, hp.logit_mean, hp.logit_std,
+                                                  hp.mode_scale, device=self.device, generator=generator)
+        if hp.timestep_shift is not None:
+            shift = float(hp.timestep_shift)
+        elif self.scheduler_config.get("use_dynamic_shifting"):
+            c = self.scheduler_config
+            shift = math.exp(calculate_shift(seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                             c.get("base_shift", 0.5), c.get("max_shift", 1.15)))
+        else:
+            shift = float(self.scheduler_config.get("shift", 1.0))
+        # the shift FlowMatchEulerDiscreteScheduler applies: s' = k s / (1 + (k - 1) s)
+        return shift * u / (1 + (shift - 1) * u)
+
+    def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        latents = self.encode_latents(batch)
+        b, c, h, w = latents.shape
+        if h % 2 or w % 2:
+            raise UserError(f"latents of {h}x{w} cannot be packed in 2x2 patches: image sides must be multiples "
+                            f"of {2 * self.vae_downsample}")
+        noise = torch.randn(latents.shape, dtype=latents.dtype, device=self.device, generator=generator)
+        sigmas = self.sample_sigmas(b, (h // 2) * (w // 2), generator)
+        s = sigmas.to(latents.dtype)[:, None, None, None]
+        noisy = (1 - s) * latents + s * noise
+        embeds, pooled = self.embed(batch, self.drop_mask(b, generator))
+        dtype = self.transformer.dtype
+        guidance = (torch.full((b,), self.hparams.train_guidance, device=self.device, dtype=dtype)
+                    if self.transformer_config.get("guidance_embeds") else None)
+        pred = self.transformer(
+            hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w).to(dtype),
+            timestep=sigmas.to(dtype), guidance=guidance,
+            pooled_projections=pooled.to(dtype), encoder_hidden_states=embeds.to(dtype),
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=self.device, dtype=dtype),
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, dtype),
+        ).sample
+        target = FluxPipeline._pack_latents(noise - latents, b, c, h, w)
+        weight = compute_loss_weighting_for_sd3(self.hparams.loss_weighting, sigmas).float()
+        per_sample = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2))
+        return (weight * per_sample).mean()
+
+    def pipeline(self, use_ema: bool = True):
+        """A FaceT5FluxPipeline over this module's (shared) components."""
+        from faceclip_zoo.pipelines.export import flux_pipeline_from_module
+
+        return flux_pipeline_from_module(self, use_ema=use_ema)
+
+    # ------------------------------------------------------------------ checkpoints
+    def export_spec(self) -> dict:
+        return {
+            "model_type": "flux_pipeline",
+            "encoder": self.condition.face_t5.config.to_dict(),
+            "clip_text": self.clip_text_config,
+            "t5_tokenizer": self.t5_tokenizer_dir, "clip_tokenizer": self.hparams.clip_tokenizer,
+            "transformer": self.transformer_config, "vae": self.vae_config, "scheduler": self.scheduler_config,
+            "prefixes": {"encoder": "condition.face_t5.", "clip_text": "condition.clip_text.",
+                         "transformer": "transformer.", "vae": "vae."},
+        }
