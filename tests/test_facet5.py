@@ -152,6 +152,14 @@ def test_convert_release_file_strictly_with_parity(tmp_path):
         got = ours(face, ids, torch.ones(1, dtype=torch.bool)).embeds
     assert (got - ref).abs().max() < 1e-4
 
+    # the converted directories plug into the FLUX stage as they are
+    from faceclip_zoo.tasks.flux import FluxJointModule
+
+    flux = FluxJointModule(encoder=str(tmp_path / "out" / cfg.name), clip_text=str(tmp_path / "out" / "clip-l-text"))
+    flux.setup("fit")
+    assert torch.equal(flux.condition.face_t5.fuser.text_layers[0].linear1.weight,
+                       ours.fuser.text_layers[0].linear1.weight.to(torch.bfloat16).float())
+
     text = CLIPTextModel.from_pretrained(str(tmp_path / "out" / "clip-l-text"), local_files_only=True).float()
     ids = torch.randint(0, 49407, (2, 77))
     with torch.no_grad():
@@ -187,3 +195,46 @@ def test_full_size_t5_needs_its_tokenizer_files():
     assert enc.config.t5.d_model == 4096 and enc.config.text_length == 512
     with pytest.raises(UserError, match="tokenizer_2"):
         enc.tokenize(["a photo"])
+
+
+def test_facet5_encoder_module_trains_fuser_only_and_loads_t5_weights(tmp_path):
+    """FaceT5EncoderModule: FaceCLIPEncoderModule's losses over the T5 encoder; T5 weights
+    come from a transformers T5EncoderModel folder; the export is a facet5 directory."""
+    from transformers import T5Config as HFT5Config, T5EncoderModel
+
+    from faceclip_zoo.tasks import FaceT5EncoderModule
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(HFT5Config(**FaceT5Config.from_name("facet5-tiny").t5.transformers_kwargs()))
+    t5.save_pretrained(tmp_path / "t5")
+    m = FaceT5EncoderModule(t5_weights=str(tmp_path / "t5"))
+    m.setup("fit")
+    assert torch.equal(m.encoder.t5_encoder.shared.weight, t5.shared.weight)
+    assert torch.equal(m.encoder.t5_encoder.encoder.block[1].layer[1].DenseReluDense.wo.weight,
+                       t5.encoder.block[1].layer[1].DenseReluDense.wo.weight)
+    b = {"image": torch.rand(4, 3, 64, 64), "face": torch.rand(4, 3, 112, 112),
+         "has_face": torch.tensor([True, True, False, True]), "caption": PROMPTS * 2,
+         "identity": ["a", "b", "", "a"]}
+    losses, _ = m.compute_losses(b)
+    assert sorted(losses) == ["identity", "image", "text"]
+    sum(losses.values()).backward()
+    trained = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert any(n.startswith("encoder.fuser.") for n in trained)
+    assert not any(n.startswith(("encoder.t5_encoder.", "encoder.face_encoder.", "clip.")) for n in trained)
+    checkpoint = {"state_dict": m.state_dict()}
+    m.on_save_checkpoint(checkpoint)
+    spec = checkpoint["faceclip_zoo"]["exports"]["encoder"]
+    assert spec["model_type"] == "facet5"
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    from faceclip_zoo.export import export_checkpoint
+
+    out = export_checkpoint(str(tmp_path / "last.ckpt"), str(tmp_path / "exported"))
+    back = load_model_dir(out, expect="facet5")
+    faces = torch.rand(2, 3, 112, 112)
+    m.encoder.eval()
+    assert torch.equal(back.encode(PROMPTS, faces).embeds, m.encoder.encode(PROMPTS, faces).embeds)
+    # a T5 of another size is a clear error
+    bad = T5EncoderModel(HFT5Config(**FaceT5Config.from_name("facet5-tiny", t5_d_ff=48).t5.transformers_kwargs()))
+    bad.save_pretrained(tmp_path / "t5-bad")
+    with pytest.raises(UserError, match="do not match the encoder's T5"):
+        FaceT5EncoderModule(t5_weights=str(tmp_path / "t5-bad")).setup("fit")

@@ -30,7 +30,8 @@ def parse(recipe: Path, *extra: str):
 def test_there_are_recipes():
     names = {str(r.relative_to(REPO / "recipes")) for r in RECIPES}
     assert {"quickstart/faceclip.yaml", "faceclip-l14/pretrain.yaml", "faceclip-bigg14/pretrain.yaml",
-            "quickstart/sdxl.yaml", "faceclip-sdxl/finetune.yaml"} <= names
+            "quickstart/sdxl.yaml", "faceclip-sdxl/finetune.yaml", "quickstart/flux.yaml",
+            "quickstart/facet5.yaml", "facet5-flux/finetune.yaml", "facet5-xxl/pretrain.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", PREPARE, ids=lambda p: str(p.relative_to(REPO / "recipes")))
@@ -142,3 +143,22 @@ def test_flux_finetune_recipe_builds_on_meta_and_fsdp_wraps_every_block(tmp_path
         model, ignored_modules=set(), root_kwargs={})
     assert all(b in checkpointed for b in blocks)
     assert not any(b in checkpointed for b in t5_blocks)  # frozen, no_grad: nothing to recompute
+
+
+def test_facet5_pretrain_recipe_builds_full_size_on_meta():
+    """FaceT5-XXL pre-training: the encoder of the release's size (its face_t5_encoder.pt
+    holds 6,274 M values = this encoder's state + CLIP-L text + the unused enc_output)."""
+    recipe = REPO / "recipes" / "facet5-xxl" / "pretrain.yaml"
+    cli = parse(recipe, "--model.init_args.t5_tokenizer", "null")
+    cfg = cli.config
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices * cfg.trainer.num_nodes == 64
+    opt = cfg.model.init_args.optimizer.init_args
+    assert (opt.lr, tuple(opt.betas), opt.weight_decay) == (2e-5, (0.9, 0.999), 0.01)
+    with torch.device("meta"):
+        model = cli.parser.instantiate_classes(cfg).model
+    state = sum(v.numel() for v in model.encoder.state_dict().values())
+    clip_l_text, enc_output = 123_060_480, 4096 * 4096 + 2 * 4096
+    assert state + clip_l_text + enc_output == 6_274_218_498
+    assert model.text_head.in_features == 4096  # mean pooling
+    trainable = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
+    assert 1.0e9 < trainable < 1.2e9

@@ -18,12 +18,11 @@ import os
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from faceclip_zoo.config import FaceT5Config
 from faceclip_zoo.models.face_vit import FaceViT
-from faceclip_zoo.models.faceclip import JointOutput
+from faceclip_zoo.models.faceclip import FaceCLIPEncoder, JointOutput
 from faceclip_zoo.models.fusion import FaceTextFuser
 from faceclip_zoo.models.text_encoders import build_t5_encoder, build_t5_tokenizer, t5_token_ids
 
@@ -80,10 +79,7 @@ class FaceT5Encoder(nn.Module):
         return t5_token_ids(self.tokenizer, list(prompts), self.config.text_length)
 
     # ------------------------------------------------------------------ parts
-    def encode_face(self, face_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L2-normalised identity [B, id_dim], patch tokens [B, N, face_width])."""
-        identity, patches = self.face_encoder(face_images)
-        return F.normalize(identity.float(), dim=-1).to(patches.dtype), patches
+    encode_face = FaceCLIPEncoder.encode_face  # (normalised identity, patch tokens): the same face path
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """T5 last hidden state [B, L, W] (no attention mask: padding attended, as in

@@ -139,6 +139,18 @@ class FaceInputMixin:
         return dict(prompt_embeds=pos[0], pooled_prompt_embeds=pos[1],
                     negative_prompt_embeds=neg[0], negative_pooled_prompt_embeds=neg[1])
 
+    def embed_request(self, prompt: str | Sequence[str], face_image, negative_prompt, align: AlignMode | None,
+                      default_negative: str = "") -> dict[str, torch.Tensor]:
+        """A pipeline call's prompts, faces (one person) and negatives -> embeddings."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is None:
+            negative_prompt = default_negative
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        faces = None if face_image is None else self.prepare_faces(face_image, align)
+        return self.encode(prompts, negatives, faces, self._execution_device)
+
     @torch.no_grad()
     def encode_rows(self, faces: torch.Tensor | None, prompts: Sequence[str], negative_prompt: str,
                     device: torch.device) -> dict[str, torch.Tensor]:

@@ -25,7 +25,6 @@ from diffusers import FluxTransformer2DModel
 from faceclip_zoo.models.flux_condition import FluxCondition
 from faceclip_zoo.pipelines.components import FaceT5EncoderModel
 from faceclip_zoo.pipelines.faces import AlignMode, FaceInput, FaceInputMixin
-from faceclip_zoo.utils import UserError
 
 RELEASE_DEFAULTS = dict(num_inference_steps=50, true_cfg_scale=3.5, guidance_scale=1.0, height=1152, width=864)
 # The negative prompt of the release's FLUX inference (its unconditional branch).
@@ -106,14 +105,7 @@ class FaceT5FluxPipeline(FaceInputMixin, DiffusionPipeline):
         release's; with a zero face it is the true-CFG branch (true_cfg_scale, 1 = off).
         guidance_scale: FLUX.1-dev's distilled guidance input. Sizes default to the VAE's
         sample size. Other keyword arguments go to FluxPipeline (latents, sigmas, ...)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if negative_prompt is None:
-            negative_prompt = RELEASE_NEGATIVE_PROMPT
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
-        faces = None if face_image is None else self.prepare_faces(face_image, align)
-        embeds = self.encode(prompts, negatives, faces, self._execution_device)
+        embeds = self.embed_request(prompt, face_image, negative_prompt, align, RELEASE_NEGATIVE_PROMPT)
         if true_cfg_scale <= 1.0:  # no negative branch: FluxPipeline then runs one pass per step
             embeds = {k: v for k, v in embeds.items() if not k.startswith("negative_")}
         size = self.default_size()

@@ -27,7 +27,6 @@ from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
 from faceclip_zoo.pipelines.faces import (  # noqa: F401 (re-exported)
     AlignMode, FaceInput, FaceInputMixin, auto_align, load_face, to_pil,
 )
-from faceclip_zoo.utils import UserError
 
 # The release's inference settings (DESIGN.md 2.4).
 RELEASE_DEFAULTS = dict(num_inference_steps=50, guidance_scale=5.0, height=1152, width=864)
@@ -95,15 +94,7 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, DiffusionPipeline):
         crops kept), always, or never (see auto_align). height/width default to the UNet's sample size times
         the VAE factor (the release used 1152 x 864). Other keyword arguments go to
         StableDiffusionXLPipeline (latents, callback_on_step_end, original_size, ...)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        else:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
-        faces = None if face_image is None else self.prepare_faces(face_image, align)
-        embeds = self.encode(prompts, negatives, faces, self._execution_device)
+        embeds = self.embed_request(prompt, face_image, negative_prompt, align)
         return self.sdxl_pipeline()(
             **embeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             height=height, width=width, num_images_per_prompt=num_images_per_prompt,

@@ -2,8 +2,9 @@
 
 from faceclip_zoo.tasks.callbacks import ExportOnFitEnd, IdentityTSNE
 from faceclip_zoo.tasks.encoder import FaceCLIPEncoderModule
+from faceclip_zoo.tasks.facet5_encoder import FaceT5EncoderModule
 
-__all__ = ["ExportOnFitEnd", "FaceCLIPEncoderModule", "FluxJointModule", "IdentityTSNE", "SDXLJointModule"]
+__all__ = ["ExportOnFitEnd", "FaceCLIPEncoderModule", "FaceT5EncoderModule", "FluxJointModule", "IdentityTSNE", "SDXLJointModule"]
 
 
 def __getattr__(name: str):

@@ -115,13 +115,12 @@ class FaceCLIPEncoderModule(L.LightningModule):
         self.loss_names = [t for t in LOSS_TERMS if t in losses]
         self.optimizer_factory = optimizer
 
-        self.encoder_config = FaceCLIPConfig.from_name(encoder, **(encoder_overrides or {}))
-        self.encoder = FaceCLIPEncoder(self.encoder_config)
+        self.encoder_config, self.encoder = self.build_encoder(encoder, encoder_overrides or {})
         self.clip_config = CLIPConfig.from_name(clip, **(clip_overrides or {}))
         self.clip = build_clip(self.clip_config)
         self.identity_model = None  # built in setup when an external model is named
 
-        w, seq = self.encoder_config.width, self.encoder_config.text.context_length
+        w, seq = self.encoder_config.width, self.sequence_length()
         head_in = w * seq if head_pool == "flatten" else w
         self.text_head = nn.Linear(head_in, self.clip_config.embed_dim)
         self.identity_head = nn.Linear(head_in, self.encoder_config.face.id_dim)
@@ -131,6 +130,32 @@ class FaceCLIPEncoderModule(L.LightningModule):
         self._val_store: dict[str, list] = {}
         self.last_val_embeddings: tuple[torch.Tensor, list[str]] | None = None
         self.skipped_samples = 0
+
+    # ------------------------------------------------------------------ the encoder family
+    MODEL_TYPE = "faceclip"
+
+    def build_encoder(self, name: str, overrides: dict[str, Any]):
+        cfg = FaceCLIPConfig.from_name(name, **overrides)
+        return cfg, FaceCLIPEncoder(cfg)
+
+    def sequence_length(self) -> int:
+        return self.encoder_config.text.context_length
+
+    def load_text_weights(self) -> None:
+        """The branch's text tower from `text_weights` or the CLIP weights' own text tower."""
+        src = self.hparams.text_weights or self.hparams.clip_weights
+        if src:
+            state = text_tower_state(load_weights_file(src, "text tower weights"))
+            load_strict(_TextTowerView(self.encoder), state, f"text tower weights {src}")
+
+    @property
+    def clip_tokenizer(self):
+        """The tokenizer of the frozen CLIP text tower (the target e_{t_cls})."""
+        if getattr(self, "_clip_tokenizer", None) is None:
+            from faceclip_zoo.models.clip import build_tokenizer
+
+            self._clip_tokenizer = build_tokenizer(self.clip_config.text)
+        return self._clip_tokenizer
 
     # ------------------------------------------------------------------ setup
     def _freeze(self) -> None:
@@ -151,15 +176,12 @@ class FaceCLIPEncoderModule(L.LightningModule):
         if hp.clip_weights:
             _load_into(self.clip, hp.clip_weights, "CLIP weights", expect_type="clip")
         if hp.init_encoder:
-            _load_into(self.encoder, hp.init_encoder, "initial encoder", expect_type="faceclip")
+            _load_into(self.encoder, hp.init_encoder, "initial encoder", expect_type=self.MODEL_TYPE)
         else:
             if hp.face_encoder_weights:
                 _load_into(self.encoder.face_encoder, hp.face_encoder_weights,
                            "face encoder weights", expect_type="face_vit")
-            text_src = hp.text_weights or hp.clip_weights
-            if text_src:
-                state = text_tower_state(load_weights_file(text_src, "text tower weights"))
-                load_strict(_TextTowerView(self.encoder), state, f"text tower weights {text_src}")
+            self.load_text_weights()
         if hp.identity_model:
             kind, _, path = hp.identity_model.partition(":")
             if kind != "onnx" or not path:
@@ -195,7 +217,7 @@ class FaceCLIPEncoderModule(L.LightningModule):
         if "clip_image" in names:
             out["clip_image"] = self.clip.encode_image(clip_normalize(batch["image"].to(self.device)))
         if "clip_text" in names:
-            out["clip_text"] = self.clip.encode_text(self.encoder.tokenizer(batch["caption"]).to(self.device))
+            out["clip_text"] = self.clip.encode_text(self.clip_tokenizer(batch["caption"]).to(self.device))
         if "arcface" in names:
             model = self.identity_model or FaceViTIdentity(self.encoder.face_encoder)
             out["arcface"] = model(batch["face"].to(self.device))
@@ -293,7 +315,7 @@ class FaceCLIPEncoderModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What `export` needs to rebuild the branch from the checkpoint alone.
         checkpoint["faceclip_zoo"] = {
-            "exports": {"encoder": {"model_type": "faceclip", "prefix": "encoder.",
+            "exports": {"encoder": {"model_type": self.MODEL_TYPE, "prefix": "encoder.",
                                     "config": self.encoder_config.to_dict()}},
         }
 
