@@ -17,11 +17,14 @@ from faceclip_zoo.utils import UserError, load_strict, require_file, safe_torch_
 
 def find_run_config(ckpt: Path) -> Path | None:
     """LightningCLI saves the resolved config as config.yaml in the run's log dir; the
-    checkpoint usually sits in <log_dir>/checkpoints/."""
+    checkpoint sits in <log_dir>/checkpoints/ or <root>/checkpoints/."""
     for folder in (ckpt.parent, ckpt.parent.parent):
         if (folder / "config.yaml").exists():
             return folder / "config.yaml"
-    return None
+    # Production recipes keep checkpoints in <root>/checkpoints beside the logger's
+    # <root>/version_N folders (one per restart): the newest run's config.
+    versions = sorted(ckpt.parent.parent.glob("version_*/config.yaml"), key=lambda p: p.stat().st_mtime)
+    return versions[-1] if versions else None
 
 
 def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str | None = None,

@@ -72,28 +72,6 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path, caplog):
     assert any("skipped corrupt sample" in r.message and "broken" in r.message for r in caplog.records)
 
 
-def test_guided_mixing_rate(tmp_path):
-    (tmp_path / "main").mkdir()
-    (tmp_path / "guided").mkdir()
-    _write(tmp_path / "main" / "m.tar",
-           [make_sample(f"m{i}", _img((i, 0, 0)), "p", _img((0, 0, i)), identity="a") for i in range(20)])
-    _write(tmp_path / "guided" / "g.tar", [make_sample(f"g{i}", _img((0, i, 0)), "g") for i in range(20)])
-    torch.manual_seed(0)
-    import random
-    random.seed(0)
-    dm = ShardDataModule(train=str(tmp_path / "main"), guided=str(tmp_path / "guided"), guided_prob=0.25,
-                         image_size=8, face_size=8, num_workers=0, batch_size=50, shuffle_buffer=5)
-    it = iter(dm.train_dataloader())
-    batches = [next(it) for _ in range(8)]
-    keys = [k for b in batches for k in b["key"]]
-    has_face = torch.cat([b["has_face"] for b in batches])
-    guided = torch.tensor([k.startswith("g") for k in keys])
-    assert torch.equal(~has_face, guided)  # every guided pair, and only those, lack a face
-    assert 0.18 < guided.float().mean().item() < 0.32
-    faces = torch.cat([b["face"] for b in batches])
-    assert faces[guided].abs().sum() == 0
-
-
 def test_collate_uses_identity_cache_only_when_every_face_row_has_it():
     def s(has_face, feat):
         out = {"image": torch.zeros(3, 2, 2), "face": torch.zeros(3, 2, 2), "has_face": has_face,

@@ -109,7 +109,7 @@ def test_flux_finetune_recipe_builds_on_meta_and_fsdp_wraps_every_block(tmp_path
 
     from faceclip_zoo.config import CLIP_TEXT_CONFIGS, FaceT5Config
     from faceclip_zoo.models.io import write_model_dir
-    from faceclip_zoo.tasks.strategies import FluxFSDPStrategy, encoder_block_classes, flux_block_classes
+    from faceclip_zoo.tasks.strategies import ZooFSDPStrategy, encoder_block_classes, flux_block_classes
 
     enc = write_model_dir(tmp_path / "facet5", "facet5", FaceT5Config.from_name("facet5-xxl"), {})
     clip = tmp_path / "clip-l-text"
@@ -120,7 +120,7 @@ def test_flux_finetune_recipe_builds_on_meta_and_fsdp_wraps_every_block(tmp_path
                 "--model.init_args.t5_tokenizer", "null", "--model.init_args.clip_tokenizer", "null")
     cfg = cli.config
     assert cfg.trainer.precision == "bf16-mixed"
-    assert cfg.trainer.strategy.class_path.endswith("FluxFSDPStrategy")
+    assert cfg.trainer.strategy.class_path.endswith("ZooFSDPStrategy")
     assert cfg.trainer.strategy.init_args.sharding_strategy == "FULL_SHARD"
     assert cfg.model.init_args.optimizer.init_args.lr == 2e-5 and cfg.model.init_args.condition_dropout == 0.1
     with torch.device("meta"):
@@ -129,7 +129,7 @@ def test_flux_finetune_recipe_builds_on_meta_and_fsdp_wraps_every_block(tmp_path
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.transformer.parameters()) == 11_901_408_320
     assert model.condition.embed_dim == 4096 and model.condition.pooled_dim == 768
-    strategy = FluxFSDPStrategy(**cfg.trainer.strategy.init_args)
+    strategy = ZooFSDPStrategy(**cfg.trainer.strategy.init_args)
     policy = strategy.kwargs["auto_wrap_policy"]
     wrapped = policy._run_policy(model, ignored_modules=set(), root_kwargs={})
     blocks = [m for m in model.modules() if isinstance(m, tuple(flux_block_classes()))]
@@ -162,3 +162,68 @@ def test_facet5_pretrain_recipe_builds_full_size_on_meta():
     assert model.text_head.in_features == 4096  # mean pooling
     trainable = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
     assert 1.0e9 < trainable < 1.2e9
+
+
+def _production_model_on_meta(recipe: Path, tmp_path: Path):
+    """A production recipe's model at full size on the meta device (config-only model
+    directories stand in for converted weights)."""
+    import json
+
+    from faceclip_zoo.config import CLIP_TEXT_CONFIGS, FaceCLIPConfig, FaceT5Config
+    from faceclip_zoo.models.io import write_model_dir
+
+    extra: list[str] = []
+    name = recipe.parent.name
+    if name == "faceclip-sdxl":
+        for branch, cfg in (("l", "faceclip-l14"), ("g", "faceclip-bigg14")):
+            d = write_model_dir(tmp_path / cfg, "faceclip", FaceCLIPConfig.from_name(cfg), {})
+            extra += [f"--model.init_args.encoder_{branch}", str(d)]
+    elif name == "facet5-flux":
+        enc = write_model_dir(tmp_path / "facet5", "facet5", FaceT5Config.from_name("facet5-xxl"), {})
+        clip = tmp_path / "clip-l-text"
+        clip.mkdir()
+        (clip / "config.json").write_text(json.dumps(CLIP_TEXT_CONFIGS["clip-l-text"]))
+        extra += ["--model.init_args.encoder", str(enc), "--model.init_args.clip_text", str(clip),
+                  "--model.init_args.clip_tokenizer", "null", "--model.init_args.t5_tokenizer", "null"]
+    elif name == "facet5-xxl":
+        extra += ["--model.init_args.t5_tokenizer", "null"]
+    cli = parse(recipe, *extra)
+    with torch.device("meta"):
+        return cli.config, cli.parser.instantiate_classes(cli.config).model
+
+
+@pytest.mark.parametrize("recipe", PRODUCTION, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_production_recipe_shards_under_fsdp_on_meta(recipe, tmp_path):
+    """Every production recipe, whatever strategy it names, also trains under
+    ZooFSDPStrategy: every block of its models is an FSDP unit, trained blocks are
+    activation-checkpointed, and the units hold nearly all parameters."""
+    from faceclip_zoo.tasks.strategies import ZooFSDPStrategy, all_block_classes, trained_block_classes
+
+    _, model = _production_model_on_meta(recipe, tmp_path)
+    strategy = ZooFSDPStrategy(sharding_strategy="HYBRID_SHARD")
+    wrapped = strategy.kwargs["auto_wrap_policy"]._run_policy(model, ignored_modules=set(), root_kwargs={})
+    blocks = [m for m in model.modules() if isinstance(m, tuple(all_block_classes()))]
+    assert len(blocks) > 20 and all(b in wrapped for b in blocks)
+    covered = {id(p) for m in wrapped for p in m.parameters()}
+    total = list(model.parameters())
+    share = sum(p.numel() for p in total if id(p) in covered) / sum(p.numel() for p in total)
+    assert share > 0.85, f"only {share:.1%} of parameters in FSDP units"
+    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._run_policy(
+        model, ignored_modules=set(), root_kwargs={})
+    trained = [m for m in model.modules() if isinstance(m, tuple(trained_block_classes()))
+               and any(p.requires_grad for p in m.parameters())]
+    assert trained and all(b in checkpointed for b in trained)
+
+
+@pytest.mark.parametrize("recipe", PRODUCTION, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_production_recipe_is_resumable(recipe):
+    """Checkpoints in a fixed folder (found again by `--ckpt_path last` after a restart),
+    two kept, and the last-good fallback."""
+    cfg = parse(recipe).config if recipe.parent.name not in ("facet5-xxl",) else parse(
+        recipe, "--model.init_args.t5_tokenizer", "null").config
+    ckpt = [c for c in cfg.trainer.callbacks if c.class_path.endswith("ModelCheckpoint")]
+    assert len(ckpt) == 1
+    args = ckpt[0].init_args
+    assert args.dirpath == f"{cfg.trainer.default_root_dir}/checkpoints" and args.save_last
+    assert args.save_top_k >= 2 and args.monitor == "step" and args.mode == "max" and args.every_n_train_steps
+    assert [p.class_path for p in cfg.trainer.plugins] == ["faceclip_zoo.tasks.LastGoodCheckpointIO"]

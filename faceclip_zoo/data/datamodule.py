@@ -1,15 +1,16 @@
 """ShardDataModule: streams SPSV tuples from WebDataset shards.
 
-Training streams resample shards with replacement per rank and worker (WebDataset's
-ResampledShards), so every rank always has data and multi-node runs never wait on an
-uneven split; run length is set by the trainer's max_steps. Validation reads each shard
-once per rank (split across workers), so every rank computes the same metrics without
-collectives. Guided image-text pairs are mixed in with
-probability `guided_prob`, their face input zeroed (paper Sec. 3.5).
+Training reads epochs planned over the shards (faceclip_zoo/data/stream.py): every rank
+and worker gets an equal share of each epoch whatever the shard sizes, so multi-node runs
+never wait on an uneven split, and the position within the epoch is saved in checkpoints
+(`state_dict`) so `fit --ckpt_path` resumes without repeating or skipping a sample.
+Guided image-text pairs are mixed in at the share `guided_prob`, their face input zeroed
+(paper Sec. 3.5). Validation reads each shard once per rank (split across workers), so
+every rank computes the same metrics without collectives.
 
-Corrupt samples are skipped, logged with their key and shard, and counted: the count
-travels inside the batch (`batch["skipped"]`) so the training process knows the exact
-total even when decoding happens in worker processes.
+Corrupt samples are logged with their key and shard, and counted: the count travels
+inside the batch (`batch["skipped"]`) so the training process knows the exact total even
+when decoding happens in worker processes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import random
 from functools import partial
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -25,9 +25,11 @@ import lightning as L
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from faceclip_zoo.data.schema import CACHED_FEATURES, CorruptSample, decode_sample, strip_face
+from faceclip_zoo.data.schema import CACHED_FEATURES, CorruptSample, decode_sample
+from faceclip_zoo.data.stream import StreamSpec, count_samples, planned_loader
 from faceclip_zoo.utils import UserError
 
 log = logging.getLogger(__name__)
@@ -64,25 +66,6 @@ def resolve_shards(spec: str | Sequence[str] | None, what: str) -> list[str]:
     return urls
 
 
-def _worker_seed(seed: int) -> int:
-    rank, _, worker, _ = wds.utils.pytorch_worker_info()
-    return seed * 1_000_003 + rank * 1009 + worker
-
-
-def _shuffled(src: Iterable, bufsize: int, seed: int) -> Iterator:
-    """Buffer shuffle with a per-rank, per-worker seed (reproducible, unlike a time seed)."""
-    rng = random.Random(_worker_seed(seed))
-    buf: list = []
-    for item in src:
-        buf.append(item)
-        if len(buf) >= bufsize:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
-
-
 def _decoded(src: Iterable[dict], image_size: int, face_size: int,
              buckets: list[tuple[int, int]] | None = None) -> Iterator[dict]:
     global _tar_errors
@@ -99,23 +82,6 @@ def _decoded(src: Iterable[dict], image_size: int, face_size: int,
         sample["skipped"] = skipped
         skipped = 0
         yield sample
-
-
-def _guided(src: Iterable[dict]) -> Iterator[dict]:
-    for sample in src:
-        yield strip_face(sample)
-
-
-def _bucket_batches(src: Iterable[dict], batch_size: int) -> Iterator[dict]:
-    """Aspect-ratio buckets: samples wait in their bucket until it holds a full batch, so
-    every batch has one image shape."""
-    waiting: dict[tuple, list[dict]] = {}
-    for sample in src:
-        group = waiting.setdefault(tuple(sample["image"].shape), [])
-        group.append(sample)
-        if len(group) == batch_size:
-            yield collate(group)
-            group.clear()
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -175,24 +141,69 @@ class ShardDataModule(L.LightningDataModule):
         self.buckets = [tuple(int(v) for v in b) for b in buckets] if buckets else None
         if self.buckets and any(len(b) != 2 or min(b) <= 0 for b in self.buckets):
             raise UserError(f"buckets must be [height, width] pairs of positive sizes, got {buckets}")
+        self._spec: StreamSpec | None = None
+        self._resume: dict | None = None
+        self._epochs_iterated = 0
 
-    # ------------------------------------------------------------------ pipelines
-    def _train_stream(self, spec, what: str, seed: int) -> wds.DataPipeline:
-        urls = resolve_shards(spec, what)
-        return wds.DataPipeline(
-            wds.ResampledShards(urls, seed=seed, deterministic=True),
-            wds.tarfile_to_samples(handler=_count_tar_error),
-            partial(_shuffled, bufsize=self.shuffle_buffer, seed=seed),
-            partial(_decoded, image_size=self.image_size, face_size=self.face_size,
-                    buckets=self.buckets),
-        )
+    # ------------------------------------------------------------------ training stream
+    def _sizes(self, spec, what: str) -> list[tuple[str, int]]:
+        return [(url, count_samples(url)) for url in resolve_shards(spec, what)]
 
-    def train_dataset(self):
-        main = self._train_stream(self.train_spec, "training", self.seed)
-        if self.guided_prob <= 0:
-            return main
-        guided = wds.DataPipeline(self._train_stream(self.guided_spec, "guided", self.seed + 1), _guided)
-        return wds.RandomMix([main, guided], probs=[1 - self.guided_prob, self.guided_prob])
+    def stream_spec(self) -> StreamSpec:
+        """The training stream's plan inputs for this process's rank."""
+        trainer = self._trainer_or_none()
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        guided = self._sizes(self.guided_spec, "guided") if self.guided_prob > 0 else None
+        return StreamSpec(
+            sizes=self._sizes(self.train_spec, "training"), guided_sizes=guided,
+            guided_prob=self.guided_prob, batch_size=self.batch_size, image_size=self.image_size,
+            face_size=self.face_size, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+            rank=rank, world_size=world, num_workers=self.num_workers, buckets=self.buckets)
+
+    def _trainer_or_none(self):
+        return getattr(self, "trainer", None)
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches of it already consumed) for the loader's next iter()."""
+        trainer = self._trainer_or_none()
+        if trainer is None:  # iterated by hand: every iter() is the next epoch
+            self._epochs_iterated += 1
+            return self._epochs_iterated - 1, 0
+        epoch, consumed = trainer.current_epoch, 0
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] == epoch:
+            consumed = resume["batches"]
+            now = self._plan_signature()
+            if resume.get("plan") != now:
+                # Another world size / workers / batch: the old position maps to the same
+                # fraction of the new epoch, not to the same samples.
+                old_len = max(1, resume.get("plan", {}).get("batches_per_rank", 1))
+                consumed = round(consumed / old_len * now["batches_per_rank"])
+                rank_zero_warn(f"resuming with another data plan ({resume.get('plan')} -> {now}): the "
+                               "epoch continues at the same fraction, not at the exact sample")
+            if consumed >= now["batches_per_rank"]:
+                # Saved at the epoch's end: Lightning goes on with the next epoch, and so
+                # does the stream (Lightning calls iter() before advancing its epoch count).
+                return epoch + 1, 0
+            log.info("resuming epoch %d of the training stream after %d batches", epoch, consumed)
+        return epoch, consumed
+
+    def _plan_signature(self) -> dict:
+        spec = self._spec
+        return {"world_size": spec.world_size, "num_workers": spec.num_workers, "batch_size": spec.batch_size,
+                "seed": spec.seed, "samples": sum(n for _, n in spec.sizes),
+                "batches_per_rank": spec.batches_per_rank()}
+
+    def state_dict(self) -> dict:
+        """The training stream's position, saved in every checkpoint Lightning writes."""
+        trainer = self._trainer_or_none()
+        if trainer is None or self._spec is None or trainer.state.fn != "fit":
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches": progress.processed, "plan": self._plan_signature()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state or None
 
     def val_dataset(self):
         # Every rank validates on the whole (small) held-out set: identical metrics on all
@@ -209,17 +220,8 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_spec is None:
             raise UserError("no training shards configured (data.train)")
-        if self.buckets:
-            batches = wds.DataPipeline(self.train_dataset(),
-                                       partial(_bucket_batches, batch_size=self.batch_size))
-            return DataLoader(batches, batch_size=None, num_workers=self.num_workers,
-                              persistent_workers=self.num_workers > 0,
-                              pin_memory=torch.cuda.is_available())
-        return DataLoader(
-            self.train_dataset(), batch_size=self.batch_size, collate_fn=collate,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        self._spec = self.stream_spec()
+        return planned_loader(self._spec, collate, self._position)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_spec is None:

@@ -3,8 +3,10 @@
 from faceclip_zoo.tasks.callbacks import ExportOnFitEnd, IdentityTSNE
 from faceclip_zoo.tasks.encoder import FaceCLIPEncoderModule
 from faceclip_zoo.tasks.facet5_encoder import FaceT5EncoderModule
+from faceclip_zoo.tasks.resilience import LastGoodCheckpointIO, NonFiniteLoss
 
-__all__ = ["ExportOnFitEnd", "FaceCLIPEncoderModule", "FaceT5EncoderModule", "FluxJointModule", "IdentityTSNE", "SDXLJointModule"]
+__all__ = ["ExportOnFitEnd", "FaceCLIPEncoderModule", "FaceT5EncoderModule", "FluxJointModule", "IdentityTSNE",
+           "LastGoodCheckpointIO", "NonFiniteLoss", "SDXLJointModule"]
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ from diffusers.training_utils import EMAModel
 from faceclip_zoo.models.convert_diffusion import load_diffusers_weights
 from faceclip_zoo.models.io import read_config
 from faceclip_zoo.tasks.optim import configure as configure_optimization
+from faceclip_zoo.tasks.resilience import ResilientTask
 from faceclip_zoo.utils import UserError
 
 
@@ -39,7 +40,7 @@ def resolve_model_spec(spec: str, config_cls, model_type: str):
                         "quickstart / export, or `convert` the release) nor a named config") from None
 
 
-class JointDiffusionModule(L.LightningModule):
+class JointDiffusionModule(ResilientTask, L.LightningModule):
     DENOISER = "unet"
     # Frozen-model outputs that `python -m faceclip_zoo cache` can store in the shards.
     CACHEABLE = ("vae_latents", "prompt_embeds", "pooled_prompt_embeds")
@@ -164,7 +165,8 @@ class JointDiffusionModule(L.LightningModule):
         raise NotImplementedError
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch)
+        loss = self.diffusion_loss(batch, generator=self.training_generator())
+        self.check_finite(loss, batch, batch_idx)
         bs = len(batch["caption"])
         self.skipped_samples += int(batch.get("skipped", 0))
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -214,6 +216,7 @@ class JointDiffusionModule(L.LightningModule):
         raise NotImplementedError
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["faceclip_zoo"] = {"exports": {"pipeline": self.export_spec()}}
         if self.ema is not None:
             # Named, so export can swap them in without knowing parameter order.
@@ -224,6 +227,7 @@ class JointDiffusionModule(L.LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         ema = checkpoint.get("faceclip_zoo", {}).get("ema")
         if ema is None:
             return

@@ -27,6 +27,7 @@ from faceclip_zoo.models.face_vit import FaceViTIdentity, OnnxArcFace
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.io import read_config
 from faceclip_zoo.tasks.losses import ContrastiveTerm, LossKind
+from faceclip_zoo.tasks.resilience import ResilientTask
 from faceclip_zoo.tasks.optim import configure as configure_optimization, default_optimizer
 from faceclip_zoo.utils import UserError, load_strict, load_weights_file
 
@@ -63,7 +64,13 @@ class _TextTowerView(nn.Module):
         self.text_projection = encoder.text_projection
 
 
-class FaceCLIPEncoderModule(L.LightningModule):
+def _slice_batch(batch: dict, rows: slice) -> dict:
+    """Rows of a collated batch (tensors and lists; scalars such as `skipped` kept)."""
+    return {k: v[rows] if isinstance(v, (torch.Tensor, list)) and len(v) == len(batch["caption"]) else v
+            for k, v in batch.items()}
+
+
+class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
     """Pre-trains one FaceCLIP branch.
 
     Args:
@@ -85,6 +92,9 @@ class FaceCLIPEncoderModule(L.LightningModule):
         unfreeze_text_layers: also train the last N text-tower blocks.
         warmup_steps, lr_schedule: linear warm-up, then constant or cosine to zero.
         val_prompt: the fixed prompt of the identity-retrieval metric.
+        micro_batch_size: compute each training batch in micro-batches of this size, all
+            of the batch's features serving as negatives (gradient caching): the gradient
+            of the whole batch at the memory of one micro-batch. None = in one go.
     """
 
     def __init__(
@@ -106,6 +116,7 @@ class FaceCLIPEncoderModule(L.LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         val_prompt: str = "a photo of a person",
+        micro_batch_size: Optional[int] = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -236,26 +247,87 @@ class FaceCLIPEncoderModule(L.LightningModule):
         computed = self.frozen_features(batch, missing) if missing else {}
         return {loss: v if v is not None else computed[self._TARGET_FEATURE[loss]] for loss, v in out.items()}
 
-    def compute_losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], Any]:
+    def head_features(self, batch: dict) -> tuple[dict[str, torch.Tensor], Any]:
+        """The trainable path: joint embedding -> the heads the enabled losses use."""
         out = self.joint(batch)
         pooled = self._pool(out.embeds)
-        e_ct = self.text_head(pooled) if {"image", "text"} & set(self.loss_names) else None
-        tgt = self.targets(batch, own_identity=out.identity)
-        local = not self.training  # validation batches are not contrasted across ranks
+        feats = {}
+        if {"image", "text"} & set(self.loss_names):
+            feats["e_ct"] = self.text_head(pooled)
+        if "identity" in self.loss_names:
+            feats["e_id"] = self.identity_head(pooled)
+        return feats, out
+
+    def losses_from(self, feats: dict, tgt: dict, has_face: torch.Tensor, local: bool) -> dict[str, torch.Tensor]:
         losses = {}
         if "image" in self.loss_names:
-            losses["image"] = self.loss_terms["image"](e_ct, tgt["image"], local=local)
+            losses["image"] = self.loss_terms["image"](feats["e_ct"], tgt["image"], local=local)
         if "identity" in self.loss_names:
-            losses["identity"] = self.loss_terms["identity"](
-                self.identity_head(pooled), tgt["identity"], mask=batch["has_face"], local=local)
+            losses["identity"] = self.loss_terms["identity"](feats["e_id"], tgt["identity"], mask=has_face,
+                                                             local=local)
         if "text" in self.loss_names:
-            losses["text"] = self.loss_terms["text"](e_ct, tgt["text"], local=local)
-        return losses, (out, e_ct, tgt)
+            losses["text"] = self.loss_terms["text"](feats["e_ct"], tgt["text"], local=local)
+        return losses
+
+    def compute_losses(self, batch: dict) -> tuple[dict[str, torch.Tensor], Any]:
+        feats, out = self.head_features(batch)
+        tgt = self.targets(batch, own_identity=out.identity)
+        local = not self.training  # validation batches are not contrasted across ranks
+        losses = self.losses_from(feats, tgt, batch["has_face"], local=local)
+        return losses, (out, feats.get("e_ct"), tgt)
+
+    def cached_negative_losses(self, batch: dict, micro: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The losses of the whole batch computed micro-batch by micro-batch, every
+        micro-batch's features serving as negatives of all others (gradient caching).
+
+        open_clip does this with one backward per micro-batch (accum_freq); Lightning's
+        automatic optimisation runs one backward per step, so this is written here:
+        (1) features of all micro-batches without a graph; (2) the loss over them (gathered
+        across ranks as usual) and its gradient G with respect to the features; (3) per
+        micro-batch, features recomputed under activation checkpointing and the surrogate
+        sum(f * G), whose gradient is the micro-batch's share of the full gradient. The
+        returned total has the value of the loss and, in backward, the exact gradient of a
+        single large batch, holding one micro-batch's activations at a time."""
+        from torch.utils.checkpoint import checkpoint
+
+        chunks = [slice(i, i + micro) for i in range(0, len(batch["caption"]), micro)]
+        parts = [_slice_batch(batch, c) for c in chunks]
+        feats: dict[str, list] = {}
+        tgts: dict[str, list] = {}
+        with torch.no_grad():
+            for part in parts:
+                f, out = self.head_features(part)
+                for k, v in f.items():
+                    feats.setdefault(k, []).append(v)
+                for k, v in self.targets(part, own_identity=out.identity).items():
+                    tgts.setdefault(k, []).append(v)
+        leaves = {k: torch.cat(v).detach().requires_grad_() for k, v in feats.items()}
+        tgt = {k: torch.cat(v) for k, v in tgts.items()}
+        losses = self.losses_from(leaves, tgt, batch["has_face"], local=False)
+        total = sum(losses.values())
+        names = list(leaves)
+        # retain_graph: Lightning's backward of `total` runs this graph again, for the
+        # gradient of the temperatures (and nothing else: the leaves are detached).
+        grads = dict(zip(names, torch.autograd.grad(total, [leaves[k] for k in names], retain_graph=True)))
+        surrogate = total.new_zeros(())
+        for c, part in zip(chunks, parts):
+            f = checkpoint(lambda p: self.head_features(p)[0], part, use_reentrant=False)
+            surrogate = surrogate + sum((f[k].float() * grads[k][c]).sum() for k in names)
+        return losses, total + (surrogate - surrogate.detach())
+
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        micro = self.hparams.micro_batch_size
+        if micro and micro < len(batch["caption"]):
+            losses, total = self.cached_negative_losses(batch, micro)
+        else:
+            losses, _ = self.compute_losses(batch)
+            total = sum(losses.values())
+        return total, losses
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses, _ = self.compute_losses(batch)
-        loss = sum(losses.values())
+        loss, losses = self.training_loss(batch)
+        self.check_finite(loss, batch, batch_idx)
         bs = len(batch["caption"])
         self.skipped_samples += int(batch.get("skipped", 0))
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -313,6 +385,7 @@ class FaceCLIPEncoderModule(L.LightningModule):
 
     # ------------------------------------------------------------------ export
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         # What `export` needs to rebuild the branch from the checkpoint alone.
         checkpoint["faceclip_zoo"] = {
             "exports": {"encoder": {"model_type": self.MODEL_TYPE, "prefix": "encoder.",

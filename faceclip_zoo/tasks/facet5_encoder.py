@@ -57,6 +57,7 @@ class FaceT5EncoderModule(FaceCLIPEncoderModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "cosine"] = "cosine",
         val_prompt: str = "a photo of a person",
+        micro_batch_size: Optional[int] = None,
     ):
         self._t5_tokenizer = t5_tokenizer
         super().__init__(
@@ -65,6 +66,7 @@ class FaceT5EncoderModule(FaceCLIPEncoderModule):
             init_encoder=init_encoder, identity_model=identity_model, losses=losses, loss_kind=loss_kind,
             head_pool=head_pool, unfreeze_text_layers=unfreeze_text_layers, optimizer=optimizer,
             warmup_steps=warmup_steps, lr_schedule=lr_schedule, val_prompt=val_prompt,
+            micro_batch_size=micro_batch_size,
         )
 
     def build_encoder(self, name: str, overrides: dict[str, Any]):

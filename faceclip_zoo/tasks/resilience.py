@@ -1,0 +1,123 @@
+"""Recovery pieces every task shares: per-rank training randomness saved in checkpoints,
+a stop on non-finite losses, and a fallback when the last checkpoint is unreadable.
+
+Lightning already restores weights, optimizer, LR scheduler and loop progress from a
+checkpoint, and writes checkpoint files atomically (a temporary file moved into place by
+fsspec's transaction). It does not save random-generator states, so training-time
+randomness (diffusion noise, timesteps, condition dropout) is drawn from a generator of
+each rank's own, which is saved here. The data position is the DataModule's state
+(faceclip_zoo/data/stream.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+
+from faceclip_zoo.utils import UserError
+
+log = logging.getLogger(__name__)
+
+_RNG_KEY = "faceclip_zoo_training_rng"
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class ResilientTask:
+    """Mixin for LightningModules (listed before L.LightningModule)."""
+
+    _train_generator: Optional[torch.Generator] = None
+    _pending_rng: Optional[torch.Tensor] = None
+
+    def training_generator(self) -> torch.Generator:
+        """This rank's generator for training-time randomness: seeded from the run's seed
+        (seed_everything) and the rank, so ranks draw different noise, and restored on
+        resume so the resumed run draws what the uninterrupted one would have."""
+        g = self._train_generator
+        if g is None or g.device != self.device:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(torch.initial_seed() + 104_729 * self.global_rank)
+            if self._pending_rng is not None:
+                g.set_state(self._pending_rng)
+                self._pending_rng = None
+            self._train_generator = g
+        return g
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = None if self._train_generator is None else self._train_generator.get_state()
+        states = [state]
+        if dist.is_available() and dist.is_initialized():
+            # Every rank runs dump_checkpoint; rank 0 writes the file, holding all ranks' states.
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+        checkpoint[_RNG_KEY] = states
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        states = checkpoint.get(_RNG_KEY)
+        if not states:
+            return
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if len(states) != world:
+            rank_zero_warn(f"checkpoint holds training randomness of {len(states)} ranks, this run has {world}: "
+                           "fresh generators are used (the run continues, but not as the original would have)")
+            return
+        self._pending_rng = states[self.global_rank]
+        self._train_generator = None
+
+    def check_finite(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> None:
+        """Stops the run when any rank's loss is not finite (all ranks agree, so none waits
+        in a collective), naming the step and the samples of the batch."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            keys = batch.get("key", [])
+            shown = ", ".join(map(str, keys[:8])) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+            raise NonFiniteLoss(
+                f"non-finite training loss in training step {self.global_step + 1} (epoch {self.current_epoch}, "
+                f"batch {batch_idx}) on {'this rank' if not torch.isfinite(loss.detach()).all() else 'another rank'}; "
+                f"batch keys: {shown or 'unknown'}. Nothing was written for this step: the last checkpoint is "
+                f"the last good one (step {self.global_step} or before). Lower the learning rate or check "
+                "these samples, then resume with `fit --ckpt_path last`.")
+
+
+class LastGoodCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, except that an unreadable `last*.ckpt` (a disk that
+    filled up, a copy cut short) falls back to the newest readable checkpoint beside it,
+    with a warning. Any other unreadable checkpoint is an error naming the file."""
+
+    def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # torch.load raises many types on a truncated/corrupt file
+            first_error = exc
+        path = Path(path)
+        if not path.name.startswith("last"):
+            raise UserError(f"checkpoint {path} is unreadable ({first_error}); pass another with --ckpt_path")
+        candidates = sorted((p for p in path.parent.glob("*.ckpt") if p != path),
+                            key=lambda p: p.stat().st_mtime, reverse=True)
+        for candidate in candidates:
+            try:
+                checkpoint = super().load_checkpoint(candidate, map_location=map_location, weights_only=weights_only)
+            except Exception:  # noqa: BLE001 (same reason)
+                log.warning("checkpoint %s is unreadable too", candidate)
+                continue
+            rank_zero_warn(f"last checkpoint {path} is unreadable ({type(first_error).__name__}: {first_error}); "
+                           f"resuming from the newest readable one instead: {candidate}")
+            return checkpoint
+        raise UserError(f"last checkpoint {path} is unreadable ({first_error}) and no other checkpoint in "
+                        f"{path.parent} is readable; start without --ckpt_path")
