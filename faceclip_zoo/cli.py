@@ -5,6 +5,7 @@
     python -m faceclip_zoo prepare --input photos/ --out data/my-shards
     python -m faceclip_zoo cache --recipe recipes/quickstart/faceclip.yaml
     python -m faceclip_zoo generate --pipeline checkpoints/my-sdxl --face me.png --prompt "..."
+    python -m faceclip_zoo evaluate --pipeline checkpoints/my-sdxl --benchmark bench.yaml --out runs/eval
 """
 
 from __future__ import annotations
@@ -73,9 +74,24 @@ def _generate(argv: list[str]) -> int:
     return generate_main(argv)
 
 
+def _evaluate(argv: list[str]) -> int:
+    from faceclip_zoo.evaluation.run import main as evaluate_main
+
+    return evaluate_main(argv)
+
+
+def _ablation(argv: list[str]) -> int:
+    from faceclip_zoo.evaluation.ablation import main as ablation_main
+
+    return ablation_main(argv)
+
+
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "export": (_export, "fit checkpoint -> model directory (encoder) or pipeline folder (SDXL)"),
     "generate": (_generate, "exported pipeline + face photo + prompt -> PNG"),
+    "evaluate": (_evaluate, "pipeline + benchmark spec -> Face Sim, CLIP-T, FID, contact sheets; "
+                            "encoder -> zero-shot, t-SNE"),
+    "ablation": (_ablation, "the paper's loss ablation (Table 3) and Fig. 2 in miniature, synthetic identities"),
     "prepare": (_prepare, "photos + captions -> aligned, filtered training shards"),
     "cache": (_cache, "fit recipe + shards -> frozen-model outputs stored in the shards"),
     "convert": (_convert, "official release weights -> faceclip_zoo model directories"),

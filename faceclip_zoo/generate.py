@@ -73,16 +73,9 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise UserError(f"--scheduler {args.scheduler!r} is not a diffusers scheduler class")
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    guidance = {}
-    if type(pipe).__name__ == "FaceT5FluxPipeline":
-        if args.guidance is not None:
-            guidance["true_cfg_scale"] = args.guidance
-        if args.distilled_guidance is not None:
-            guidance["guidance_scale"] = args.distilled_guidance
-    elif args.distilled_guidance is not None:
-        raise UserError("--distilled-guidance applies to FLUX pipelines only")
-    elif args.guidance is not None:
-        guidance["guidance_scale"] = args.guidance
+    from faceclip_zoo.evaluation.benchmark import guidance_kwargs
+
+    guidance = guidance_kwargs(pipe, args.guidance, args.distilled_guidance)
     images = pipe(
         args.prompt, face_image=args.face, negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps, height=args.height, width=args.width,

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from faceclip_zoo.cli import CLI_KWARGS
@@ -11,7 +12,8 @@ from faceclip_zoo.cli import CLI_KWARGS
 REPO = Path(__file__).resolve().parents[1]
 ALL_RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 PREPARE = [r for r in ALL_RECIPES if "prepare" in r.parts]  # options of `prepare`, not fit recipes
-RECIPES = [r for r in ALL_RECIPES if r not in PREPARE]
+ABLATION = [r for r in ALL_RECIPES if "ablation" in r.stem]  # drives `fit` on other recipes
+RECIPES = [r for r in ALL_RECIPES if r not in PREPARE and r not in ABLATION]
 PRODUCTION = [r for r in RECIPES if "quickstart" not in r.parts]
 ENCODER_PRODUCTION = [r for r in PRODUCTION if r.parent.name.startswith("faceclip-") and "sdxl" not in r.parent.name]
 
@@ -45,6 +47,25 @@ def test_prepare_recipe_parses(recipe):
     parser.add_function_arguments(prepare)
     cfg = parser.parse_args(["--config", str(recipe), "--input", "photos", "--out", "shards"])
     assert cfg.filters.multiple_faces in ("largest", "reject") and cfg.face_size == 448
+
+
+@pytest.mark.parametrize("recipe", ABLATION, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_ablation_config_and_the_recipes_it_writes_parse(recipe, tmp_path, monkeypatch):
+    from faceclip_zoo.evaluation.ablation import _recipe, load_config
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(recipe)
+    assert set(cfg["variants"]) == {"L1", "L2", "L3"}
+    for losses in cfg["variants"].values():
+        r = _recipe(cfg["encoder_recipe"], cfg["encoder_steps"], tmp_path / "run", tmp_path / "enc", {"losses": losses})
+        (tmp_path / "enc.yaml").write_text(yaml.safe_dump(r))
+        parsed = parse(tmp_path / "enc.yaml").config
+        assert parsed.model.init_args.losses == losses and parsed.trainer.max_steps == cfg["encoder_steps"]
+    r = _recipe(cfg["diffusion_recipe"], cfg["diffusion_steps"], tmp_path / "run", tmp_path / "pipe",
+                {"encoder_l": "x", "encoder_g": "x", "train_encoders": True})
+    (tmp_path / "diff.yaml").write_text(yaml.safe_dump(r))
+    parsed = parse(tmp_path / "diff.yaml").config
+    assert parsed.model.init_args.train_encoders and parsed.trainer.logger.init_args.save_dir == str(tmp_path / "run")
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))

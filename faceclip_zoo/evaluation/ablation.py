@@ -1,0 +1,281 @@
+"""The paper's loss ablation (Table 3) and Fig. 2, in miniature, on the synthetic identities.
+
+    python -m faceclip_zoo ablation --config recipes/quickstart/ablation.yaml
+
+For each loss set (L1 = [image], L2 = + identity, L3 = + text) it pre-trains the quickstart
+encoder, fine-tunes the quickstart's tiny SDXL stage on it, and evaluates:
+  - generated images (`evaluate` on a benchmark of held-out identities: each held-out
+    sample's reference face + caption): Face Sim with the synthetic face-ID ViT,
+    identity top-1 among the held-out identities, CLIP-T with the synthetic CLIP, FID on
+    the synthetic CLIP's image features against the real held-out scenes, and the
+    background colour the caption asks for (a text metric readable from pixels);
+  - the joint embedding itself: nearest-neighbour identity accuracy of held-out faces under
+    one prompt, and the pre-training's text retrieval (val/text_top1).
+A diffusion-only encoder (the same starting point, trained only through the SDXL loss,
+`train_encoders: true`) gives Fig. 2's contrast: t-SNE of its joint embeddings next to the
+pre-trained L3 encoder's. Every stage is skipped when its output exists, so an
+interrupted ablation continues where it stopped. Results: <out>/results.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from faceclip_zoo.utils import UserError
+
+log = logging.getLogger(__name__)
+
+PAPER_TABLE3 = {"L1": {"face_sim": 0.077, "clip_t": None}, "L2": {"face_sim": 0.869, "clip_t": 0.316},
+                "L3": {"face_sim": 0.869, "clip_t": 0.332}}
+DEFAULTS = {
+    "out": "runs/ablation",
+    "encoder_recipe": "recipes/quickstart/faceclip.yaml",
+    "diffusion_recipe": "recipes/quickstart/sdxl.yaml",
+    "encoder_steps": 200,
+    "diffusion_steps": 200,
+    "variants": {"L1": ["image"], "L2": ["image", "identity"], "L3": ["image", "identity", "text"]},
+    "diffusion_only": True,
+    "eval": {"samples_per_identity": 2, "steps": 20, "guidance": 5.0, "batch_size": 8},
+}
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"ablation config not found: {p}")
+    raw = (yaml.safe_load(p.read_text()) or {}).get("ablation")
+    if not isinstance(raw, dict):
+        raise UserError(f"{p} has no `ablation:` mapping")
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"{p}: unknown ablation key(s) {unknown}; known: {sorted(DEFAULTS)}")
+    cfg = {**copy.deepcopy(DEFAULTS), **raw}
+    cfg["eval"] = {**DEFAULTS["eval"], **(raw.get("eval") or {})}
+    for key in ("encoder_recipe", "diffusion_recipe"):
+        if not Path(cfg[key]).is_file():
+            raise UserError(f"{p}: {key} {cfg[key]} not found")
+    return cfg
+
+
+def _recipe(path: str, steps: int, run_dir: Path, export_dir: Path, model_args: dict) -> dict:
+    """A copy of a quickstart recipe with its step budget, its folders and some model args changed."""
+    recipe = yaml.safe_load(Path(path).read_text())
+    t = recipe["trainer"]
+    t.update(max_steps=steps, val_check_interval=steps, default_root_dir=str(run_dir), enable_progress_bar=False,
+             num_sanity_val_steps=0)
+    t["logger"]["init_args"].update(save_dir=str(run_dir), version=0)
+    for cb in t["callbacks"]:
+        if cb["class_path"].endswith("ExportOnFitEnd"):
+            cb["init_args"]["dirpath"] = str(export_dir)
+    recipe["model"]["init_args"].update(model_args)
+    return recipe
+
+
+def _fit(recipe: dict, where: Path) -> float:
+    """Run `fit` on a recipe (written beside its outputs); returns seconds."""
+    from faceclip_zoo.cli import main
+
+    run_dir = Path(recipe["trainer"]["default_root_dir"])
+    shutil.rmtree(run_dir, ignore_errors=True)  # a stage that did not finish starts again
+    where.parent.mkdir(parents=True, exist_ok=True)
+    where.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # LightningCLI warns when given args inside another command
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        code = main(["fit", "--config", str(where)])
+    if code != 0:
+        raise UserError(f"fit of {where} failed (see above)")
+    return time.perf_counter() - start
+
+
+def _last_metric(run_dir: Path, name: str) -> float | None:
+    files = sorted(run_dir.rglob("metrics.csv"))
+    if not files:
+        return None
+    values = [r[name] for r in csv.DictReader(open(files[-1])) if r.get(name)]
+    return float(values[-1]) if values else None
+
+
+def initial_encoder(recipe_path: str, out: Path) -> Path:
+    """The encoder pre-training starts from (face ViT and CLIP text weights loaded, fusion at
+    init): the diffusion-only run's starting point."""
+    from faceclip_zoo.models.io import save_model_dir
+    from faceclip_zoo.tasks.encoder import FaceCLIPEncoderModule
+
+    if (out / "model.safetensors").exists():
+        return out
+    args = dict(yaml.safe_load(Path(recipe_path).read_text())["model"]["init_args"])
+    args.pop("optimizer", None)
+    module = FaceCLIPEncoderModule(**args)
+    module.load_pretrained_weights()
+    return save_model_dir(module.encoder, out, config=module.encoder_config)
+
+
+def write_benchmark(folder: Path, per_identity: int, eval_cfg: dict, priors: str = "checkpoints/synthetic") -> Path:
+    """Held-out samples as an Unsplash-shaped benchmark: reference crop + caption per sample."""
+    from faceclip_zoo.evaluation.synthetic import load_validation_samples
+
+    spec_path = folder / "benchmark.yaml"
+    if spec_path.exists():
+        return spec_path
+    samples = load_validation_samples("runs/synthetic/val")
+    (folder / "references").mkdir(parents=True, exist_ok=True)
+    (folder / "real").mkdir(exist_ok=True)
+
+    def save(t, path: Path) -> None:
+        Image.fromarray((t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+    pairs, seen = [], {}
+    for s in samples:
+        save(s["image"], folder / "real" / f"{s['key']}.png")
+        if seen.get(s["identity"], 0) < per_identity:
+            seen[s["identity"]] = seen.get(s["identity"], 0) + 1
+            save(s["face"], folder / "references" / f"{s['key']}.png")
+            pairs.append({"reference": f"references/{s['key']}.png", "prompt": s["caption"], "identity": s["identity"]})
+    priors = str(Path(priors).resolve())
+    spec = {"pairs": pairs, "batch_size": eval_cfg["batch_size"], "seed": 0,
+            "generation": {"steps": eval_cfg["steps"], "guidance": eval_cfg["guidance"], "align": "never"},
+            "face_sim": {"model": f"face-vit:{priors}/face-vit", "locator": "synthetic-scene"},
+            "clip_t": {"model": f"zoo:{priors}/clip"},
+            "fid": {"reference_dir": "real", "features": "clip"},
+            "sheets": {"rows": 1, "columns": 8}}
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return spec_path
+
+
+def background_accuracy(eval_dir: Path) -> float:
+    """How often the generated scene's background is the colour its caption names."""
+    import torch
+
+    from faceclip_zoo.evaluation.synthetic import background_of, caption_background
+
+    rows = [json.loads(line) for line in (eval_dir / "per_image.jsonl").read_text().splitlines()]
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(eval_dir / r["image"]).convert("RGB"),
+                                                      dtype=np.float32) / 255).permute(2, 0, 1) for r in rows])
+    found = background_of(images)
+    return sum(f == caption_background(r["prompt"]) for f, r in zip(found, rows)) / len(rows)
+
+
+def run_ablation(cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from faceclip_zoo.evaluation.encoder import identity_structure
+    from faceclip_zoo.evaluation.run import evaluate_pipeline
+    from faceclip_zoo.evaluation.synthetic import load_validation_samples
+    from faceclip_zoo.models.io import load_model_dir
+    from faceclip_zoo.pipelines.export import load_pipeline
+
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    runs: dict[str, dict[str, Any]] = {}
+    for name, losses in cfg["variants"].items():
+        d = out / name
+        if not (d / "encoder" / "model.safetensors").exists():
+            timings[f"{name} encoder"] = _fit(_recipe(cfg["encoder_recipe"], cfg["encoder_steps"], d / "encoder-run",
+                                                      d / "encoder", {"losses": list(losses)}), d / "encoder.yaml")
+        if not (d / "pipeline" / "model_index.json").exists():
+            enc = str(d / "encoder")
+            timings[f"{name} diffusion"] = _fit(_recipe(cfg["diffusion_recipe"], cfg["diffusion_steps"],
+                                                        d / "diffusion-run", d / "pipeline",
+                                                        {"encoder_l": enc, "encoder_g": enc, "num_samples": 4}),
+                                                d / "diffusion.yaml")
+        runs[name] = {"losses": list(losses), "pipeline": d / "pipeline", "encoder_dir": d / "encoder",
+                      "text_top1": _last_metric(d / "encoder-run", "val/text_top1")}
+    if cfg["diffusion_only"]:
+        d = out / "diffusion-only"
+        if not (d / "pipeline" / "model_index.json").exists():
+            init = str(initial_encoder(cfg["encoder_recipe"], d / "encoder-init"))
+            timings["diffusion-only"] = _fit(_recipe(cfg["diffusion_recipe"], cfg["diffusion_steps"], d / "diffusion-run",
+                                                     d / "pipeline", {"encoder_l": init, "encoder_g": init,
+                                                                      "train_encoders": True, "num_samples": 4}),
+                                             d / "diffusion.yaml")
+        runs["diffusion-only"] = {"losses": ["diffusion only"], "pipeline": d / "pipeline", "encoder_dir": None,
+                                  "text_top1": None}
+
+    bench = write_benchmark(out / "benchmark", cfg["eval"]["samples_per_identity"], cfg["eval"])
+    samples = load_validation_samples("runs/synthetic/val")
+    faces = torch.stack([s["face"] for s in samples])
+    identities = [s["identity"] for s in samples]
+    rows = {}
+    for name, run in runs.items():
+        t0 = time.perf_counter()
+        results = evaluate_pipeline(str(run["pipeline"]), str(bench), out / name / "eval")
+        timings[f"{name} evaluate"] = time.perf_counter() - t0
+        m = results["metrics"]
+        encoder = (load_model_dir(run["encoder_dir"]) if run["encoder_dir"] else
+                   load_pipeline(run["pipeline"]).face_encoder.encoder).eval()
+        title = f"{name}: " + ("trained only through the diffusion loss" if run["encoder_dir"] is None
+                               else f"pre-trained with {run['losses']}")
+        joint = identity_structure(encoder, faces, identities, out / name / "tsne_identity.png", title)
+        rows[name] = {"losses": run["losses"], "face_sim": m["face_sim"], "identity_top1": m["identity_top1"],
+                      "identity_top1_chance": m["identity_top1_chance"], "clip_t": m["clip_t"],
+                      "background_accuracy": background_accuracy(out / name / "eval"), "fid_clip": m["fid"],
+                      "joint_identity_top1": joint["identity_top1"], "joint_identity_chance": joint["chance"],
+                      "encoder_text_top1": run["text_top1"]}
+    if "L3" in rows and "diffusion-only" in rows:  # Fig. 2: pre-trained next to diffusion-only
+        panels = [Image.open(out / n / "tsne_identity.png").convert("RGB") for n in ("L3", "diffusion-only")]
+        fig = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), "white")
+        fig.paste(panels[0], (0, 0))
+        fig.paste(panels[1], (panels[0].width, 0))
+        fig.save(out / "fig2_tsne.png")
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    seconds = {**previous.get("seconds", {}), **{k: round(v, 1) for k, v in timings.items()}}
+    results = {"config": cfg, "rows": rows, "paper_table3": PAPER_TABLE3, "seconds": seconds,
+               "total_seconds": round(time.perf_counter() - start, 1), "images": len(json.loads(
+                   (out / "L3" / "eval" / "results.json").read_text())["spec"]["pairs"]) if "L3" in rows else None}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "results.md").write_text(markdown(results))
+    return results
+
+
+COLUMNS = (("face_sim", "Face Sim (gen.)"), ("identity_top1", "identity top-1 (gen.)"),
+           ("joint_identity_top1", "identity top-1 (joint emb.)"), ("clip_t", "CLIP-T (gen.)"),
+           ("background_accuracy", "background acc. (gen.)"), ("fid_clip", "FID-CLIP (gen.)"),
+           ("encoder_text_top1", "text top-1 (encoder)"))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rows = results["rows"]
+    any_row = next(iter(rows.values()))
+    lines = ["| variant | losses | " + " | ".join(c for _, c in COLUMNS) + " | paper Face Sim | paper CLIP-T |",
+             "|---" * (len(COLUMNS) + 4) + "|"]
+    for name, r in rows.items():
+        paper = results["paper_table3"].get(name, {})
+        cells = ["-" if r[k] is None else f"{r[k]:.3f}" for k, _ in COLUMNS]
+        lines.append(f"| {name} | {', '.join(r['losses'])} | " + " | ".join(cells) +
+                     f" | {paper.get('face_sim') or '-'} | {paper.get('clip_t') or '-'} |")
+    lines.append("")
+    lines.append(f"Chance: identity top-1 (gen.) {any_row['identity_top1_chance']:.3f}, joint-embedding "
+                 f"identity top-1 {any_row['joint_identity_chance']:.3f}, background 0.100. "
+                 f"This run {results['total_seconds']:.0f} s; stages (s): "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m faceclip_zoo ablation", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="recipes/quickstart/ablation.yaml")
+    p.add_argument("--out", default=None, help="override the config's output folder")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    if args.out:
+        cfg["out"] = args.out
+    results = run_ablation(cfg)
+    print((Path(cfg["out"]) / "results.md").read_text())
+    print(f"wrote {Path(cfg['out']) / 'results.json'}; t-SNE plots in {cfg['out']}/<variant>/tsne_identity.png")
+    return 0 if results["rows"] else 1

@@ -1,0 +1,292 @@
+"""`evaluate`: metrics checked against known values, the benchmark run end to end on a
+quickstart-shaped pipeline (resume, seeding, report), and the encoder evaluation."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from faceclip_zoo.config import CLIPConfig, FaceCLIPConfig, FaceViTConfig, diffusers_config
+from faceclip_zoo.evaluation.benchmark import image_path, score
+from faceclip_zoo.evaluation.models import ClipModel, build_fid
+from faceclip_zoo.evaluation.spec import load_spec
+from faceclip_zoo.models.clip import build_clip
+from faceclip_zoo.models.face_vit import FaceViT
+from faceclip_zoo.models.faceclip import FaceCLIPEncoder
+from faceclip_zoo.models.io import save_model_dir
+from faceclip_zoo.utils import UserError
+from test_face_id import _linear_arcface
+
+FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
+PROMPT = "a photo of a person wearing a red shirt, in front of a blue background, lit from the front"
+
+
+def write_spec(folder: Path, **spec) -> Path:
+    path = folder / "bench.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def coloured(seed: int, size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=3)
+    noise = rng.integers(-30, 30, size=(size, size, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def zoo_clip(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = CLIPConfig.from_name("clip-tiny")
+    model = build_clip(cfg).eval()
+    return model, save_model_dir(model, tmp_path_factory.mktemp("clip") / "clip", config=cfg)
+
+
+def test_face_sim_of_an_image_with_itself_is_one_and_a_missing_face_counts(tmp_path):
+    photos = sorted(FACES.glob("*.png"))[:2]
+    torch.manual_seed(0)
+    face_vit = save_model_dir(FaceViT(FaceViTConfig.from_name("face-vit-tiny")).eval(), tmp_path / "vit")
+    _linear_arcface(tmp_path / "arcface.onnx")
+    for model in (f"face-vit:{face_vit}", f"onnx:{tmp_path / 'arcface.onnx'}"):
+        pairs = [{"reference": str(p), "prompt": PROMPT, "identity": p.stem} for p in photos]
+        pairs.append({"reference": str(photos[0]), "prompt": "nobody here", "identity": photos[0].stem})
+        spec = load_spec(write_spec(tmp_path, pairs=pairs, face_sim={"model": model, "locator": "detect"}))
+        out = tmp_path / "out"
+        jobs = spec.jobs()
+        for job in jobs[:2]:  # the "generated" image is the reference photo itself
+            image_path(out, job).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(job.references[0], image_path(out, job))
+        Image.new("RGB", (256, 256), (128, 128, 128)).save(image_path(out, jobs[2]))
+        metrics, records = score(spec, out)
+        assert [r["face_found"] for r in records] == [True, True, False]
+        assert records[0]["face_sim"] == pytest.approx(1.0, abs=1e-5)
+        assert records[1]["face_sim"] == pytest.approx(1.0, abs=1e-5)
+        assert metrics["faces_missing"] == 1
+        assert metrics["face_sim"] == pytest.approx(2 / 3, abs=1e-5)  # the missing face counts as 0
+        assert metrics["face_sim_detected"] == pytest.approx(1.0, abs=1e-5)
+        assert metrics["identity_top1"] == pytest.approx(2 / 3)
+        shutil.rmtree(out)
+
+
+def test_clip_t_matches_a_direct_open_clip_computation(tmp_path, zoo_clip):
+    model, clip_dir = zoo_clip
+    # the same weights under an open_clip architecture name, read from a local file
+    cfg = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32,
+                                           "patch_size": 8, "mlp_ratio": 2.0},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    (tmp_path / "zoo-test-tiny.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "zoo-test-tiny.json")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    prompts = [PROMPT, "a photo of a person in a green hat", "a cat"]
+    images = [coloured(i) for i in range(3)]
+    preprocess = open_clip.image_transform(64, is_train=False)
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(torch.stack([preprocess(im) for im in images])), dim=-1)
+        txt = F.normalize(model.encode_text(tok(prompts)), dim=-1)
+    direct = (img * txt).sum(-1)
+    for spec in (f"zoo:{clip_dir}", f"open_clip:zoo-test-tiny:{tmp_path / 'weights.pt'}"):
+        clip = ClipModel(spec)
+        ours = (clip.image_features(images) * clip.text_features(prompts)).sum(-1)
+        torch.testing.assert_close(ours, direct, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="open_clip has no model"):
+        ClipModel(f"open_clip:no-such-arch:{tmp_path / 'weights.pt'}")
+
+
+def _random_inception_weights(path: Path) -> None:
+    """torch-fidelity's FID Inception-v3 with random weights, as a local weights file (the
+    real one cannot be downloaded here; the loading path is the same)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    load, load_state = torch.load, FeatureExtractorInceptionV3.load_state_dict
+    torch.load = lambda *a, **k: {}
+    FeatureExtractorInceptionV3.load_state_dict = lambda self, *a, **k: None
+    try:
+        torch.manual_seed(0)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    finally:
+        torch.load, FeatureExtractorInceptionV3.load_state_dict = load, load_state
+    with torch.no_grad():  # He scale: at PyTorch's default init the eval-mode features are constant
+        for p in net.parameters():
+            if p.ndim == 4:
+                p.mul_(6 ** 0.5)
+    torch.save(net.state_dict(), path)
+
+
+def test_fid_of_a_set_with_itself_is_zero(tmp_path, zoo_clip):
+    weights = tmp_path / "pt_inception.pth"
+    _random_inception_weights(weights)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (1, 3, 64, 64), generator=g, dtype=torch.uint8) for _ in range(12)]
+    others = [torch.randint(0, 128, (1, 3, 64, 64), generator=g, dtype=torch.uint8) for _ in range(12)]
+    clip = ClipModel(f"zoo:{zoo_clip[1]}")
+    for features in (f"inception:{weights}", "clip"):
+        metric, name = build_fid(features, clip)
+        for im in images:
+            metric.update(im, real=True)
+            metric.update(im, real=False)
+        same = float(metric.compute())
+        metric.reset()
+        for im in others:
+            metric.update(im, real=False)
+        different = float(metric.compute())
+        assert abs(same) < 1e-2 * max(1.0, different), (name, same, different)
+        assert different > 100 * max(abs(same), 1e-6), (name, same, different)
+    with pytest.raises(UserError, match="needs its weights file"):
+        build_fid("inception")
+
+
+def test_bad_specs_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['promts'\]"):
+        load_spec(write_spec(tmp_path, promts=["x"]))
+    with pytest.raises(UserError, match="reference of identity 'ann' missing.png not found"):
+        load_spec(write_spec(tmp_path, identities={"ann": "missing.png"}, prompts=["x"]))
+    with pytest.raises(UserError, match=r"face_sim: unknown key\(s\) \['modle'\]"):
+        load_spec(write_spec(tmp_path, pairs=[{"reference": str(sorted(FACES.glob("*.png"))[0]), "prompt": "x"}],
+                             face_sim={"modle": "x"}))
+    with pytest.raises(UserError, match="lists nothing to generate"):
+        load_spec(write_spec(tmp_path, seed=1))
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A pipeline of the quickstart's architecture (tiny FaceCLIP branches, tiny SDXL UNet
+    and VAE), saved as `export` saves it."""
+    from faceclip_zoo.models.convert_diffusion import build_diffusers
+    from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
+    from faceclip_zoo.pipelines.export import build_scheduler, save_pipeline
+    from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
+
+    torch.manual_seed(0)
+    enc = FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval()
+    pipe = FaceCLIPSDXLPipeline(
+        vae=build_diffusers(diffusers_config("vae-tiny")).eval(),
+        face_encoder=FaceCLIPEncoderModel.from_encoder(enc), face_encoder_2=FaceCLIPEncoderModel.from_encoder(enc),
+        unet=build_diffusers(diffusers_config("sdxl-unet-tiny")).eval(),
+        scheduler=build_scheduler(diffusers_config("sdxl-scheduler")))
+    return save_pipeline(pipe, tmp_path_factory.mktemp("pipe") / "sdxl")
+
+
+def test_evaluate_pipeline_writes_results_and_sheets_and_resumes(tmp_path, pipeline_dir, zoo_clip, tiny_data):
+    from faceclip_zoo.cli import main
+
+    torch.manual_seed(0)
+    face_vit = save_model_dir(FaceViT(FaceViTConfig.from_name("face-vit-tiny")).eval(), tmp_path / "vit")
+    (tmp_path / "real").mkdir()
+    identities = {}
+    for i, sample in enumerate(tiny_data["val"][:6]):
+        sample.scene.save(tmp_path / "real" / f"{i}.png")
+        sample.crop.save(tmp_path / f"ref{i}.png")
+        identities.setdefault(sample.identity, []).append(f"ref{i}.png")
+    bench = write_spec(tmp_path, identities=identities, prompts=[PROMPT, "a photo of a person in a hat"],
+                       images_per_prompt=2, batch_size=3, generation={"steps": 2, "align": "never"},
+                       face_sim={"model": f"face-vit:{face_vit}", "locator": "synthetic-scene"},
+                       clip_t={"model": f"zoo:{zoo_clip[1]}"},
+                       fid={"reference_dir": "real", "features": "clip"})
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pipeline", str(pipeline_dir), "--benchmark", str(bench), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    n = len(identities) * 2 * 2
+    assert results["generation"]["images"] == n and results["generation"]["generated_now"] == n
+    m = results["metrics"]
+    assert m["faces_missing"] == 0 and -1 <= m["face_sim"] <= 1 and -1 <= m["clip_t"] <= 1
+    assert np.isfinite(m["fid"]) and m["fid_features"].startswith("clip")
+    records = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
+    assert len(records) == n
+    assert m["clip_t"] == pytest.approx(np.mean([r["clip_t"] for r in records]))
+    for name in identities:
+        sheet = Image.open(out / "sheets" / f"{name}.png")
+        assert sheet.width > sheet.height  # reference + 4 generations in one row
+    assert "| Face Sim |" in (out / "results.md").read_text()
+
+    # resume: a lost image is generated again, identical (seeded by what it shows, batched differently)
+    victim = out / records[3]["image"]
+    before = np.array(Image.open(victim))
+    victim.unlink()
+    assert main(["evaluate", "--pipeline", str(pipeline_dir), "--benchmark", str(bench), "--out", str(out),
+                 "--batch-size", "1"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["generation"]["generated_now"] == 1 and again["generation"]["already_there"] == n - 1
+    np.testing.assert_array_equal(np.array(Image.open(victim)), before)
+    # other generation settings into the same folder are refused
+    spec = yaml.safe_load(bench.read_text())
+    spec["generation"]["steps"] = 3
+    bench.write_text(yaml.safe_dump(spec))
+    assert main(["evaluate", "--pipeline", str(pipeline_dir), "--benchmark", str(bench), "--out", str(out)]) == 2
+
+
+def test_encoder_zero_shot_follows_the_papers_protocol(tmp_path, zoo_clip, tiny_data):
+    from faceclip_zoo.evaluation.encoder import evaluate_encoder, load_encoder
+
+    torch.manual_seed(0)
+    enc_dir = save_model_dir(FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval(), tmp_path / "enc")
+    classes = ["red_apple", "blue_sky", "green_grass"]
+    for c, name in enumerate(classes):
+        (tmp_path / "zs" / name).mkdir(parents=True)
+        for k in range(3):
+            coloured(10 * c + k).save(tmp_path / "zs" / name / f"{k}.png")
+    for sample in tiny_data["val"]:
+        folder = tmp_path / "faces" / sample.identity
+        folder.mkdir(parents=True, exist_ok=True)
+        sample.crop.save(folder / f"{len(list(folder.iterdir()))}.png")
+    res = evaluate_encoder(str(enc_dir), tmp_path / "out", f"zoo:{zoo_clip[1]}", str(tmp_path / "zs"),
+                           str(tmp_path / "faces"), templates=["a photo of a {}.", "a {}."])
+    zs = res["zero_shot"]
+    assert zs["classes"] == 3 and zs["images"] == 9
+    # the same classification by hand: class prompts with a black face -> text_projection
+    enc = load_encoder(enc_dir).encoder
+    clip = ClipModel(f"zoo:{zoo_clip[1]}")
+    with torch.no_grad():
+        w = []
+        for t in ("a photo of a {}.", "a {}."):
+            out = enc.encode([t.format(c.replace("_", " ")) for c in classes])  # no face
+            w.append(F.normalize(out.pooled @ enc.text_projection, dim=-1))
+        w = F.normalize(torch.stack(w).mean(0), dim=-1)
+    images = [Image.open(tmp_path / "zs" / c / f"{k}.png") for c in classes for k in range(3)]
+    pred = (clip.image_features(images) @ w.T).argmax(1)
+    expected = (pred == torch.arange(3).repeat_interleave(3)).float().mean().item()
+    assert zs["faceclip"]["top1"] == pytest.approx(expected)
+    ident = res["identity_structure"]
+    assert ident["identities"] == len({s.identity for s in tiny_data["val"]})
+    assert (tmp_path / "out" / "tsne_identity.png").stat().st_size > 5_000
+    assert json.loads((tmp_path / "out" / "encoder_results.json").read_text())["zero_shot"] == zs
+
+
+def test_clip_t_with_a_transformers_clip_folder(tmp_path):
+    """transformers:<dir>: CLIPModel + tokenizer + image processor from local files. The
+    tokenizer files are built from the BPE vocabulary open_clip ships (the same 49408 tokens)."""
+    from transformers import CLIPConfig as HFCLIPConfig
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    bpe = open_clip.tokenizer.SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    (tmp_path / "vocab.json").write_text(json.dumps({names.get(k, k): v for k, v in bpe.encoder.items()}))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    assert len(tokenizer) == 49408
+    assert tokenizer(PROMPT).input_ids == [49406, *bpe.encode(PROMPT), 49407]
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    model = CLIPModel(HFCLIPConfig(text_config={**small, "vocab_size": 49408, "max_position_embeddings": 77},
+                                   vision_config={**small, "image_size": 32, "patch_size": 8},
+                                   projection_dim=16)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    folder = tmp_path / "hf-clip"
+    for part in (model, tokenizer, processor):
+        part.save_pretrained(folder)
+    prompts, images = [PROMPT, "a cat"], [coloured(1), coloured(2, size=48)]
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
+        txt = model.get_text_features(**tokenizer(prompts, padding=True, return_tensors="pt"))
+    img, txt = (getattr(x, "pooler_output", x) for x in (img, txt))
+    direct = (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
+    clip = ClipModel(f"transformers:{folder}")
+    torch.testing.assert_close((clip.image_features(images) * clip.text_features(prompts)).sum(-1), direct)
