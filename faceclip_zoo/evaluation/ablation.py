@@ -215,7 +215,8 @@ def run_ablation(cfg: dict[str, Any]) -> dict[str, Any]:
     for name, run in runs.items():
         t0 = time.perf_counter()
         results = evaluate_pipeline(str(run["pipeline"]), str(bench), out / name / "eval")
-        timings[f"{name} evaluate"] = time.perf_counter() - t0
+        if results["generation"]["generated_now"]:  # a re-run only rescores: keep the first timing
+            timings[f"{name} evaluate"] = time.perf_counter() - t0
         m = results["metrics"]
         encoder = (load_model_dir(run["encoder_dir"]) if run["encoder_dir"] else
                    load_pipeline(run["pipeline"]).face_encoder.encoder).eval()
