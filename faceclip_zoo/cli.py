@@ -6,6 +6,7 @@
     python -m faceclip_zoo cache --recipe recipes/quickstart/faceclip.yaml
     python -m faceclip_zoo generate --pipeline checkpoints/my-sdxl --face me.png --prompt "..."
     python -m faceclip_zoo evaluate --pipeline checkpoints/my-sdxl --benchmark bench.yaml --out runs/eval
+    python -m faceclip_zoo bench --size tiny
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ def _ablation(argv: list[str]) -> int:
     return ablation_main(argv)
 
 
+def _bench(argv: list[str]) -> int:
+    from faceclip_zoo.bench.run import main as bench_main
+
+    return bench_main(argv)
+
+
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "export": (_export, "fit checkpoint -> model directory (encoder) or pipeline folder (SDXL)"),
     "generate": (_generate, "exported pipeline + face photo + prompt -> PNG"),
@@ -95,6 +102,7 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "prepare": (_prepare, "photos + captions -> aligned, filtered training shards"),
     "cache": (_cache, "fit recipe + shards -> frozen-model outputs stored in the shards"),
     "convert": (_convert, "official release weights -> faceclip_zoo model directories"),
+    "bench": (_bench, "speed and memory against the peers (open_clip, diffusers), one table; --size tiny..real"),
 }
 
 HELP = """usage: python -m faceclip_zoo <command> [options]

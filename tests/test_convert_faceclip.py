@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 
+from faceclip_zoo.bench.release_reference import official_state_from_ours, release_branch_forward
 from faceclip_zoo.config import FaceCLIPConfig
 from faceclip_zoo.models import FaceCLIPEncoder, load_model_dir
 from faceclip_zoo.models.clip import build_text_tower, build_tokenizer
 from faceclip_zoo.models.convert_faceclip import convert_official_faceclip
 from faceclip_zoo.utils import UserError
-from release_reference import official_state_from_ours, release_branch_forward
 
 CONFIGS = {  # release layout and names, small widths
     "face_clip_l": FaceCLIPConfig.from_name("faceclip-tiny"),
@@ -177,7 +177,7 @@ def test_conversion_streams_a_full_size_branch(tmp_path):
     """A full-size L/14 branch in bf16 (0.9 GB): peak memory of the conversion stays
     below 1.5x the file (safetensors' own writer alone would need ~2x)."""
     from faceclip_zoo.models.io import build_on_meta
-    from release_reference import official_state_from_ours
+    from faceclip_zoo.bench.release_reference import official_state_from_ours
 
     sd = {}
     for branch, name in (("face_clip_l", "faceclip-l14"), ("face_clip_g", "faceclip-tiny")):

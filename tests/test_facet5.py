@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from faceclip_zoo.bench.release_reference import release_facet5_forward
 from faceclip_zoo.config import CLIP_TEXT_CONFIGS, FaceT5Config
 from faceclip_zoo.models.convert_facet5 import (
     convert_official_facet5, facet5_official_to_ours, facet5_ours_to_official, t5_official_to_hf,
@@ -15,7 +16,6 @@ from faceclip_zoo.models.convert_facet5 import (
 from faceclip_zoo.models.facet5 import TIED_KEY, FaceT5Encoder, sinusoidal_positions
 from faceclip_zoo.models.io import load_model_dir, save_model_dir
 from faceclip_zoo.utils import UserError
-from release_reference import release_facet5_forward
 
 PROMPTS = ["a photo of a smiling person wearing a red shirt", "a person in front of a blue background"]
 

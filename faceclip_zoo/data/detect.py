@@ -79,7 +79,7 @@ class MTCNNDetector:
     works offline). Install: pip install --no-deps facenet-pytorch (its metadata pins an
     old torch; the code runs on current torch).
 
-    Two measured fixes (tests/test_align.py, benchmarks/align_accuracy.py): the image is
+    Two measured fixes (tests/test_align.py, faceclip_zoo/bench/align_accuracy.py): the image is
     padded by a quarter of its size first (MTCNN's landmarks drift by up to 60 px on 448
     px faces that touch the border), and landmarks are averaged with those found in the
     mirrored image (halves the disagreement between re-alignments of the same face)."""

@@ -1,6 +1,6 @@
 """How well does our detector + norm_crop reproduce the release's face alignment?
 
-    python benchmarks/align_accuracy.py [--detector mtcnn] [--faces ../shared/data/faces]
+    python -m faceclip_zoo bench --only align   (or python -m faceclip_zoo.bench.align_accuracy --faces DIR)
 
 For each photo (skimage's astronaut, unaligned; the release's own aligned 448 crops):
 - vs release: on an already aligned crop, how far our alignment would move the template
@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from PIL import Image
     from skimage import data
 
@@ -32,8 +32,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--detector", default="mtcnn")
     p.add_argument("--model-dir", default=None, help="insightface model pack (for --detector insightface)")
-    p.add_argument("--faces", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "faces"))
-    args = p.parse_args()
+    p.add_argument("--faces", default=os.path.join("..", "shared", "data", "faces"),
+                   help="folder of the release's aligned 448 crops (*.png)")
+    args = p.parse_args(argv)
     detector = build_detector(args.detector, model_dir=args.model_dir)
     photos = {"astronaut (unaligned)": (data.astronaut(), False)}
     for path in sorted(glob.glob(os.path.join(args.faces, "*.png"))):

@@ -1,6 +1,6 @@
 """What resuming the training stream mid-epoch costs, next to reading the whole epoch.
 
-    python benchmarks/stream_resume.py [--shards runs/synthetic] [--batch 32]
+    python -m faceclip_zoo bench --only resume   (or python -m faceclip_zoo.bench.stream_resume --shards DIR)
 
 The shards default to the quickstart's synthetic ones (run the quickstart once first).
 Prints one table: a full pass over an epoch (decode + collate), the time to the first
@@ -18,11 +18,11 @@ from faceclip_zoo.data.datamodule import ShardDataModule, collate
 from faceclip_zoo.data.stream import planned_loader
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", default="runs/synthetic")
     ap.add_argument("--batch", type=int, default=32)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     dm = ShardDataModule(train=os.path.join(args.shards, "train"), guided=os.path.join(args.shards, "guided"),
                          guided_prob=0.1, batch_size=args.batch, num_workers=0, image_size=64, face_size=112,
                          shuffle_buffer=500)

@@ -1,7 +1,8 @@
 """A straightforward functional re-statement of the release's FaceCLIP branch forward,
-reading an *official-layout* state dict (keys as in face_clip_encoder.pt). Written for the
-parity test from the published description (DESIGN.md 2.1) and the release's computation
-order: it shares no code with faceclip_zoo.models beyond the open_clip tokenizer/tower.
+reading an *official-layout* state dict (keys as in face_clip_encoder.pt). Written from the
+published description (DESIGN.md 2.1) and the release's computation order: it shares no
+code with faceclip_zoo.models beyond the open_clip tokenizer/tower. The parity tests
+check our models against it; `bench` times our forward against it.
 """
 
 from __future__ import annotations
@@ -93,15 +94,15 @@ def text_layer(sd, p, x, pos, heads):
 def deformable_layer(sd, p, x, pos, heads, points, grid):
     """Deformable-DETR encoder layer, one level, valid ratios 1 (the release's fuser)."""
     b, n, c = x.shape
-    ys, xs = torch.meshgrid(torch.linspace(0.5, grid - 0.5, grid), torch.linspace(0.5, grid - 0.5, grid),
-                            indexing="ij")
+    lin = torch.linspace(0.5, grid - 0.5, grid, device=x.device, dtype=x.dtype)
+    ys, xs = torch.meshgrid(lin, lin, indexing="ij")
     ref = torch.stack((xs.reshape(-1) / grid, ys.reshape(-1) / grid), -1)[None, :, None].repeat(b, 1, 1, 1)
     query = x + pos
     value = _linear(sd, f"{p}.self_attn.value_proj", x).view(b, n, heads, -1)
     offsets = _linear(sd, f"{p}.self_attn.sampling_offsets", query).view(b, n, heads, 1, points, 2)
     weights = _linear(sd, f"{p}.self_attn.attention_weights", query).view(b, n, heads, points).softmax(-1)
     weights = weights.view(b, n, heads, 1, points)
-    normalizer = torch.tensor([[grid, grid]], dtype=x.dtype)
+    normalizer = torch.tensor([[grid, grid]], dtype=x.dtype, device=x.device)
     loc = ref[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
     d = c // heads
     value_l = value.flatten(2).transpose(1, 2).reshape(b * heads, d, grid, grid)
@@ -120,8 +121,8 @@ def release_branch_forward(sd, cfg, tower, tokenizer, images, face_exist, texts)
     texts_ = [f"{ID_TEXT} {t}" if m else t for t, m in zip(texts, face_exist)]
     ids = tokenizer(texts_)
     id_len = int((tokenizer([ID_TEXT])[0] != 0).sum()) - 1
-    id_mask = torch.zeros(len(texts_), ids.shape[1], dtype=torch.bool)
-    id_mask[torch.tensor(face_exist), :id_len] = True
+    id_mask = torch.zeros(len(texts_), ids.shape[1], dtype=torch.bool, device=ids.device)
+    id_mask[torch.tensor(face_exist, device=ids.device), :id_len] = True
     fe = {k[len("face_encoder."):]: v for k, v in sd.items() if k.startswith("face_encoder.")}
     cls, patch = face_vit(fe, images, cfg.face.heads)
     norm_cls = cls / cls.norm(dim=-1, keepdim=True)
@@ -133,10 +134,10 @@ def release_branch_forward(sd, cfg, tower, tokenizer, images, face_exist, texts)
     insert = (ids == 1014) & id_mask
     x[insert] = face_token[insert.any(dim=-1)]
     x = x + sd["positional_embedding"]
-    causal = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu_(1)
+    causal = torch.full((ids.shape[1], ids.shape[1]), float("-inf"), device=ids.device, dtype=x.dtype).triu_(1)
     x = tower(x, attn_mask=causal)
     x = _ln(sd, "ln_final", x)
-    pooled = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)]
+    pooled = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
     text = _linear(sd, "text_embed_proj", x)
     text_pos = _linear(sd, "text_pos_proj", sd["positional_embedding"].unsqueeze(0).repeat(len(texts), 1, 1))
 
@@ -184,7 +185,7 @@ def flash_t5_encoder(sd, ids, t5cfg):
     x = F.embedding(ids, sd["embed_tokens.weight"])
     b, n, _ = x.shape
     h, d = t5cfg.num_heads, t5cfg.d_kv
-    pos = torch.arange(n)
+    pos = torch.arange(n, device=ids.device)
     buckets = _t5_bucket(pos[None, :] - pos[:, None], t5cfg.relative_attention_num_buckets,
                          t5cfg.relative_attention_max_distance)
     bias = F.embedding(buckets, sd["block.0.self_attention_layer.self_attention.pe_encoding."

@@ -1,0 +1,101 @@
+"""The data path: can the shard loader feed the training step, and what does `prepare`
+add to its face detector?
+
+- loader: samples/s of ShardDataModule's training loader (tar read, JPEG decode, resize
+  and crop, collate; its configured workers) over synthetic shards at the step's
+  resolution, against the samples/s the SDXL training step of this run consumes. A ratio
+  below 1 means the loader keeps the step fed.
+- prepare: seconds per photo of `prepare` (read, checks, detection, alignment, encode,
+  atomic writes, shard assembly) against its MTCNN detector alone on decoded arrays.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from faceclip_zoo.bench.context import Context
+from faceclip_zoo.bench.harness import Row, compare, guarded
+
+
+def write_shards(root: Path, ctx: Context) -> Path:
+    from faceclip_zoo.data.synthetic import SyntheticSpec, generate, write_dataset
+
+    s = ctx.size
+    spec = SyntheticSpec(train_identities=max(1, s.data_samples // 8), val_identities=1, samples_per_identity=8,
+                         guided_pairs=0, image_size=s.data_image, face_size=112)
+    write_dataset(spec, generate(spec), root, shard_size=64)
+    return root / "train"
+
+
+def loader_row(ctx: Context) -> Row:
+    from faceclip_zoo.data.datamodule import ShardDataModule
+
+    s = ctx.size
+    if "sdxl_step_per_sample" not in ctx.results:
+        from faceclip_zoo.bench.diffusion import sdxl_row
+
+        sdxl_row(ctx)
+    with tempfile.TemporaryDirectory() as tmp:
+        train = write_shards(Path(tmp) / "shards", ctx)
+        dm = ShardDataModule(train=str(train), batch_size=s.sdxl_batch, num_workers=s.loader_workers,
+                             image_size=s.data_image, face_size=112, shuffle_buffer=64)
+        per_sample = []
+        for _ in range(ctx.rounds + 1):  # the first pass warms the page cache and workers
+            it = iter(dm.train_dataloader())
+            first = next(it)
+            t, n = time.perf_counter(), 0
+            for batch in it:
+                n += len(batch["caption"])
+            per_sample.append((time.perf_counter() - t) / max(1, n) if n else float("nan"))
+            del it, first
+    loader = statistics.median(per_sample[1:])
+    step = ctx.results["sdxl_step_per_sample"]
+    return Row(f"data: shard loader ({s.loader_workers} workers, {s.data_image} px) vs the SDXL step's consumption",
+               loader, step, unit="sample", goal="< 1 (the loader keeps up)",
+               note="decode + resize/crop + collate")
+
+
+def prepare_row(ctx: Context) -> Row:
+    from faceclip_zoo.bench.prepare_photos import write_photos
+    from faceclip_zoo.data.detect import build_detector
+    from faceclip_zoo.data.images import load_image
+    from faceclip_zoo.data.prepare import prepare
+
+    s = ctx.size
+    n = s.prepare_photos
+    try:
+        detector = build_detector("mtcnn")
+    except Exception as exc:  # noqa: BLE001 (facenet-pytorch is installed apart; report, do not fail)
+        return Row("data: prepare vs its detector alone", float("nan"), float("nan"), unit="photo",
+                   note=f"skipped: {type(exc).__name__}: {exc}")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "in")
+        os.makedirs(src)
+        arrays = [load_image(p).rgb for p in write_photos(src, n, s.prepare_side)]
+        outs = (os.path.join(tmp, f"out{i}") for i in itertools.count())
+
+        def detect_all():
+            return lambda: [detector.detect(a) for a in arrays]
+
+        def prepare_all():
+            def run():
+                manifest = prepare(src, next(outs), detector="mtcnn", workers=1, progress=False)
+                if manifest["counts"]["accepted"] != n:
+                    raise RuntimeError(f"prepare accepted {manifest['counts']} of {n} photos")
+            return run
+
+        ours, alone = compare(prepare_all, detect_all, ctx.device, warmup=1, repeats=min(ctx.repeats, 3), rounds=1)
+    return Row(f"data: prepare vs its MTCNN detector alone, {n} photos of {s.prepare_side} px",
+               ours.median / n, alone.median / n, unit="photo",
+               note="read + detect + align + write + assemble; the ratio is the pipeline's overhead")
+
+
+def run(ctx: Context) -> list[Row]:
+    return (guarded("data: loader vs step consumption", loader_row, ctx)
+            + guarded("data: prepare vs its detector", prepare_row, ctx))
+

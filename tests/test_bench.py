@@ -1,0 +1,60 @@
+"""`python -m faceclip_zoo bench`: the harness measures what it claims, and the tiny run
+completes with every row measured (a smoke test; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from faceclip_zoo.bench.harness import Measurement, PeakMemory, Row, markdown, time_block
+from faceclip_zoo.bench.run import main
+
+
+def test_peak_memory_sees_a_block_allocation_on_cpu():
+    with PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        x.add_(1)
+        del x
+    assert mem.peak >= 48 * 2**20, mem.peak
+
+
+def test_time_block_records_only_the_timed_repeats_and_builds_inside_the_block():
+    calls = []
+
+    def make():
+        calls.append("make")
+        return lambda: calls.append("step")
+
+    m = Measurement()
+    time_block(make, torch.device("cpu"), warmup=2, repeats=3, into=m)
+    assert calls == ["make"] + ["step"] * 5
+    assert len(m.times) == 3 and all(t >= 0 for t in m.times)
+
+
+def test_markdown_row_has_ratio_and_memory():
+    table = markdown([Row("x vs y", ours=0.2, peer=0.1, ours_mem=3 * 2**20, peer_mem=None, goal="<= 1.05")])
+    assert "| x vs y | 200.0 ms/step | 100.0 ms/step | 2.00 | <= 1.05 | 3 MiB / - |" in table
+
+
+def test_unknown_section_is_a_usage_error(capsys):
+    assert main(["--only", "encoder,nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+
+
+def test_tiny_bench_measures_every_row(tmp_path):
+    rc = main(["--size", "tiny", "--repeats", "1", "--warmup", "1", "--rounds", "1", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["comparison"].split(",")[0]: r for r in report["rows"]}
+    failed = [r for r in report["rows"] if r["note"].startswith(("failed", "skipped"))]
+    assert rc == 0 and not failed, failed
+    assert len(report["rows"]) == 9, list(rows)
+    for r in report["rows"]:
+        assert math.isfinite(r["ours_s"]) and r["ours_s"] > 0 and math.isfinite(r["peer_s"]) and r["peer_s"] > 0, r
+    # the two sides of equal-work rows compute the same thing
+    forward = next(r for r in report["rows"] if r["comparison"].startswith("encoder forward"))
+    assert float(forward["note"].split("max |diff| ")[1]) < 1e-4
+    inference = next(r for r in report["rows"] if "aligned crop" in r["comparison"])
+    assert float(inference["note"].split("max |diff| ")[1]) == 0.0
+    assert (tmp_path / "results.md").read_text().count("\n| ") == 10  # header + 9 rows
