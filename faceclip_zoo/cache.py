@@ -6,8 +6,8 @@ skips the frozen forwards.
         --features vae_latents,prompt_embeds,pooled_prompt_embeds --out data/shards-cached
 
 The recipe names the model whose frozen parts compute the features (its `CACHEABLE`:
-arcface / clip_image / clip_text for FaceCLIPEncoderModule, vae_latents / prompt_embeds /
-pooled_prompt_embeds for SDXLJointModule) and the data settings (image_size, face_size,
+arcface / clip_image / clip_text / face_identity / face_patches for the encoder modules,
+vae_latents / prompt_embeds / pooled_prompt_embeds for SDXLJointModule) and the data settings (image_size, face_size,
 buckets) that decide the crops: the cache holds exactly what training would compute. The
 shards default to the recipe's data (train, val, guided).
 
@@ -17,7 +17,10 @@ decoded are kept as they are and counted. A shard that already holds the feature
 skipped, so an interrupted run is re-run. The DataModules read the features when present
 and the modules compute them otherwise. VAE latents are one sample of the latent
 distribution, fixed for the whole run (the usual trade of latent caching), and random
-crops, if any, are fixed too. cache.json beside the shards records what made them.
+crops, if any, are fixed too. The face ViT's patch tokens are the largest feature
+(144 x 768 values, 221 kB in float16 per sample with a face, for FaceCLIP's ViT-L); they
+spare the encoder step the face ViT's forward. cache.json beside the shards records what
+made them.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 import yaml
 
-from faceclip_zoo.data.schema import CACHED_FEATURES
+from faceclip_zoo.data.schema import CACHED_FEATURES, FACE_FEATURES
 from faceclip_zoo.utils import UserError, atomic_write_bytes
 
 
@@ -88,7 +91,7 @@ def cache_shard(src: str, dest: str, module, names: list[str], image_size: int, 
         raise UserError(f"{src}: not a readable tar shard ({type(exc).__name__}: {exc})") from None
 
     def needs(raw: dict, name: str) -> bool:
-        return name != "arcface" or any(k.startswith("ref.") for k in raw)  # no face: no identity
+        return name not in FACE_FEATURES or any(k.startswith("ref.") for k in raw)  # no face: no face features
 
     todo = [i for i, r in enumerate(raws) if overwrite or any(needs(r, n) and f"{n}.npy" not in r for n in names)]
     counts = {"samples": len(raws), "cached": 0, "already": len(raws) - len(todo), "undecodable": 0}
@@ -111,7 +114,7 @@ def cache_shard(src: str, dest: str, module, names: list[str], image_size: int, 
             feats = module.frozen_features(batch, names)
             for row, (i, sample) in enumerate(chunk):
                 for name, value in feats.items():
-                    if needs(raws[i], name) and (name != "arcface" or sample["has_face"]):
+                    if needs(raws[i], name) and (name not in FACE_FEATURES or sample["has_face"]):
                         raws[i][f"{name}.npy"] = _npy(value[row], dtype)
                 counts["cached"] += 1
             if bar is not None:

@@ -44,7 +44,8 @@ def test_unknown_section_is_a_usage_error(capsys):
 
 
 def test_tiny_bench_measures_every_row(tmp_path):
-    rc = main(["--size", "tiny", "--repeats", "1", "--warmup", "1", "--rounds", "1", "--out", str(tmp_path)])
+    rc = main(["--size", "tiny", "--repeats", "1", "--warmup", "1", "--rounds", "1", "--encoder-batch", "8",
+               "--out", str(tmp_path)])
     report = json.loads((tmp_path / "results.json").read_text())
     rows = {r["comparison"].split(",")[0]: r for r in report["rows"]}
     failed = [r for r in report["rows"] if r["note"].startswith(("failed", "skipped"))]
@@ -52,6 +53,7 @@ def test_tiny_bench_measures_every_row(tmp_path):
     assert len(report["rows"]) == 9, list(rows)
     for r in report["rows"]:
         assert math.isfinite(r["ours_s"]) and r["ours_s"] > 0 and math.isfinite(r["peer_s"]) and r["peer_s"] > 0, r
+    assert "batch 8" in rows["encoder step: frozen features cached vs computed each step"]["comparison"]
     # the two sides of equal-work rows compute the same thing
     forward = next(r for r in report["rows"] if r["comparison"].startswith("encoder forward"))
     assert float(forward["note"].split("max |diff| ")[1]) < 1e-4

@@ -24,7 +24,7 @@ def members(path) -> dict[str, set[str]]:
 
 
 def first_val_batch(folder, **kw):
-    dm = ShardDataModule(val=str(folder), num_workers=0, batch_size=64, image_size=64, face_size=112, **kw)
+    dm = ShardDataModule(val=folder if isinstance(folder, list) else str(folder), num_workers=0, batch_size=64, image_size=64, face_size=112, **kw)
     return next(iter(dm.val_dataloader()))
 
 
@@ -32,35 +32,58 @@ def test_encoder_features_equal_the_computed_targets(tmp_path, tiny_shards, corr
     recipe = tiny_recipe(tmp_path, tiny_shards)
     out = tmp_path / "cached"
     total = cache(str(recipe), out=str(out), batch_size=7, progress=False)
-    assert total["features"] == ["arcface", "clip_image", "clip_text"]
+    face_feats = {"arcface.npy", "face_identity.npy", "face_patches.npy"}
+    assert total["features"] == ["arcface", "clip_image", "clip_text", "face_identity", "face_patches"]
     assert total["undecodable"] == 3 and total["samples"] == total["cached"] + 3
     # every original member is kept; features added; the corrupt samples stay as they were
     for shard in (tiny_shards / "train").glob("*.tar"):
         before, after = members(shard), members(out / "train" / shard.name)
         assert set(before) == set(after)
         for key, exts in before.items():
-            added = {"clip_image.npy", "clip_text.npy"} | ({"arcface.npy"} if "ref.png" in exts else set())
+            added = {"clip_image.npy", "clip_text.npy"} | (face_feats if "ref.png" in exts else set())
             assert after[key] == exts | added
     corrupt = members(out / tmp_path.name / "corrupt.tar")
-    assert corrupt == {k: v | ({"arcface.npy", "clip_image.npy", "clip_text.npy"} if k.startswith("good") else set())
+    assert corrupt == {k: v | ({"clip_image.npy", "clip_text.npy"} | face_feats if k.startswith("good") else set())
                        for k, v in members(tmp_path / "corrupt.tar").items()}
     assert (out / "train" / "cache.json").is_file()
 
     module, _ = build_from_recipe(str(recipe))  # the same seed: the same frozen weights
     module.setup("fit")
     module.eval()
-    cached = first_val_batch(out / "val")
-    assert {"arcface", "clip_image", "clip_text"} <= set(cached)
-    fresh = {k: v for k, v in cached.items() if k not in ("arcface", "clip_image", "clip_text")}
+    cached = first_val_batch([str(out / "val"), str(out / "guided")])  # faces and guided pairs
+    assert set(module.CACHEABLE) <= set(cached)
+    fresh = {k: v for k, v in cached.items() if k not in module.CACHEABLE}
     computed = module.frozen_features(fresh, module.CACHEABLE)
     for name in ("clip_image", "clip_text"):
         torch.testing.assert_close(cached[name], computed[name], atol=2e-3, rtol=2e-3)
     rows = cached["has_face"]
-    torch.testing.assert_close(cached["arcface"][rows], computed["arcface"][rows], atol=2e-3, rtol=2e-3)
+    assert 0 < rows.sum() < len(rows)  # faces and guided pairs: both kinds of row are checked
+    for name in ("arcface", "face_identity", "face_patches"):
+        torch.testing.assert_close(cached[name][rows], computed[name][rows], atol=2e-3, rtol=2e-3)
+        assert not cached[name][~rows].any()  # rows without a face carry nothing
+    # the joint embedding from cached face features equals the computed one on every row
+    # (rows without a face: the face ViT's answer to a black image)
+    from_images = module.joint(fresh)
+    vit, calls = module.encoder.face_encoder, []
+    vit.register_forward_hook(lambda _m, args, _o: calls.append(len(args[0])))
+    from_cache = module.joint(cached)
+    assert calls == [1]  # only the black image's constant, once
+    module.joint(cached)
+    assert calls == [1]
+    torch.testing.assert_close(from_cache.embeds, from_images.embeds, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(from_cache.identity, from_images.identity, atol=2e-3, rtol=2e-3)
     # the module's targets use the cache: with the frozen models broken, the targets stay right
     module.clip.encode_image = module.clip.encode_text = lambda *_: pytest.fail("computed a cached target")
     targets = module.targets(cached)
     torch.testing.assert_close(targets["image"], cached["clip_image"])
+    # a whole training step runs on the cache alone
+    module.train()
+    loss, _ = module.training_loss(cached)
+    assert torch.isfinite(loss)
+    # features cached for another face ViT: a clear error
+    wrong = dict(cached, face_patches=cached["face_patches"][:, 1:])
+    with pytest.raises(UserError, match="cached face_patches have shape .* re-run `cache`"):
+        module.joint(wrong)
 
     again = cache(str(recipe), shards=[str(out / "train")], progress=False)
     assert again["cached"] == 0 and again["already"] == again["samples"]

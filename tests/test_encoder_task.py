@@ -82,3 +82,40 @@ def test_reused_identity_equals_a_separate_face_id_forward(module):
     separate = module.targets(b)["identity"]
     rows = b["has_face"]  # face-less rows are masked out of the identity loss
     torch.testing.assert_close(torch.nn.functional.normalize(separate, dim=-1)[rows], reused[rows])
+
+
+def test_loader_tokenises_and_the_step_reads_its_ids(module):
+    """The DataLoader's workers tokenise (CaptionTokens, picklable: no model inside); the
+    step then uses those ids, not the captions."""
+    import pickle
+
+    transform = pickle.loads(pickle.dumps(module.loader_transform()))
+    b = transform(batch())
+    assert torch.equal(b["input_ids"], module.encoder.tokenize(b["caption"], b["has_face"].tolist()))
+    prefix = module.encoder.tokenize(["x"], [True])[0, 1].item()  # first token of the id prompt
+    assert b["input_ids"][:, 1].eq(prefix).tolist() == b["has_face"].tolist()
+    assert torch.equal(b["clip_input_ids"], module.clip_tokenizer(b["caption"]))
+    expected, _ = module.compute_losses(batch())
+    b["caption"] = ["unrelated words"] * 4  # ignored now that the ids are there
+    got, _ = module.compute_losses(b)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value)
+    assert "clip_input_ids" not in transform(dict(batch(), clip_text=torch.zeros(4, 64)))  # cached target
+
+
+def test_fit_hands_the_tokenisation_to_the_loader(tiny_shards):
+    import lightning as L
+
+    from faceclip_zoo.data import ShardDataModule
+
+    seen = []
+
+    class Keys(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
+            seen.append(set(b))
+
+    dm = ShardDataModule(train=str(tiny_shards / "train"), batch_size=4, num_workers=1, image_size=64)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Keys()], accelerator="cpu")
+    trainer.fit(FaceCLIPEncoderModule(encoder="faceclip-tiny", clip="clip-tiny"), datamodule=dm)
+    assert seen and {"input_ids", "clip_input_ids"} <= seen[0]

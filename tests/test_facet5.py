@@ -217,6 +217,15 @@ def test_facet5_encoder_module_trains_fuser_only_and_loads_t5_weights(tmp_path):
          "identity": ["a", "b", "", "a"]}
     losses, _ = m.compute_losses(b)
     assert sorted(losses) == ["identity", "image", "text"]
+    # the face ViT's outputs cached in the shards (zeros on rows without a face, as the
+    # loader collates them) give the same losses
+    with torch.no_grad():
+        feats = m.frozen_features(b, ["face_identity", "face_patches"])
+        rows = b["has_face"]
+        cached = {**b, "face_identity": feats["face_identity"] * rows[:, None],
+                  "face_patches": feats["face_patches"] * rows[:, None, None]}
+        for name, value in m.compute_losses(cached)[0].items():
+            torch.testing.assert_close(value, losses[name], atol=1e-5, rtol=1e-5)
     sum(losses.values()).backward()
     trained = {n for n, p in m.named_parameters() if p.grad is not None}
     assert any(n.startswith("encoder.fuser.") for n in trained)

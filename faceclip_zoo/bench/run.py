@@ -3,6 +3,7 @@
     python -m faceclip_zoo bench                       # tiny, CPU, about five minutes
     python -m faceclip_zoo bench --size real --out runs/bench   # the released sizes, one GPU
     python -m faceclip_zoo bench --only encoder,data --repeats 10
+    python -m faceclip_zoo bench --size real --only encoder --device cpu --encoder-batch 8
 
 Every row: median seconds per unit of ours and of the peer, their ratio, and each side's
 peak extra memory (see faceclip_zoo.bench.harness). A row whose work fails (e.g. out of
@@ -12,6 +13,7 @@ memory) is reported as failed and the run goes on; the exit status is then 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
@@ -50,6 +52,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per block (default: the size's)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--rounds", type=int, default=2, help="alternating blocks of ours and the peer")
+    p.add_argument("--encoder-batch", type=int, default=None,
+                   help="batch of the encoder steps (default: the size's; e.g. the real size on a CPU)")
     p.add_argument("--build-on-cpu", action="store_true",
                    help="initialise models on the CPU, then move them (default: directly on the device)")
     p.add_argument("--no-cudnn-attention", action="store_true",
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.enable_cudnn_sdp(False)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     size = SIZES[args.size]
+    if args.encoder_batch:
+        size = dataclasses.replace(size, encoder_batch=args.encoder_batch)
     ctx = Context(size=size, device=device, precision=precision, repeats=args.repeats or size.repeats,
                   warmup=args.warmup if args.warmup is not None else size.warmup, rounds=args.rounds,
                   build_on_device=not args.build_on_cpu)

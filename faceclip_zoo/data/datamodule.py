@@ -19,7 +19,7 @@ import glob
 import logging
 import os
 from functools import partial
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -28,7 +28,7 @@ from braceexpand import braceexpand
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from faceclip_zoo.data.schema import CACHED_FEATURES, CorruptSample, decode_sample
+from faceclip_zoo.data.schema import CACHED_FEATURES, FACE_FEATURES, CorruptSample, decode_sample
 from faceclip_zoo.data.stream import StreamSpec, count_samples, planned_loader
 from faceclip_zoo.utils import UserError
 
@@ -98,12 +98,17 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch["original_size"] = torch.tensor([list(s["original_size"]) for s in samples])
         batch["crop_top_left"] = torch.tensor([list(s["crop_top_left"]) for s in samples])
     for name in CACHED_FEATURES:
-        # The identity feature is only needed (and only present) on rows with a face.
-        needed = [s for s in samples if s["has_face"]] if name == "arcface" else samples
+        # Face features are only needed (and only present) on rows with a face; the other
+        # rows get zeros, which the model never reads (it goes by has_face).
+        needed = [s for s in samples if s["has_face"]] if name in FACE_FEATURES else samples
         if needed and all(name in s for s in needed):
             ref = needed[0][name]
             batch[name] = torch.stack([s.get(name, torch.zeros_like(ref)) for s in samples])
     return batch
+
+
+def _collate_then(samples: list[dict[str, Any]], transform: Callable[[dict], dict]) -> dict[str, Any]:
+    return transform(collate(samples))
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -141,6 +146,9 @@ class ShardDataModule(L.LightningDataModule):
         self.buckets = [tuple(int(v) for v in b) for b in buckets] if buckets else None
         if self.buckets and any(len(b) != 2 or min(b) <= 0 for b in self.buckets):
             raise UserError(f"buckets must be [height, width] pairs of positive sizes, got {buckets}")
+        # Set by the model (its setup hook): applied to each collated batch in the loader's
+        # workers, e.g. tokenising the captions there instead of in the training step.
+        self.batch_transform: Callable[[dict], dict] | None = None
         self._spec: StreamSpec | None = None
         self._resume: dict | None = None
         self._epochs_iterated = 0
@@ -221,11 +229,14 @@ class ShardDataModule(L.LightningDataModule):
         if self.train_spec is None:
             raise UserError("no training shards configured (data.train)")
         self._spec = self.stream_spec()
-        return planned_loader(self._spec, collate, self._position)
+        return planned_loader(self._spec, self._collate(), self._position)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_spec is None:
             return []
         workers = min(self.num_workers, len(resolve_shards(self.val_spec, "validation")))
-        return DataLoader(self.val_dataset(), batch_size=self.val_batch_size, collate_fn=collate,
+        return DataLoader(self.val_dataset(), batch_size=self.val_batch_size, collate_fn=self._collate(),
                           num_workers=workers)
+
+    def _collate(self) -> Callable[[list], dict]:
+        return collate if self.batch_transform is None else partial(_collate_then, transform=self.batch_transform)

@@ -7,7 +7,10 @@ One sample = files sharing a key inside a tar:
     <key>.ref.png | .ref.jpg      aligned reference face (absent for guided image-text pairs)
     <key>.json                    {"identity": str | null, ...free metadata}
     <key>.<feature>.npy           optional cached frozen-model outputs, float16/32:
-                                  arcface [D], clip_image [E], clip_text [E];
+                                  arcface [D], clip_image [E], clip_text [E],
+                                  face_identity [D] and face_patches [N, F] (the
+                                  branch's own face ViT: normalised identity, patch
+                                  tokens; only samples with a reference);
                                   for the diffusion stage vae_latents [C, h, w] (scaled),
                                   prompt_embeds [77, W], pooled_prompt_embeds [W]
 
@@ -29,8 +32,10 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REF_EXTS = tuple(f"ref.{e}" for e in IMAGE_EXTS)
-CACHED_FEATURES = ("arcface", "clip_image", "clip_text",
+CACHED_FEATURES = ("arcface", "clip_image", "clip_text", "face_identity", "face_patches",
                    "vae_latents", "prompt_embeds", "pooled_prompt_embeds")
+# Outputs of a model looking at the reference face: present only on samples that have one.
+FACE_FEATURES = ("arcface", "face_identity", "face_patches")
 
 # Refuse decompression bombs before decoding (PIL raises DecompressionBombError above 2x).
 Image.MAX_IMAGE_PIXELS = 64_000_000
@@ -168,6 +173,6 @@ def strip_face(sample: dict[str, Any]) -> dict[str, Any]:
     sample = dict(sample)
     sample["face"] = torch.zeros_like(sample["face"])
     sample["has_face"] = False
-    for name in ("arcface", "prompt_embeds", "pooled_prompt_embeds"):  # cached with the face: stale now
+    for name in (*FACE_FEATURES, "prompt_embeds", "pooled_prompt_embeds"):  # cached with the face: stale now
         sample.pop(name, None)
     return sample

@@ -28,6 +28,20 @@ class JointOutput:
     identity: torch.Tensor  # L2-normalised identity vector of the reference [B, id_dim]
 
 
+class PrefixedTokenizer:
+    """The branch's tokenisation: open_clip's tokenizer, with the id prompt prefixed on the
+    rows that have a face."""
+
+    def __init__(self, tokenizer, id_prompt: str):
+        self.tokenizer, self.id_prompt = tokenizer, id_prompt
+
+    def __call__(self, prompts: Sequence[str], has_face: Sequence[bool] | torch.Tensor) -> torch.Tensor:
+        flags = [bool(f) for f in has_face]
+        if len(flags) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(flags)} has_face flags")
+        return self.tokenizer([f"{self.id_prompt} {p}" if f else p for p, f in zip(prompts, flags)])
+
+
 class FaceCLIPEncoder(nn.Module):
     def __init__(self, config: FaceCLIPConfig):
         super().__init__()
@@ -68,11 +82,11 @@ class FaceCLIPEncoder(nn.Module):
     # -------------------------------------------------------------------- text side
     def tokenize(self, prompts: Sequence[str], has_face: Sequence[bool] | torch.Tensor) -> torch.Tensor:
         """Rows with a face get the "Photo of a id person. " prefix (release behaviour)."""
-        flags = [bool(f) for f in has_face]
-        if len(flags) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(flags)} has_face flags")
-        texts = [f"{self.config.id_prompt} {p}" if f else p for p, f in zip(prompts, flags)]
-        return self.tokenizer(texts)
+        return self.prompt_tokenizer()(prompts, has_face)
+
+    def prompt_tokenizer(self) -> "PrefixedTokenizer":
+        """`tokenize` as a small picklable object (no model inside), for DataLoader workers."""
+        return PrefixedTokenizer(self.tokenizer, self.config.id_prompt)
 
     def encode_tokens(
         self, input_ids: torch.Tensor, id_embeds: torch.Tensor | None = None,
@@ -99,6 +113,21 @@ class FaceCLIPEncoder(nn.Module):
         identity, patches = self.face_encoder(face_images)
         return F.normalize(identity.float(), dim=-1).to(patches.dtype), patches
 
+    def face_path(
+        self, face_images: torch.Tensor | None, has_face: torch.Tensor,
+        face_features: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(identity, patches, has_face as bool on their device) from the crops, or from
+        precomputed features when given."""
+        if face_features is not None:
+            identity, patches = face_features
+            return identity, patches, has_face.to(device=identity.device, dtype=torch.bool)
+        has_face = has_face.to(device=face_images.device, dtype=torch.bool)
+        # Rows without a face see a black image, as the release's unconditional branch.
+        face_images = face_images * has_face[:, None, None, None].to(face_images.dtype)
+        identity, patches = self.encode_face(face_images)
+        return identity, patches, has_face
+
     def train(self, mode: bool = True):
         super().train(mode)
         # The face ViT is a frozen recogniser: its BatchNorm head must stay in eval mode.
@@ -114,14 +143,7 @@ class FaceCLIPEncoder(nn.Module):
         input_ids: from `tokenize` (prefix on rows with a face); has_face: bool [B];
         face_features: precomputed (normalised identity, patches) instead of face_images,
         e.g. averaged over several references of one person."""
-        if face_features is None:
-            has_face = has_face.to(device=face_images.device, dtype=torch.bool)
-            # Rows without a face see a black image, as the release's unconditional branch.
-            face_images = face_images * has_face[:, None, None, None].to(face_images.dtype)
-            identity, patches = self.encode_face(face_images)
-        else:
-            identity, patches = face_features
-            has_face = has_face.to(device=identity.device, dtype=torch.bool)
+        identity, patches, has_face = self.face_path(face_images, has_face, face_features)
         tokens, pooled = self.encode_tokens(input_ids, self.proj1(identity), has_face)
         text = self.text_embed_proj(tokens)
         text_pos = self.text_pos_proj(self.positional_embedding.to(text.dtype))[None]

@@ -42,6 +42,17 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     return pe[None]
 
 
+class T5PromptTokenizer:
+    """FaceT5's tokenisation (no prefix), callable as (prompts, has_face) like the CLIP
+    branches' PrefixedTokenizer."""
+
+    def __init__(self, tokenizer, length: int):
+        self.tokenizer, self.length = tokenizer, length
+
+    def __call__(self, prompts: Sequence[str], has_face=None) -> torch.Tensor:
+        return t5_token_ids(self.tokenizer, list(prompts), self.length)
+
+
 class FaceT5Encoder(nn.Module):
     def __init__(self, config: FaceT5Config, tokenizer=None):
         super().__init__()
@@ -76,10 +87,16 @@ class FaceT5Encoder(nn.Module):
     def tokenize(self, prompts: Sequence[str], has_face=None) -> torch.Tensor:
         """T5 ids padded to text_length (has_face is accepted for symmetry with the CLIP
         branches; FaceT5 adds no prefix)."""
-        return t5_token_ids(self.tokenizer, list(prompts), self.config.text_length)
+        return self.prompt_tokenizer()(prompts)
+
+    def prompt_tokenizer(self) -> "T5PromptTokenizer":
+        """`tokenize` as a small picklable object (no model inside), for DataLoader workers."""
+        return T5PromptTokenizer(self.tokenizer, self.config.text_length)
 
     # ------------------------------------------------------------------ parts
-    encode_face = FaceCLIPEncoder.encode_face  # (normalised identity, patch tokens): the same face path
+    # (normalised identity, patch tokens): the same face path as the CLIP branches
+    encode_face = FaceCLIPEncoder.encode_face
+    face_path = FaceCLIPEncoder.face_path
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """T5 last hidden state [B, L, W] (no attention mask: padding attended, as in
@@ -102,12 +119,7 @@ class FaceT5Encoder(nn.Module):
         """face_images: aligned crops in [0, 1] [B, 3, H, W] (zeroed where has_face is
         False); face_features: precomputed (identity, patches) instead; text_states: the
         frozen T5 output when already computed (cached shards)."""
-        if face_features is None:
-            has_face = has_face.to(device=face_images.device, dtype=torch.bool)
-            face_images = face_images * has_face[:, None, None, None].to(face_images.dtype)
-            identity, patches = self.encode_face(face_images)
-        else:
-            identity, patches = face_features
+        identity, patches, _ = self.face_path(face_images, has_face, face_features)
         text = self.encode_text(input_ids) if text_states is None else text_states
         b = text.shape[0]
         face = self.face_patch_proj(patches.to(text.dtype))

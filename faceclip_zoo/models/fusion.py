@@ -177,6 +177,15 @@ class DeformableAttention(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
+    def _normalizer(self, shapes, dtype, device) -> torch.Tensor:
+        # Built once per (shapes, dtype, device): a fresh tensor each forward would be a
+        # host-to-device copy, which makes the CPU wait for the GPU queue to drain.
+        key = (tuple(map(tuple, shapes)), dtype, device)
+        if getattr(self, "_normalizer_key", None) != key:
+            self._normalizer_value = torch.tensor([[w, h] for h, w in shapes], dtype=dtype, device=device)
+            self._normalizer_key = key
+        return self._normalizer_value
+
     def forward(
         self, query: torch.Tensor, value: torch.Tensor, reference: torch.Tensor,
         shapes: list[tuple[int, int]],
@@ -186,7 +195,7 @@ class DeformableAttention(nn.Module):
         v = self.value_proj(value).view(b, value.shape[1], h, -1)
         offsets = self.sampling_offsets(query).view(b, q, h, lv, p, 2)
         weights = self.attention_weights(query).view(b, q, h, lv * p).softmax(-1).view(b, q, h, lv, p)
-        normalizer = torch.tensor([[w, hh] for hh, w in shapes], dtype=query.dtype, device=query.device)
+        normalizer = self._normalizer(shapes, query.dtype, query.device)
         locations = reference[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         return self.output_proj(deformable_attention(v, shapes, locations, weights))
 

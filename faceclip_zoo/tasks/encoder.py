@@ -6,8 +6,9 @@ e_{c->t}, e_{c->r}: linear heads over the joint embedding e; e_I: frozen CLIP im
 embedding of the target; e_{r_cls}: frozen face-ID embedding of the reference;
 e_{t_cls}: frozen (original) CLIP text embedding of the caption. Each term is switched
 on by name in `losses` (the paper's L1 = [image], L2 = [image, identity],
-L3 = [image, identity, text]). Frozen targets are read from the batch when the shards
-carry cached features, and computed otherwise.
+L3 = [image, identity, text]). Frozen targets, and the frozen face ViT's outputs that
+feed the fusion, are read from the batch when the shards carry cached features
+(`python -m faceclip_zoo cache`), and computed otherwise.
 """
 
 from __future__ import annotations
@@ -68,6 +69,23 @@ def _slice_batch(batch: dict, rows: slice) -> dict:
     """Rows of a collated batch (tensors and lists; scalars such as `skipped` kept)."""
     return {k: v[rows] if isinstance(v, (torch.Tensor, list)) and len(v) == len(batch["caption"]) else v
             for k, v in batch.items()}
+
+
+class CaptionTokens:
+    """Tokenises a collated batch in the DataLoader's workers, as open_clip's data pipeline
+    does, so the training step (and the GPU, waiting on it) does not: `input_ids` for the
+    branch (the id prompt prefixed on rows with a face) and, unless the shards carry the
+    CLIP text target, `clip_input_ids` for the frozen CLIP text tower. Holds tokenizers
+    only (picklable)."""
+
+    def __init__(self, branch_tokenizer, clip_tokenizer=None):
+        self.branch_tokenizer, self.clip_tokenizer = branch_tokenizer, clip_tokenizer
+
+    def __call__(self, batch: dict) -> dict:
+        batch["input_ids"] = self.branch_tokenizer(batch["caption"], batch["has_face"].tolist())
+        if self.clip_tokenizer is not None and "clip_text" not in batch:
+            batch["clip_input_ids"] = self.clip_tokenizer(batch["caption"])
+        return batch
 
 
 class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
@@ -181,6 +199,15 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
             term.set_distributed(self.global_rank, self.trainer.world_size if self._trainer else 1)
         if not self._weights_loaded:
             self.load_pretrained_weights()
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "batch_transform"):
+            # Lightning builds the loaders after this hook: their workers tokenise from now on.
+            datamodule.batch_transform = self.loader_transform()
+
+    def loader_transform(self) -> "CaptionTokens":
+        """What the DataLoader's workers add to each batch: the captions' token ids."""
+        clip = self.clip_tokenizer if "text" in self.loss_names else None
+        return CaptionTokens(self.encoder.prompt_tokenizer(), clip)
 
     def load_pretrained_weights(self) -> None:
         hp = self.hparams
@@ -214,21 +241,62 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
     def joint(self, batch: dict, prompts: list[str] | None = None):
         """Joint embedding of (caption or fixed prompts, reference face)."""
         has_face = batch["has_face"].to(self.device)
-        ids = self.encoder.tokenize(prompts or batch["caption"], has_face.tolist()).to(self.device)
-        return self.encoder(batch["face"], ids, has_face)
+        ids = batch.get("input_ids") if prompts is None else None  # tokenised by the loader
+        if ids is None:
+            ids = self.encoder.tokenize(prompts or batch["caption"], has_face.tolist())
+        ids = ids.to(self.device)
+        return self.encoder(batch["face"], ids, has_face, face_features=self.cached_face_features(batch))
 
     # Frozen-model outputs that `python -m faceclip_zoo cache` can store in the shards.
-    CACHEABLE = ("arcface", "clip_image", "clip_text")
+    CACHEABLE = ("arcface", "clip_image", "clip_text", "face_identity", "face_patches")
     _TARGET_FEATURE = {"image": "clip_image", "text": "clip_text", "identity": "arcface"}
+
+    def cached_face_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The branch's own frozen face ViT outputs (normalised identity, patch tokens)
+        when the shards carry them, else None (computed in the forward). Rows without a
+        face hold zeros in the batch; the forward would see a black image there, so they
+        get the face ViT's output for a black image (one constant)."""
+        if "face_identity" not in batch or "face_patches" not in batch:
+            return None
+        identity = batch["face_identity"].to(self.device)
+        patches = batch["face_patches"].to(self.device)
+        expected = (self.encoder_config.face.num_patches, self.encoder_config.face.width)
+        if tuple(patches.shape[1:]) != expected:
+            raise UserError(f"cached face_patches have shape {tuple(patches.shape[1:])}, this encoder's face ViT "
+                            f"gives {expected}: the shards were cached for another model; re-run `cache`")
+        has_face = batch["has_face"].to(self.device)
+        if not has_face.all():
+            blank_identity, blank_patches = self._blank_face_features()
+            identity = torch.where(has_face[:, None], identity, blank_identity.to(identity.dtype))
+            patches = torch.where(has_face[:, None, None], patches, blank_patches.to(patches.dtype))
+        return identity, patches
+
+    @torch.no_grad()
+    def _blank_face_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # The face ViT is frozen for the whole run, so its answer to a black image is a
+        # constant: computed once per device.
+        cached = getattr(self, "_blank_face", None)
+        if cached is None or cached[0].device != self.device:
+            size = self.encoder_config.face.image_size
+            identity, patches = self.encoder.encode_face(torch.zeros(1, 3, size, size, device=self.device))
+            self._blank_face = cached = (identity.float(), patches.float())
+        return cached
 
     @torch.no_grad()
     def frozen_features(self, batch: dict, names) -> dict[str, torch.Tensor]:
         """The frozen models' outputs for `names` (a subset of CACHEABLE), computed."""
         out = {}
+        if "face_identity" in names or "face_patches" in names:
+            has_face = batch["has_face"].to(self.device)
+            faces = batch["face"].to(self.device) * has_face[:, None, None, None].to(batch["face"].dtype)
+            identity, patches = self.encoder.encode_face(faces)
+            out.update({k: v for k, v in (("face_identity", identity), ("face_patches", patches)) if k in names})
         if "clip_image" in names:
             out["clip_image"] = self.clip.encode_image(clip_normalize(batch["image"].to(self.device)))
         if "clip_text" in names:
-            out["clip_text"] = self.clip.encode_text(self.clip_tokenizer(batch["caption"]).to(self.device))
+            ids = batch.get("clip_input_ids")  # tokenised by the loader
+            ids = self.clip_tokenizer(batch["caption"]) if ids is None else ids
+            out["clip_text"] = self.clip.encode_text(ids.to(self.device))
         if "arcface" in names:
             model = self.identity_model or FaceViTIdentity(self.encoder.face_encoder)
             out["arcface"] = model(batch["face"].to(self.device))
