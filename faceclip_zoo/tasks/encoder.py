@@ -265,10 +265,10 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
             raise UserError(f"cached face_patches have shape {tuple(patches.shape[1:])}, this encoder's face ViT "
                             f"gives {expected}: the shards were cached for another model; re-run `cache`")
         has_face = batch["has_face"].to(self.device)
-        if not has_face.all():
-            blank_identity, blank_patches = self._blank_face_features()
-            identity = torch.where(has_face[:, None], identity, blank_identity.to(identity.dtype))
-            patches = torch.where(has_face[:, None, None], patches, blank_patches.to(patches.dtype))
+        # Unconditionally (asking `has_face.all()` would make the CPU wait for the GPU).
+        blank_identity, blank_patches = self._blank_face_features()
+        identity = torch.where(has_face[:, None], identity, blank_identity.to(identity.dtype))
+        patches = torch.where(has_face[:, None, None], patches, blank_patches.to(patches.dtype))
         return identity, patches
 
     @torch.no_grad()
