@@ -28,6 +28,24 @@ FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
 PROMPT = "a photo of a person wearing a red shirt, in front of a blue background, lit from the front"
 
 
+@pytest.fixture(scope="module")
+def face_photos(tmp_path_factory) -> list[Path]:
+    """Two real face photos: the aligned faces beside the repository (shared/data/faces)
+    when that folder is there, else skimage's astronaut and her mirror image (scikit-image
+    ships the photo), so the test runs wherever the repository is cloned."""
+    shared = sorted(FACES.glob("*.png"))
+    if len(shared) >= 2:
+        return shared[:2]
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("faces")
+    photo = Image.fromarray(data.astronaut())
+    paths = [folder / "astronaut.png", folder / "astronaut_mirrored.png"]
+    photo.save(paths[0])
+    photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(paths[1])
+    return paths
+
+
 def write_spec(folder: Path, **spec) -> Path:
     path = folder / "bench.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -49,8 +67,8 @@ def zoo_clip(tmp_path_factory):
     return model, save_model_dir(model, tmp_path_factory.mktemp("clip") / "clip", config=cfg)
 
 
-def test_face_sim_of_an_image_with_itself_is_one_and_a_missing_face_counts(tmp_path):
-    photos = sorted(FACES.glob("*.png"))[:2]
+def test_face_sim_of_an_image_with_itself_is_one_and_a_missing_face_counts(tmp_path, face_photos):
+    photos = face_photos
     torch.manual_seed(0)
     face_vit = save_model_dir(FaceViT(FaceViTConfig.from_name("face-vit-tiny")).eval(), tmp_path / "vit")
     _linear_arcface(tmp_path / "arcface.onnx")
@@ -143,13 +161,13 @@ def test_fid_of_a_set_with_itself_is_zero(tmp_path, zoo_clip):
         build_fid("inception")
 
 
-def test_bad_specs_are_clear_errors(tmp_path):
+def test_bad_specs_are_clear_errors(tmp_path, face_photos):
     with pytest.raises(UserError, match=r"unknown key\(s\) \['promts'\]"):
         load_spec(write_spec(tmp_path, promts=["x"]))
     with pytest.raises(UserError, match="reference of identity 'ann' missing.png not found"):
         load_spec(write_spec(tmp_path, identities={"ann": "missing.png"}, prompts=["x"]))
     with pytest.raises(UserError, match=r"face_sim: unknown key\(s\) \['modle'\]"):
-        load_spec(write_spec(tmp_path, pairs=[{"reference": str(sorted(FACES.glob("*.png"))[0]), "prompt": "x"}],
+        load_spec(write_spec(tmp_path, pairs=[{"reference": str(face_photos[0]), "prompt": "x"}],
                              face_sim={"modle": "x"}))
     with pytest.raises(UserError, match="lists nothing to generate"):
         load_spec(write_spec(tmp_path, seed=1))
