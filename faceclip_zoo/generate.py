@@ -7,8 +7,8 @@ The folder's model_index.json says which pipeline it is: FaceCLIPSDXLPipeline or
 FaceT5FluxPipeline. --face may be given several times (references of one person,
 averaged). Without --steps/--guidance the release's settings apply: SDXL Euler, 50 steps,
 guidance 5.0; FLUX flow-matching Euler, 50 steps, true CFG 3.5 (--guidance) with
-distilled guidance 1.0 (--distilled-guidance) and the release's negative prompt. The
-size defaults to the model's native one.
+distilled guidance 1.0 (--distilled-guidance); both with the release's negative text
+(pipelines/defaults.py). The size defaults to the model's native one.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: photos are aligned like the training data, aligned crops kept as they are; "
                         "never: the faces are aligned crops already (e.g. synthetic faces)")
     p.add_argument("--negative-prompt", default=None,
-                   help="default: empty (SDXL), the release's negative prompt (FLUX)")
+                   help="default: the release's negative text for the model (SDXL or FLUX); '' for none")
     p.add_argument("--out", default="out.png", help="output PNG (out-K.png for --num-images > 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)

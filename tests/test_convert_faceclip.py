@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from faceclip_zoo.bench.release_reference import official_state_from_ours, release_branch_forward
+from faceclip_zoo.bench.release_reference import (
+    official_state_from_ours, randomised_branch_state, release_branch_forward,
+)
 from faceclip_zoo.config import FaceCLIPConfig
 from faceclip_zoo.models import FaceCLIPEncoder, load_model_dir
 from faceclip_zoo.models.clip import build_text_tower, build_tokenizer
@@ -23,30 +25,12 @@ CONFIGS = {  # release layout and names, small widths
 }
 
 
-def _randomised_branch(cfg, seed):
-    """A branch whose every path matters: layer-scale gammas and deformable offsets away
-    from their near-zero init, BatchNorm statistics not the identity."""
-    torch.manual_seed(seed)
-    enc = FaceCLIPEncoder(cfg)
-    state = enc.state_dict()
-    for k, v in state.items():
-        if k.endswith(("gamma_v", "gamma_l")):
-            v.uniform_(0.3, 0.8)
-        elif "sampling_offsets.weight" in k or "attention_weights.weight" in k:
-            v.normal_(0, 0.3)
-        elif k.endswith("running_mean"):
-            v.normal_(0, 0.1)
-        elif k.endswith("running_var"):
-            v.uniform_(0.5, 2.0)
-    return {k: v.clone() for k, v in state.items()}
-
-
 @pytest.fixture(scope="module")
 def official_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("official")
     sd = {}
     for i, (branch, cfg) in enumerate(CONFIGS.items()):
-        ours = _randomised_branch(cfg, seed=i)
+        ours = randomised_branch_state(cfg, seed=i)
         for k, v in official_state_from_ours(ours, cfg.width).items():
             sd[f"model.{branch}.{k}"] = v
     path = folder / "face_clip_encoder.pt"
@@ -105,7 +89,7 @@ def test_bf16_release_converts_without_upcasting(tmp_path):
     cfg = CONFIGS["face_clip_l"]
     sd = {}
     for branch in CONFIGS:
-        ours = _randomised_branch(CONFIGS[branch], 0)
+        ours = randomised_branch_state(CONFIGS[branch], 0)
         sd.update({f"{branch}.{k}": (v.bfloat16() if v.is_floating_point() else v)
                    for k, v in official_state_from_ours(ours, CONFIGS[branch].width).items()})
     torch.save(sd, tmp_path / "face_clip_encoder.pt")

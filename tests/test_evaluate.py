@@ -308,3 +308,46 @@ def test_clip_t_with_a_transformers_clip_folder(tmp_path):
     direct = (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
     clip = ClipModel(f"transformers:{folder}")
     torch.testing.assert_close((clip.image_features(images) * clip.text_features(prompts)).sum(-1), direct)
+
+
+def test_synthetic_benchmark_scores_ceilings_generations_and_the_no_face_control(tmp_path, pipeline_dir, tiny_shards):
+    from faceclip_zoo.cli import main
+    from faceclip_zoo.evaluation.synthetic import identity_scores, load_validation_samples
+    from faceclip_zoo.models.face_vit import FaceViTIdentity
+
+    torch.manual_seed(0)
+    vit = FaceViT(FaceViTConfig.from_name("face-vit-tiny")).eval()
+    face_vit = save_model_dir(vit, tmp_path / "vit")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pipeline", str(pipeline_dir), "--benchmark", "synthetic", "--out", str(out),
+                 "--synthetic-val", str(tiny_shards / "val"), "--face-id", str(face_vit), "--steps", "2",
+                 "--images-per-sample", "2"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    samples = load_validation_samples(str(tiny_shards / "val"))
+    assert report["held_out_samples"] == len(samples) == 12 and report["identities"] == 3
+    results = report["results"]
+    assert list(results) == ["real", "vae_round_trip", "generated", "generated_no_face"]
+    for name, r in results.items():
+        assert r["images"] == len(samples) * (2 if name.startswith("generated") else 1)
+        for key in ("identity_top1", "face_sim", "identity_margin", "background_accuracy"):
+            assert 0 <= r[f"{key}_se"] < 1 and abs(r[key]) <= 1
+        assert r["chance_top1"] == pytest.approx(1 / 3) and r["chance_background"] == pytest.approx(0.1)
+    # the real scenes' numbers are the direct computation
+    direct = identity_scores(FaceViTIdentity(vit), torch.stack([s["image"] for s in samples]),
+                             [s["identity"] for s in samples],
+                             _mean_references(FaceViTIdentity(vit), samples))
+    assert results["real"]["identity_top1"] == pytest.approx(direct["identity_top1"])
+    assert results["real"]["face_sim"] == pytest.approx(direct["face_sim"], abs=1e-6)
+    # every real scene names its background: the ceiling of the colour check
+    assert results["real"]["background_accuracy"] > 0.8
+    assert (out / "results.md").read_text().count("| real |") == 1
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.width > 4 * 64 and sheet.height > 3 * 64  # 4 columns, one row per identity
+
+
+def _mean_references(face_id, samples):
+    with torch.no_grad():
+        emb = F.normalize(face_id(torch.stack([s["face"] for s in samples])).float(), dim=-1)
+    names = sorted({s["identity"] for s in samples})
+    return {n: F.normalize(emb[[i for i, s in enumerate(samples) if s["identity"] == n]].mean(0), dim=-1)
+            for n in names}

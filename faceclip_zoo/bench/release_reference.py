@@ -150,6 +150,26 @@ def release_branch_forward(sd, cfg, tower, tokenizer, images, face_exist, texts)
     return text, pooled
 
 
+def randomised_branch_state(cfg, seed: int) -> dict:
+    """Our branch's state with every path mattering: layer-scale gammas and deformable
+    offsets away from their near-zero init, BatchNorm statistics not the identity (a fresh
+    branch would hide a wrong fusion or face path behind its 1e-4 gammas)."""
+    from faceclip_zoo.models.faceclip import FaceCLIPEncoder
+
+    torch.manual_seed(seed)
+    state = FaceCLIPEncoder(cfg).state_dict()
+    for k, v in state.items():
+        if k.endswith(("gamma_v", "gamma_l")):
+            v.uniform_(0.3, 0.8)
+        elif "sampling_offsets.weight" in k or "attention_weights.weight" in k:
+            v.normal_(0, 0.3)
+        elif k.endswith("running_mean"):
+            v.normal_(0, 0.1)
+        elif k.endswith("running_var"):
+            v.uniform_(0.5, 2.0)
+    return {k: v.clone() for k, v in state.items()}
+
+
 def official_state_from_ours(ours: dict, width: int, seed: int = 0) -> dict:
     """Our branch state -> official key names, plus the release's unused enc_output."""
     from faceclip_zoo.models.convert_faceclip import ours_to_official

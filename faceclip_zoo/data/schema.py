@@ -14,7 +14,8 @@ One sample = files sharing a key inside a tar:
                                   for the diffusion stage vae_latents [C, h, w] (scaled),
                                   prompt_embeds [77, W], pooled_prompt_embeds [W]
 
-Decoded, a sample is a dict: image [3, S, S] and face [3, F, F] float in [0, 1],
+Decoded, a sample is a dict: image [3, S, S] and face [3, F, F] float in [0, 1] (the
+reference resized by the release's bilinear interpolation, see square_face),
 has_face bool, caption str, identity str ("" if unknown), key str, original_size and
 crop_top_left (SDXL micro-conditioning), and every cached feature as a float tensor. Everything here is plain Python/numpy/PIL so shard writers
 need no torch.
@@ -97,13 +98,28 @@ def resize_crop(img: Image.Image, size: int | tuple[int, int]) -> tuple[torch.Te
         w, h = img.size
         left, top = (w - tw) // 2, (h - th) // 2
         img = img.crop((left, top, left + tw, top + th))
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0), (top, left)
+    return pil_to_tensor(img), (top, left)
 
 
-def _to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """Shorter side to `size`, centre crop, float [3, size, size] in [0, 1]."""
-    return resize_crop(img, size)[0]
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL -> float [3, H, W] in [0, 1], nothing resized (torchvision's ToTensor)."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def square_face(face: torch.Tensor, size: int) -> torch.Tensor:
+    """An aligned crop, float [3, H, W] in [0, 1] -> [3, size, size] by the release's own
+    resize of its 448 crops (bilinear, align_corners=False, no antialiasing; the face ViT's
+    `to_face_input`), so the encoder sees what the release's encoder sees. A crop that is
+    not square is centre-cropped to a square first (prepared crops always are square)."""
+    from faceclip_zoo.models.face_vit import to_face_input
+
+    _, h, w = face.shape
+    if h != w:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        face = face[:, top:top + side, left:left + side]
+    return to_face_input(face[None], size)[0]
 
 
 def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
@@ -153,7 +169,9 @@ def decode_sample(raw: dict[str, Any], image_size: int, face_size: int,
     }
     ref_ext = next((e for e in REF_EXTS if e in raw), None)
     if ref_ext is not None:
-        out["face"] = _to_tensor(_open_rgb(raw[ref_ext], f"{where} reference"), face_size)
+        # Stored at the crop's own size (448 from `prepare`), resized here as the release
+        # resizes inside its encoder: identical to handing the encoder the full crop.
+        out["face"] = square_face(pil_to_tensor(_open_rgb(raw[ref_ext], f"{where} reference")), face_size)
         out["has_face"] = True
     else:
         out["face"] = torch.zeros(3, face_size, face_size)

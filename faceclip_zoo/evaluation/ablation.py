@@ -147,7 +147,9 @@ def write_benchmark(folder: Path, per_identity: int, eval_cfg: dict, priors: str
             pairs.append({"reference": f"references/{s['key']}.png", "prompt": s["caption"], "identity": s["identity"]})
     priors = str(Path(priors).resolve())
     spec = {"pairs": pairs, "batch_size": eval_cfg["batch_size"], "seed": 0,
-            "generation": {"steps": eval_cfg["steps"], "guidance": eval_cfg["guidance"], "align": "never"},
+            # The synthetic world trains its unconditional branch on empty captions: "" is its negative.
+            "generation": {"steps": eval_cfg["steps"], "guidance": eval_cfg["guidance"], "align": "never",
+                           "negative_prompt": ""},
             "face_sim": {"model": f"face-vit:{priors}/face-vit", "locator": "synthetic-scene"},
             "clip_t": {"model": f"zoo:{priors}/clip"},
             "fid": {"reference_dir": "real", "features": "clip"},

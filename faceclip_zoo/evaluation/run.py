@@ -1,6 +1,7 @@
 """`python -m faceclip_zoo evaluate`: a pipeline on a benchmark, or an encoder on its own.
 
     python -m faceclip_zoo evaluate --pipeline checkpoints/my-sdxl --benchmark bench.yaml --out runs/eval/my-sdxl
+    python -m faceclip_zoo evaluate --pipeline checkpoints/quickstart-sdxl --benchmark synthetic --out runs/eval/q
     python -m faceclip_zoo evaluate --encoder runs/.../last.ckpt --clip open_clip:ViT-L-14:/models/clip.bin \\
         --zero-shot imagenet_val/ --faces people/ --out runs/eval/encoder
 """
@@ -24,12 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (images, results.json, results.md, sheets/)")
     g = p.add_argument_group("pipeline on a benchmark")
     g.add_argument("--pipeline", help="an exported pipeline folder (SDXL or FLUX)")
-    g.add_argument("--benchmark", help="benchmark spec YAML (see faceclip_zoo/evaluation/spec.py)")
+    g.add_argument("--benchmark", help="benchmark spec YAML (see faceclip_zoo/evaluation/spec.py), or 'synthetic': "
+                                       "the held-out synthetic identities (faceclip_zoo/evaluation/synthetic.py)")
     g.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default: the spec's)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA (as the release), float32 on CPU")
     g.add_argument("--score-only", action="store_true", help="score the images in --out without generating")
+    s = p.add_argument_group("--benchmark synthetic")
+    s.add_argument("--synthetic-val", default="runs/synthetic/val", help="held-out synthetic shards")
+    s.add_argument("--face-id", default="checkpoints/synthetic/face-vit", help="the synthetic face-ID ViT folder")
+    s.add_argument("--steps", type=int, default=25)
+    s.add_argument("--guidance", type=float, default=5.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--images-per-sample", type=int, default=1, help="seeds per held-out sample")
     e = p.add_argument_group("encoder")
     e.add_argument("--encoder", help="an encoder model directory, or its fit checkpoint (which has the heads)")
     e.add_argument("--clip", help="CLIP model for the images: open_clip:<arch>:<weights> | transformers:<dir> | zoo:<dir>")
@@ -77,7 +86,16 @@ def main(argv: list[str]) -> int:
         raise UserError("evaluate needs either --pipeline (with --benchmark) or --encoder")
     if args.pipeline:
         if not args.benchmark:
-            raise UserError("--pipeline needs --benchmark <spec.yaml>")
+            raise UserError("--pipeline needs --benchmark <spec.yaml> or --benchmark synthetic")
+        if args.benchmark == "synthetic":
+            from faceclip_zoo.evaluation.synthetic import run_synthetic_benchmark
+
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+            run_synthetic_benchmark(args.pipeline, args.out, args.synthetic_val, args.face_id, args.steps,
+                                    args.guidance, args.seed, args.images_per_sample, device)
+            print(Path(args.out, "results.md").read_text())
+            print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'contact_sheet.png'}")
+            return 0
         results = evaluate_pipeline(args.pipeline, args.benchmark, args.out, args.device, args.dtype,
                                     args.batch_size, args.score_only)
         print(Path(args.out, "results.md").read_text())

@@ -18,7 +18,7 @@ A spec is a YAML file; relative paths are relative to the file. Two shapes, comb
     seed: 0
     batch_size: 4
     generation: {steps: 50, guidance: null, distilled_guidance: null, height: null, width: null,
-                 negative_prompt: null, align: auto}
+                 negative_prompt: null, align: auto}   # null: the release's negative text
     face_sim: {model: "onnx:/models/w600k_r50.onnx", locator: detect, detector: auto,
                detector_model_dir: null, reference_locator: null}
     clip_t: {model: "open_clip:ViT-L-14:/models/open_clip_model.safetensors"}

@@ -8,12 +8,16 @@ on the held-out synthetic identities, where both can be read from pixels:
 - background: the colour of the generated scene's top corners, nearest of the palette,
   against the caption's background word (chance 1 / 10).
 
-The same numbers for the real validation scenes give the ceiling, and for images
-generated without a face (same prompts) the no-identity floor.
+The same numbers for the real validation scenes (and for them after the pipeline's VAE)
+give the ceilings, and for images generated without a face (same prompts) the
+no-identity floor.
+
+    python -m faceclip_zoo evaluate --pipeline checkpoints/quickstart-sdxl --benchmark synthetic --out runs/eval/q
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 
@@ -51,11 +55,18 @@ def caption_background(caption: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _summary(values: torch.Tensor) -> tuple[float, float]:
+    """(mean, standard error of the mean) of per-image values."""
+    v = values.double()
+    se = (v.std(unbiased=True) / math.sqrt(len(v))).item() if len(v) > 1 else float("nan")
+    return v.mean().item(), se
+
+
 @torch.no_grad()
 def identity_scores(face_id, images: torch.Tensor, identities: list[str],
                     references: dict[str, torch.Tensor]) -> dict[str, float]:
     """images: scenes [N, 3, S, S] in [0, 1]; references: identity -> its mean normalised
-    identity vector."""
+    identity vector. Each score with its standard error over the images (`<name>_se`)."""
     names = sorted(references)
     refs = torch.stack([references[n] for n in names])
     emb = F.normalize(face_id(scene_face_crop(images)).float(), dim=-1)
@@ -63,15 +74,41 @@ def identity_scores(face_id, images: torch.Tensor, identities: list[str],
     own = torch.tensor([names.index(i) for i in identities])
     own_sim = sims[torch.arange(len(own)), own]
     other = (sims.sum(1) - own_sim) / (len(names) - 1)
-    return {"own_similarity": own_sim.mean().item(), "other_similarity": other.mean().item(),
-            "margin": (own_sim - other).mean().item(),
-            "top1": (sims.argmax(1) == own).float().mean().item(), "chance_top1": 1 / len(names)}
+    out = {"images": len(own), "chance_top1": 1 / len(names)}
+    for name, values in (("face_sim", own_sim), ("other_similarity", other), ("identity_margin", own_sim - other),
+                         ("identity_top1", (sims.argmax(1) == own).float())):
+        out[name], out[f"{name}_se"] = _summary(values)
+    return out
+
+
+def background_scores(images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    hits = torch.tensor([float(p == caption_background(c)) for p, c in zip(background_of(images), captions)])
+    mean, se = _summary(hits)
+    return {"background_accuracy": mean, "background_accuracy_se": se, "chance_background": 1 / len(BACKGROUNDS)}
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """What the diffusion model can at best reproduce: scenes through the pipeline's VAE."""
+    p = next(vae.parameters())
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device=p.device, dtype=p.dtype) * 2 - 1
+        z = vae.encode(x).latent_dist.mode()
+        out.append(((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def evaluate_synthetic(pipe, samples: list[dict], face_id, steps: int = 25, guidance: float = 5.0,
-                       seed: int = 0, batch_size: int = 16) -> dict[str, dict[str, float]]:
-    """samples: validation samples (decoded shard dicts with face, image, caption, identity)."""
+                       seed: int = 0, batch_size: int = 16, images_per_sample: int = 1,
+                       ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """samples: validation samples (decoded shard dicts with face, image, caption, identity).
+    Returns (scores per image set, the image sets): real scenes and their VAE round trip
+    (ceilings), generated with the sample's reference face, and generated with the face
+    input zeroed (same prompts and seeds: the no-identity control). Generation draws
+    `images_per_sample` seeds per sample; negative branch: zero face + "" (the synthetic
+    world's unconditional condition)."""
     refs: dict[str, list[torch.Tensor]] = defaultdict(list)
     faces = torch.stack([s["face"] for s in samples])
     ref_emb = F.normalize(face_id(faces).float(), dim=-1)
@@ -85,23 +122,23 @@ def evaluate_synthetic(pipe, samples: list[dict], face_id, steps: int = 25, guid
 
     def generate(with_face: bool) -> torch.Tensor:
         out = []
-        for i in range(0, len(samples), batch_size):
-            gen = torch.Generator().manual_seed(seed + i)
-            out.append(pipe.per_row(faces[i:i + batch_size] if with_face else None,
-                                    captions[i:i + batch_size], num_inference_steps=steps,
-                                    guidance_scale=guidance, height=size[0], width=size[1],
-                                    generator=gen))
-        return torch.cat(out).float().cpu()
+        for k in range(images_per_sample):
+            for i in range(0, len(samples), batch_size):
+                gen = torch.Generator().manual_seed(seed + 100_003 * k + i)
+                out.append(pipe.per_row(faces[i:i + batch_size] if with_face else None,
+                                        captions[i:i + batch_size], negative_prompt="",
+                                        num_inference_steps=steps, guidance_scale=guidance,
+                                        height=size[0], width=size[1], generator=gen).float().cpu())
+        return torch.cat(out)
 
+    sets = {"real": real, "vae_round_trip": vae_round_trip(pipe.vae, real),
+            "generated": generate(True), "generated_no_face": generate(False)}
     results = {}
-    for name, images in (("real", real), ("generated", generate(True)), ("generated_no_face", generate(False))):
-        scores = identity_scores(face_id, images, identities, references)
-        predicted = background_of(images)
-        wanted = [caption_background(c) for c in captions]
-        scores["background_accuracy"] = sum(p == w for p, w in zip(predicted, wanted)) / len(wanted)
-        scores["chance_background"] = 1 / len(BACKGROUNDS)
-        results[name] = scores
-    return results
+    for name, images in sets.items():
+        n = len(images) // len(samples)
+        results[name] = {**identity_scores(face_id, images, identities * n, references),
+                         **background_scores(images, captions * n)}
+    return results, sets
 
 
 def load_validation_samples(shards: str, image_size: int = 64, face_size: int = 112) -> list[dict]:
@@ -111,36 +148,70 @@ def load_validation_samples(shards: str, image_size: int = 64, face_size: int = 
     return [s for s in dm.val_dataset() if s["has_face"]]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """python -m faceclip_zoo.evaluation.synthetic --pipeline checkpoints/quickstart-sdxl"""
-    import argparse
+COLUMNS = ("identity_top1", "face_sim", "identity_margin", "background_accuracy")
+
+
+def markdown(results: dict[str, dict[str, float]]) -> str:
+    first = next(iter(results.values()))
+    lines = [f"chance: identity_top1 {first['chance_top1']:.3f}, background_accuracy {first['chance_background']:.2f}; "
+             "each value +- its standard error over the images", "",
+             "| images | n | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['images']} | " + " | ".join(f"{r[c]:.3f} +- {r[c + '_se']:.3f}" for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def contact_sheet(samples: list[dict], sets: dict[str, torch.Tensor], path, per_identity: int = 1,
+                  identities: int = 6) -> None:
+    """Rows: one held-out identity each; columns: reference | real scene | generated |
+    generated with the face zeroed (same prompt and seed)."""
+    from torchvision.utils import save_image
+
+    picked, seen = [], defaultdict(int)
+    for i, s in enumerate(samples):
+        if seen[s["identity"]] < per_identity and len(seen) <= identities:
+            if len(seen) == identities and s["identity"] not in seen:
+                break
+            seen[s["identity"]] += 1
+            picked.append(i)
+    size = sets["real"].shape[-1]
+    tiles = []
+    for i in picked:
+        ref = F.interpolate(samples[i]["face"][None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        tiles += [ref, sets["real"][i], sets["generated"][i], sets["generated_no_face"][i]]
+    save_image(torch.stack(tiles), str(path), nrow=4, padding=2, pad_value=1.0)
+
+
+def run_synthetic_benchmark(pipeline: str, out, val: str = "runs/synthetic/val",
+                            face_id: str = "checkpoints/synthetic/face-vit", steps: int = 25,
+                            guidance: float = 5.0, seed: int = 0, images_per_sample: int = 1,
+                            device: str = "cpu") -> dict:
+    """`evaluate --benchmark synthetic`: scores a pipeline on the held-out synthetic identities
+    and writes results.json, results.md and contact_sheet.png into `out`."""
+    import json
+    from pathlib import Path
 
     from faceclip_zoo.models.face_vit import FaceViTIdentity
     from faceclip_zoo.models.io import load_model_dir
     from faceclip_zoo.pipelines.export import load_pipeline
+    from faceclip_zoo.utils import require_file
 
-    p = argparse.ArgumentParser(prog="python -m faceclip_zoo.evaluation.synthetic", description=__doc__.split("\n")[0])
-    p.add_argument("--pipeline", default="checkpoints/quickstart-sdxl")
-    p.add_argument("--val", default="runs/synthetic/val")
-    p.add_argument("--face-id", default="checkpoints/synthetic/face-vit")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    pipe = load_pipeline(args.pipeline)
+    require_file(val, "held-out synthetic shards (any quickstart fit writes them to runs/synthetic/val)")
+    pipe = load_pipeline(pipeline).to(device)
     pipe.set_progress_bar_config(disable=True)
-    face_id = FaceViTIdentity(load_model_dir(args.face_id, expect="face_vit")).eval()
-    samples = load_validation_samples(args.val)
-    results = evaluate_synthetic(pipe, samples, face_id, steps=args.steps, guidance=args.guidance, seed=args.seed)
-    cols = ["own_similarity", "other_similarity", "margin", "top1", "background_accuracy"]
-    print(f"{len(samples)} held-out samples, {len({s['identity'] for s in samples})} identities; "
-          f"chance top1 {results['real']['chance_top1']:.3f}, chance background {results['real']['chance_background']:.2f}")
-    print(f"| images | {' | '.join(cols)} |")
-    print("|---" * (len(cols) + 1) + "|")
-    for name, r in results.items():
-        print(f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    model = FaceViTIdentity(load_model_dir(face_id, expect="face_vit")).eval()
+    size = int(pipe.vae.config.sample_size)
+    samples = load_validation_samples(val, image_size=size)
+    results, sets = evaluate_synthetic(pipe, samples, model, steps=steps, guidance=guidance, seed=seed,
+                                       images_per_sample=images_per_sample)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": "synthetic", "pipeline": str(pipeline), "val": str(val), "face_id": str(face_id),
+              "held_out_samples": len(samples), "identities": len({s["identity"] for s in samples}),
+              "generation": {"steps": steps, "guidance": guidance, "seed": seed,
+                             "images_per_sample": images_per_sample, "negative_prompt": ""},
+              "results": results}
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    contact_sheet(samples, sets, out / "contact_sheet.png")
+    return report

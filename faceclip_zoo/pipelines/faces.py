@@ -49,17 +49,15 @@ def auto_align(face: Image.Image, mode: AlignMode = "auto", detector=None) -> Im
     return Image.fromarray(crop_face(rgb, found, 448).crop)
 
 
-def to_pil(face: FaceInput) -> Image.Image:
-    """A path, PIL image, H x W x 3 uint8 array or [3, H, W] tensor in [0, 1] -> RGB PIL."""
-    if isinstance(face, torch.Tensor):
-        t = face.detach().float().cpu()
-        if t.ndim != 3 or t.shape[0] != 3:
-            raise UserError(f"face tensor must be [3, H, W] in [0, 1], got shape {tuple(t.shape)}")
-        face = Image.fromarray((t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    elif isinstance(face, np.ndarray):
+def to_pil(face: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+    """A path, PIL image or H x W x 3 uint8 array -> RGB PIL (the images a detector reads)."""
+    if isinstance(face, np.ndarray):
         if face.ndim != 3 or face.shape[-1] != 3:
             raise UserError(f"face array must be H x W x 3 (RGB uint8), got shape {face.shape}")
-        face = Image.fromarray(face.astype(np.uint8))
+        if face.dtype != np.uint8:  # a float array cast to uint8 would lose the picture silently
+            raise UserError(f"face array must be uint8 (0-255), got {face.dtype}; pass float crops in "
+                            "[0, 1] as a [3, H, W] torch tensor")
+        face = Image.fromarray(face)
     elif isinstance(face, (str, os.PathLike)):
         path = Path(face)
         if not path.is_file():
@@ -75,12 +73,27 @@ def to_pil(face: FaceInput) -> Image.Image:
     return face.convert("RGB")
 
 
-def load_face(face: FaceInput, size: int) -> torch.Tensor:
-    """An aligned face crop -> float [3, size, size] in [0, 1], resized exactly as the
-    training shards are decoded."""
-    from faceclip_zoo.data.schema import _to_tensor
+def face_tensor(face: FaceInput) -> torch.Tensor:
+    """An aligned crop -> float [3, H, W] in [0, 1] at its own resolution (the release's
+    ToTensor: 8-bit images divided by 255, nothing resized); float tensors pass unchanged."""
+    if isinstance(face, torch.Tensor):
+        t = face.detach()
+        if t.ndim != 3 or t.shape[0] != 3:
+            raise UserError(f"face tensor must be [3, H, W] in [0, 1], got shape {tuple(t.shape)}")
+        return t.float() if t.is_floating_point() else t.float().div(255.0)
+    from faceclip_zoo.data.schema import pil_to_tensor
 
-    return _to_tensor(to_pil(face), size)
+    return pil_to_tensor(to_pil(face))
+
+
+def load_face(face: FaceInput, size: int) -> torch.Tensor:
+    """An aligned crop -> the face ViT's input [3, size, size]: the crop at its own
+    resolution, resized inside float by the release's interpolation (bilinear, no
+    antialiasing), exactly as training shards are decoded and as the encoder itself would
+    resize the full crop."""
+    from faceclip_zoo.data.schema import square_face
+
+    return square_face(face_tensor(face), size)
 
 
 class FaceInputMixin:
@@ -97,9 +110,9 @@ class FaceInputMixin:
 
     def prepare_faces(self, face_image: FaceInput | Sequence[FaceInput], align: AlignMode | None = None
                       ) -> torch.Tensor:
-        """One image or several references of one person -> aligned crops [N, 3, S, S].
-        Tensors are taken as aligned crops (they come from datasets); paths, PIL images and
-        arrays go through the aligner (see auto_align)."""
+        """One image or several references of one person -> the face ViT's inputs
+        [N, 3, S, S] (see load_face). Tensors are taken as aligned crops (they come from
+        datasets); paths, PIL images and arrays go through the aligner (see auto_align)."""
         size = self.face_encoder.encoder.config.face.image_size
         faces = list(face_image) if isinstance(face_image, (list, tuple)) else [face_image]
         if not faces:

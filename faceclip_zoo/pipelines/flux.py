@@ -24,17 +24,11 @@ from diffusers import FluxTransformer2DModel
 
 from faceclip_zoo.models.flux_condition import FluxCondition
 from faceclip_zoo.pipelines.components import FaceT5EncoderModel
+from faceclip_zoo.pipelines.defaults import FLUX_DEFAULTS, FLUX_NEGATIVE_PROMPT
 from faceclip_zoo.pipelines.faces import AlignMode, FaceInput, FaceInputMixin
 
-RELEASE_DEFAULTS = dict(num_inference_steps=50, true_cfg_scale=3.5, guidance_scale=1.0, height=1152, width=864)
-# The negative prompt of the release's FLUX inference (its unconditional branch).
-RELEASE_NEGATIVE_PROMPT = (
-    "digital painting, 3d render, CGI, cartoon, anime, unreal, stylized, overexposed, glossy skin, "
-    "wearing mask, looking away from the camera, wearing glasses, wearing sunglasses, "
-    "nude, worst quality, low quality, normal quality, nsfw, abstract, glitch, deformed, "
-    "mutated, ugly, disfigured, text, watermark, bad hands, error, jpeg artifacts, blurry, "
-    "missing fingers, poorly drawn face, ugly eyes, imperfect eyes, deformed pupils, deformed iris, bad anatomy"
-)
+RELEASE_DEFAULTS = FLUX_DEFAULTS
+RELEASE_NEGATIVE_PROMPT = FLUX_NEGATIVE_PROMPT
 
 
 class FaceT5FluxPipeline(FaceInputMixin, DiffusionPipeline):

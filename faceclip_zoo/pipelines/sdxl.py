@@ -24,12 +24,13 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from faceclip_zoo.models.sdxl_condition import SDXLCondition
 from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
+from faceclip_zoo.pipelines.defaults import SDXL_DEFAULTS, SDXL_NEGATIVE_PROMPT
 from faceclip_zoo.pipelines.faces import (  # noqa: F401 (re-exported)
     AlignMode, FaceInput, FaceInputMixin, auto_align, load_face, to_pil,
 )
 
-# The release's inference settings (DESIGN.md 2.4).
-RELEASE_DEFAULTS = dict(num_inference_steps=50, guidance_scale=5.0, height=1152, width=864)
+RELEASE_DEFAULTS = SDXL_DEFAULTS
+RELEASE_NEGATIVE_PROMPT = SDXL_NEGATIVE_PROMPT
 
 
 class FaceCLIPSDXLPipeline(FaceInputMixin, DiffusionPipeline):
@@ -88,13 +89,15 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, DiffusionPipeline):
         align: AlignMode | None = None,
         **sdxl_kwargs: Any,
     ):
-        """face_image: an aligned crop (path, PIL, HxWx3 array or [3,H,W] tensor), or a
-        list of crops of the same person (identity vectors and patch features averaged),
-        or None for a face-free image. align: auto (default: photos are aligned, aligned
-        crops kept), always, or never (see auto_align). height/width default to the UNet's sample size times
-        the VAE factor (the release used 1152 x 864). Other keyword arguments go to
-        StableDiffusionXLPipeline (latents, callback_on_step_end, original_size, ...)."""
-        embeds = self.embed_request(prompt, face_image, negative_prompt, align)
+        """face_image: a photo or aligned crop (path, PIL, HxWx3 uint8 array or [3,H,W]
+        float tensor in [0, 1]), or a list of them of the same person (identity vectors and
+        patch features averaged), or None for a face-free image. align: auto (default:
+        photos are aligned, aligned crops kept), always, or never (see auto_align).
+        negative_prompt: default the release's negative text (`""` for none); with a zero
+        face it is the classifier-free guidance branch. height/width default to the UNet's
+        sample size times the VAE factor (the release used 1152 x 864). Other keyword
+        arguments go to StableDiffusionXLPipeline (latents, callback_on_step_end, ...)."""
+        embeds = self.embed_request(prompt, face_image, negative_prompt, align, RELEASE_NEGATIVE_PROMPT)
         return self.sdxl_pipeline()(
             **embeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             height=height, width=width, num_images_per_prompt=num_images_per_prompt,
