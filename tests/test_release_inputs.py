@@ -92,7 +92,7 @@ def test_every_face_input_form_conditions_as_the_release(release_pipe, crop_448)
     assert (direct[0] - release[0]).abs().max().item() < 1e-4
     assert (direct[1] - release[1]).abs().max().item() < 1e-4
     for form in (crop_448, str(crop_448), pil, uint8, as_tensor):
-        embeds = pipe.embed_request(PROMPT, form, None, align="auto", default_negative=SDXL_NEGATIVE_PROMPT)
+        embeds = pipe.embed_request(PROMPT, form, None, align="auto")
         assert (embeds["prompt_embeds"] - direct[0]).abs().max().item() < 1e-5, type(form)
         assert (embeds["pooled_prompt_embeds"] - direct[1]).abs().max().item() < 1e-5, type(form)
 
@@ -131,6 +131,7 @@ def test_shards_decode_the_reference_as_the_release_resizes_it(crop_448):
 
 def test_sdxl_default_negative_prompt_is_the_release_one(release_pipe, monkeypatch):
     pipe, _ = release_pipe
+    assert pipe.default_negative_prompt == SDXL_NEGATIVE_PROMPT
     # the literal text of the release's SDXL inference script
     assert SDXL_NEGATIVE_PROMPT == (
         "nude, worst quality, low quality, normal quality, nsfw, abstract, glitch, deformed, "

@@ -49,3 +49,27 @@ def test_shards_hold_references_from_other_samples_of_the_identity(tiny_shards, 
         match = min(crops, key=lambda k: np.abs(crops[k] - face).mean())
         assert np.abs(crops[match] - face).max() < 1e-6
         assert match != key and records[match].identity == ident
+
+
+def test_scene_face_crop_finds_the_face_at_every_framing():
+    """The evaluation reads the face out of a scene by the renderer's geometry: for each
+    scene_scale the crop it takes equals the aligned crop the renderer draws directly (the
+    same variation), far better than a crop taken with the wrong framing."""
+    import dataclasses
+
+    import torch
+
+    from faceclip_zoo.evaluation.synthetic import scene_face_crop
+
+    rng = np.random.default_rng(5)
+    ident = sample_identity(rng)
+    v = dataclasses.replace(sample_variation(rng, 0), angle=0.0, shift=(0.0, 0.0), scale=1.0)
+    crop = torch.from_numpy(np.asarray(render(ident, v, 112, 1.0, center=(56, 64)), dtype=np.float32) / 255)
+    for scene_scale in (0.8, 1.0):
+        size = 96
+        scene = render(ident, v, size, size / 112 * scene_scale)
+        scene = torch.from_numpy(np.asarray(scene, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        found = scene_face_crop(scene, 112, scene_scale)[0].permute(1, 2, 0)
+        wrong = scene_face_crop(scene, 112, 0.6 if scene_scale == 1.0 else 1.0)[0].permute(1, 2, 0)
+        err, wrong_err = (found - crop).abs().mean().item(), (wrong - crop).abs().mean().item()
+        assert err < 0.05 and wrong_err > 2 * err, (scene_scale, err, wrong_err)

@@ -41,6 +41,11 @@ class SyntheticSpec:
     image_size: int = 64
     face_size: int = 112
     seed: int = 0
+    # Scene framing: pixels per template unit as a fraction of image_size / 112 (1.0 frames
+    # the scene like the aligned crop: a portrait; 0.8 shows more shoulders and room), and
+    # the largest head tilt in degrees.
+    scene_scale: float = 0.8
+    max_angle: float = 10.0
     renderer_version: int = 1  # bump when synthetic_faces.py changes what it draws
 
     def digest(self) -> str:
@@ -62,13 +67,13 @@ def generate(spec: SyntheticSpec) -> dict[str, list[Record]]:
     rng = np.random.default_rng(spec.seed)
     out: dict[str, list[Record]] = {"train": [], "val": [], "guided": []}
     n_ids = {"train": spec.train_identities, "val": spec.val_identities}
-    scene_scale = spec.image_size / 112 * 0.8
+    scene_scale = spec.image_size / 112 * spec.scene_scale
     for split, count in n_ids.items():
         for i in range(count):
             ident = sample_identity(rng)
             name = f"{split}-id{i:05d}"
             for j in range(spec.samples_per_identity):
-                scene_var = sample_variation(rng, max_angle=10.0)
+                scene_var = sample_variation(rng, max_angle=spec.max_angle)
                 crop_var = dataclasses.replace(
                     scene_var, angle=float(rng.uniform(-3, 3)), scale=float(rng.uniform(0.97, 1.03)))
                 out[split].append(Record(
@@ -134,6 +139,7 @@ class SyntheticIdentities(ShardDataModule):
         vae_steps: when > 0, also train the tiny VAE of the diffusion stage
             (`<priors_dir>/vae`, a diffusers folder) for this many steps.
         buckets: aspect-ratio buckets, as ShardDataModule (the synthetic scenes are square).
+        scene_scale, max_angle: the scenes' framing and head tilt (SyntheticSpec).
     """
 
     def __init__(
@@ -154,6 +160,8 @@ class SyntheticIdentities(ShardDataModule):
         seed: int = 0,
         shuffle_buffer: int = 500,
         buckets: list[tuple[int, int]] | None = None,
+        scene_scale: float = 0.8,
+        max_angle: float = 10.0,
     ):
         root_path = Path(root)
         super().__init__(
@@ -170,7 +178,7 @@ class SyntheticIdentities(ShardDataModule):
         self.spec = SyntheticSpec(
             train_identities=train_identities, val_identities=val_identities,
             samples_per_identity=samples_per_identity, guided_pairs=guided_pairs,
-            image_size=image_size, face_size=face_size, seed=seed,
+            image_size=image_size, face_size=face_size, seed=seed, scene_scale=scene_scale, max_angle=max_angle,
         )
 
     def prepare_data(self) -> None:

@@ -126,7 +126,7 @@ def initial_encoder(recipe_path: str, out: Path) -> Path:
 
 def write_benchmark(folder: Path, per_identity: int, eval_cfg: dict, priors: str = "checkpoints/synthetic") -> Path:
     """Held-out samples as an Unsplash-shaped benchmark: reference crop + caption per sample."""
-    from faceclip_zoo.evaluation.synthetic import load_validation_samples
+    from faceclip_zoo.evaluation.synthetic import load_validation_samples, scene_scale_of
 
     spec_path = folder / "benchmark.yaml"
     if spec_path.exists():
@@ -150,7 +150,8 @@ def write_benchmark(folder: Path, per_identity: int, eval_cfg: dict, priors: str
             # The synthetic world trains its unconditional branch on empty captions: "" is its negative.
             "generation": {"steps": eval_cfg["steps"], "guidance": eval_cfg["guidance"], "align": "never",
                            "negative_prompt": ""},
-            "face_sim": {"model": f"face-vit:{priors}/face-vit", "locator": "synthetic-scene"},
+            "face_sim": {"model": f"face-vit:{priors}/face-vit",
+                         "locator": f"synthetic-scene:{scene_scale_of('runs/synthetic/val')}"},
             "clip_t": {"model": f"zoo:{priors}/clip"},
             "fid": {"reference_dir": "real", "features": "clip"},
             "sheets": {"rows": 1, "columns": 8}}

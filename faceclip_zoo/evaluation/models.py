@@ -10,7 +10,8 @@ CLIP (CLIP-T, zero-shot, FID on CLIP features):
     zoo:<dir>                    a faceclip_zoo clip model directory (an open_clip CLIP)
 Face locators (where the face of an image is):
     detect             MTCNN, or insightface SCRFD from a local model pack; largest face, ArcFace crop
-    synthetic-scene    the synthetic renderer's known face position (quickstart scenes)
+    synthetic-scene    the synthetic renderer's known face position (quickstart scenes;
+                       synthetic-scene:<scene_scale> for another framing, default 0.8)
     aligned            the image is an aligned face crop already
 """
 
@@ -65,8 +66,14 @@ class FaceLocator:
 
     def __init__(self, mode: str = "detect", detector: str = "auto", detector_model_dir: str | None = None,
                  size: int = 112):
-        if mode not in self.MODES:
-            raise UserError(f"face locator must be one of {', '.join(self.MODES)}; got {mode!r}")
+        mode, _, arg = mode.partition(":")
+        if mode not in self.MODES or (arg and mode != "synthetic-scene"):
+            raise UserError(f"face locator must be one of {', '.join(self.MODES)} (synthetic-scene:<scale>); "
+                            f"got {mode!r}")
+        try:
+            self.scene_scale = float(arg) if arg else 0.8
+        except ValueError:
+            raise UserError(f"synthetic-scene:<scale> needs a number, got {arg!r}") from None
         self.mode, self.size = mode, size
         self._detector = None
         self._detector_args = (detector, detector_model_dir)
@@ -78,7 +85,7 @@ class FaceLocator:
         if self.mode == "synthetic-scene":
             from faceclip_zoo.evaluation.synthetic import scene_face_crop
 
-            return scene_face_crop(to_tensor(image)[None], self.size)[0]
+            return scene_face_crop(to_tensor(image)[None], self.size, self.scene_scale)[0]
         from faceclip_zoo.data.align import crop_face
         from faceclip_zoo.data.detect import build_detector
 

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--synthetic-val", default="runs/synthetic/val", help="held-out synthetic shards")
     s.add_argument("--face-id", default="checkpoints/synthetic/face-vit", help="the synthetic face-ID ViT folder")
     s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--guidance", type=float, default=5.0)
+    s.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (FLUX: true CFG); default the pipeline's (SDXL 5.0, FLUX 3.5)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--images-per-sample", type=int, default=1, help="seeds per held-out sample")
     e = p.add_argument_group("encoder")

@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from faceclip_zoo.data.synthetic_faces import BACKGROUNDS
 
 
-def scene_face_crop(scenes: torch.Tensor, size: int = 112) -> torch.Tensor:
+def scene_face_crop(scenes: torch.Tensor, size: int = 112, scene_scale: float = 0.8) -> torch.Tensor:
     """The aligned face crop inside synthetic scenes [B, 3, S, S] (the renderer's geometry:
-    template point (56, 64) at (S/2, S/2 + 8k), k = 0.8 S / 112 pixels per template unit)."""
+    template point (56, 64) at (S/2, S/2 + 8k), k = scene_scale S / 112 pixels per template
+    unit; SyntheticSpec.scene_scale)."""
     s = scenes.shape[-1]
-    k = 0.8 * s / 112
+    k = scene_scale * s / 112
     # crop pixel (x, y) -> scene pixel (S/2 + (x - 56) k, S/2 + 8k + (y - 64) k)
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     xs = s / 2 + (coords - 56) * k
@@ -64,12 +65,12 @@ def _summary(values: torch.Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def identity_scores(face_id, images: torch.Tensor, identities: list[str],
-                    references: dict[str, torch.Tensor]) -> dict[str, float]:
+                    references: dict[str, torch.Tensor], scene_scale: float = 0.8) -> dict[str, float]:
     """images: scenes [N, 3, S, S] in [0, 1]; references: identity -> its mean normalised
     identity vector. Each score with its standard error over the images (`<name>_se`)."""
     names = sorted(references)
     refs = torch.stack([references[n] for n in names])
-    emb = F.normalize(face_id(scene_face_crop(images)).float(), dim=-1)
+    emb = F.normalize(face_id(scene_face_crop(images, scene_scale=scene_scale)).float(), dim=-1)
     sims = emb @ refs.T  # [N, I]
     own = torch.tensor([names.index(i) for i in identities])
     own_sim = sims[torch.arange(len(own)), own]
@@ -100,15 +101,16 @@ def vae_round_trip(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Ten
 
 
 @torch.no_grad()
-def evaluate_synthetic(pipe, samples: list[dict], face_id, steps: int = 25, guidance: float = 5.0,
-                       seed: int = 0, batch_size: int = 16, images_per_sample: int = 1,
-                       ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+def evaluate_synthetic(pipe, samples: list[dict], face_id, steps: int = 25, guidance: float | None = None,
+                       seed: int = 0, batch_size: int = 16, images_per_sample: int = 1, controls: bool = True,
+                       scene_scale: float = 0.8) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
     """samples: validation samples (decoded shard dicts with face, image, caption, identity).
     Returns (scores per image set, the image sets): real scenes and their VAE round trip
     (ceilings), generated with the sample's reference face, and generated with the face
     input zeroed (same prompts and seeds: the no-identity control). Generation draws
     `images_per_sample` seeds per sample; negative branch: zero face + "" (the synthetic
-    world's unconditional condition)."""
+    world's unconditional condition); guidance None = the pipeline's default (SDXL CFG
+    5.0, FLUX true CFG 3.5). controls=False scores the generated set alone (sweeps)."""
     refs: dict[str, list[torch.Tensor]] = defaultdict(list)
     faces = torch.stack([s["face"] for s in samples])
     ref_emb = F.normalize(face_id(faces).float(), dim=-1)
@@ -120,6 +122,8 @@ def evaluate_synthetic(pipe, samples: list[dict], face_id, steps: int = 25, guid
     real = torch.stack([s["image"] for s in samples])
     size = tuple(real.shape[-2:])
 
+    kwargs = {} if guidance is None else {"guidance_scale": guidance}
+
     def generate(with_face: bool) -> torch.Tensor:
         out = []
         for k in range(images_per_sample):
@@ -127,18 +131,32 @@ def evaluate_synthetic(pipe, samples: list[dict], face_id, steps: int = 25, guid
                 gen = torch.Generator().manual_seed(seed + 100_003 * k + i)
                 out.append(pipe.per_row(faces[i:i + batch_size] if with_face else None,
                                         captions[i:i + batch_size], negative_prompt="",
-                                        num_inference_steps=steps, guidance_scale=guidance,
-                                        height=size[0], width=size[1], generator=gen).float().cpu())
+                                        num_inference_steps=steps, height=size[0], width=size[1],
+                                        generator=gen, **kwargs).float().cpu())
         return torch.cat(out)
 
-    sets = {"real": real, "vae_round_trip": vae_round_trip(pipe.vae, real),
-            "generated": generate(True), "generated_no_face": generate(False)}
+    sets = {"generated": generate(True)}
+    if controls:
+        sets = {"real": real, "vae_round_trip": vae_round_trip(pipe.vae, real), **sets,
+                "generated_no_face": generate(False)}
     results = {}
     for name, images in sets.items():
         n = len(images) // len(samples)
-        results[name] = {**identity_scores(face_id, images, identities * n, references),
+        results[name] = {**identity_scores(face_id, images, identities * n, references, scene_scale),
                          **background_scores(images, captions * n)}
     return results, sets
+
+
+def scene_scale_of(shards: str) -> float:
+    """The framing the held-out scenes were rendered with (their dataset's manifest)."""
+    import json
+    from pathlib import Path
+
+    manifest = Path(shards).parent / "manifest.json"
+    try:
+        return float(json.loads(manifest.read_text())["spec"].get("scene_scale", 0.8))
+    except (OSError, ValueError, KeyError):
+        return 0.8
 
 
 def load_validation_samples(shards: str, image_size: int = 64, face_size: int = 112) -> list[dict]:
@@ -184,7 +202,7 @@ def contact_sheet(samples: list[dict], sets: dict[str, torch.Tensor], path, per_
 
 def run_synthetic_benchmark(pipeline: str, out, val: str = "runs/synthetic/val",
                             face_id: str = "checkpoints/synthetic/face-vit", steps: int = 25,
-                            guidance: float = 5.0, seed: int = 0, images_per_sample: int = 1,
+                            guidance: float | None = None, seed: int = 0, images_per_sample: int = 1,
                             device: str = "cpu") -> dict:
     """`evaluate --benchmark synthetic`: scores a pipeline on the held-out synthetic identities
     and writes results.json, results.md and contact_sheet.png into `out`."""
@@ -203,7 +221,7 @@ def run_synthetic_benchmark(pipeline: str, out, val: str = "runs/synthetic/val",
     size = int(pipe.vae.config.sample_size)
     samples = load_validation_samples(val, image_size=size)
     results, sets = evaluate_synthetic(pipe, samples, model, steps=steps, guidance=guidance, seed=seed,
-                                       images_per_sample=images_per_sample)
+                                       images_per_sample=images_per_sample, scene_scale=scene_scale_of(val))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "synthetic", "pipeline": str(pipeline), "val": str(val), "face_id": str(face_id),

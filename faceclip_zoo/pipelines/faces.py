@@ -102,6 +102,9 @@ class FaceInputMixin:
 
     aligner: Aligner | None = None
     align: AlignMode = "auto"
+    # The text of the negative (unconditional) branch when the caller gives none: each
+    # pipeline sets its release's (pipelines/defaults.py).
+    default_negative_prompt: str = ""
 
     def set_aligner(self, aligner: Aligner | None) -> None:
         """Replace the built-in alignment (auto_align) by a function photo -> aligned crop
@@ -153,11 +156,12 @@ class FaceInputMixin:
                     negative_prompt_embeds=neg[0], negative_pooled_prompt_embeds=neg[1])
 
     def embed_request(self, prompt: str | Sequence[str], face_image, negative_prompt, align: AlignMode | None,
-                      default_negative: str = "") -> dict[str, torch.Tensor]:
-        """A pipeline call's prompts, faces (one person) and negatives -> embeddings."""
+                      ) -> dict[str, torch.Tensor]:
+        """A pipeline call's prompts, faces (one person) and negatives (None: the
+        pipeline's default_negative_prompt) -> embeddings."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt is None:
-            negative_prompt = default_negative
+            negative_prompt = self.default_negative_prompt
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")

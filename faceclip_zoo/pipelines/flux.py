@@ -28,11 +28,11 @@ from faceclip_zoo.pipelines.defaults import FLUX_DEFAULTS, FLUX_NEGATIVE_PROMPT
 from faceclip_zoo.pipelines.faces import AlignMode, FaceInput, FaceInputMixin
 
 RELEASE_DEFAULTS = FLUX_DEFAULTS
-RELEASE_NEGATIVE_PROMPT = FLUX_NEGATIVE_PROMPT
 
 
 class FaceT5FluxPipeline(FaceInputMixin, DiffusionPipeline):
     model_cpu_offload_seq = "face_encoder->text_encoder->transformer->vae"
+    default_negative_prompt = FLUX_NEGATIVE_PROMPT
 
     def __init__(
         self,
@@ -99,7 +99,7 @@ class FaceT5FluxPipeline(FaceInputMixin, DiffusionPipeline):
         release's; with a zero face it is the true-CFG branch (true_cfg_scale, 1 = off).
         guidance_scale: FLUX.1-dev's distilled guidance input. Sizes default to the VAE's
         sample size. Other keyword arguments go to FluxPipeline (latents, sigmas, ...)."""
-        embeds = self.embed_request(prompt, face_image, negative_prompt, align, RELEASE_NEGATIVE_PROMPT)
+        embeds = self.embed_request(prompt, face_image, negative_prompt, align)
         if true_cfg_scale <= 1.0:  # no negative branch: FluxPipeline then runs one pass per step
             embeds = {k: v for k, v in embeds.items() if not k.startswith("negative_")}
         size = self.default_size()

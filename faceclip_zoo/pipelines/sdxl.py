@@ -30,11 +30,11 @@ from faceclip_zoo.pipelines.faces import (  # noqa: F401 (re-exported)
 )
 
 RELEASE_DEFAULTS = SDXL_DEFAULTS
-RELEASE_NEGATIVE_PROMPT = SDXL_NEGATIVE_PROMPT
 
 
 class FaceCLIPSDXLPipeline(FaceInputMixin, DiffusionPipeline):
     model_cpu_offload_seq = "face_encoder->face_encoder_2->unet->vae"
+    default_negative_prompt = SDXL_NEGATIVE_PROMPT
 
     def __init__(
         self,
@@ -97,7 +97,7 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, DiffusionPipeline):
         face it is the classifier-free guidance branch. height/width default to the UNet's
         sample size times the VAE factor (the release used 1152 x 864). Other keyword
         arguments go to StableDiffusionXLPipeline (latents, callback_on_step_end, ...)."""
-        embeds = self.embed_request(prompt, face_image, negative_prompt, align, RELEASE_NEGATIVE_PROMPT)
+        embeds = self.embed_request(prompt, face_image, negative_prompt, align)
         return self.sdxl_pipeline()(
             **embeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             height=height, width=width, num_images_per_prompt=num_images_per_prompt,
