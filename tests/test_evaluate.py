@@ -351,3 +351,51 @@ def _mean_references(face_id, samples):
     names = sorted({s["identity"] for s in samples})
     return {n: F.normalize(emb[[i for i, s in enumerate(samples) if s["identity"] == n]].mean(0), dim=-1)
             for n in names}
+
+
+def test_identity_oracle_trains_only_its_token_map_and_is_scored_from_its_checkpoint(tmp_path, tiny_shards):
+    """The diagnosis's oracle: fit through the CLI (the SDXL task with the face-ID vector as
+    an extra token), the frozen branches and face ViT unchanged, the token map trained, no
+    export; `evaluate --benchmark synthetic` scores it straight from its fit checkpoint."""
+    from faceclip_zoo.cli import main
+    from faceclip_zoo.evaluation.oracle import OracleSDXLModule
+    from faceclip_zoo.evaluation.synthetic import pipeline_of_fit_checkpoint
+
+    torch.manual_seed(0)
+    encoder_dir = save_model_dir(FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval(), tmp_path / "enc")
+    face_vit = save_model_dir(FaceViT(FaceViTConfig.from_name("face-vit-tiny")).eval(), tmp_path / "vit")
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes/quickstart/oracle-sdxl.yaml").read_text())
+    root = str(tmp_path / "run")
+    recipe["trainer"].update(max_steps=3, val_check_interval=3, log_every_n_steps=1, default_root_dir=root,
+                             limit_val_batches=1)
+    recipe["trainer"]["logger"]["init_args"]["save_dir"] = root
+    recipe["model"]["init_args"].update(face_id=str(face_vit), encoder_l=str(encoder_dir), encoder_g=str(encoder_dir),
+                                        vae_weights=None, num_samples=2, sample_steps=2, warmup_steps=1)
+    recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {
+        "train": str(tiny_shards / "train"), "val": str(tiny_shards / "val"), "batch_size": 4, "num_workers": 0,
+        "image_size": 64, "face_size": 112}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["fit", "--config", str(tmp_path / "recipe.yaml")]) == 0
+    ckpt = next(Path(root).rglob("last.ckpt"))
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert state["faceclip_zoo"]["exports"] == {}  # nothing to export
+    fresh = OracleSDXLModule(face_id=str(face_vit), encoder_l=str(encoder_dir), encoder_g=str(encoder_dir))
+    fresh.load_pretrained_weights()
+    before = fresh.state_dict()
+    after = state["state_dict"]
+    for name, value in before.items():
+        if name.startswith(("condition.base.", "condition.face_id.")):
+            assert torch.equal(after[name], value), name  # frozen
+    assert not torch.equal(after["condition.proj.weight"], before["condition.proj.weight"])  # trained
+    pipe = pipeline_of_fit_checkpoint(str(ckpt))
+    faces = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        emb = pipe.encode_rows(faces, [PROMPT] * 2, "", torch.device("cpu"))
+        zero = pipe.encode_rows(None, [PROMPT] * 2, "", torch.device("cpu"))
+    assert emb["prompt_embeds"].shape[1] == 78  # the caption's 77 tokens + the identity token
+    assert torch.equal(emb["prompt_embeds"][:, :77], zero["prompt_embeds"][:, :77])  # no face in the caption part
+    assert not torch.allclose(emb["prompt_embeds"][0, 77], emb["prompt_embeds"][1, 77])
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pipeline", str(ckpt), "--benchmark", "synthetic", "--out", str(out),
+                 "--synthetic-val", str(tiny_shards / "val"), "--face-id", str(face_vit), "--steps", "1"]) == 0
+    assert json.loads((out / "results.json").read_text())["results"]["generated"]["images"] == 12

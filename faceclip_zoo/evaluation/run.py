@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m faceclip_zoo evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (images, results.json, results.md, sheets/)")
     g = p.add_argument_group("pipeline on a benchmark")
-    g.add_argument("--pipeline", help="an exported pipeline folder (SDXL or FLUX)")
+    g.add_argument("--pipeline", help="an exported pipeline folder (SDXL or FLUX); with --benchmark synthetic "
+                                      "also a diffusion fit checkpoint (.ckpt)")
     g.add_argument("--benchmark", help="benchmark spec YAML (see faceclip_zoo/evaluation/spec.py), or 'synthetic': "
                                        "the held-out synthetic identities (faceclip_zoo/evaluation/synthetic.py)")
     g.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default: the spec's)")

@@ -200,12 +200,38 @@ def contact_sheet(samples: list[dict], sets: dict[str, torch.Tensor], path, per_
     save_image(torch.stack(tiles), str(path), nrow=4, padding=2, pad_value=1.0)
 
 
+def pipeline_of_fit_checkpoint(ckpt: str):
+    """A diffusion fit checkpoint -> its module's pipeline (EMA weights when kept), without
+    exporting: the module class comes from the run's config.yaml. Scores diagnostics that
+    have no export (the oracle) and runs in progress."""
+    import importlib
+
+    import yaml
+
+    from faceclip_zoo.export import find_run_config
+    from faceclip_zoo.utils import UserError, require_file
+
+    path = require_file(ckpt, "fit checkpoint")
+    config = find_run_config(path)
+    if config is None:
+        raise UserError(f"no config.yaml of the run beside {path} (the run folder of `fit` has one)")
+    class_path = yaml.safe_load(config.read_text())["model"]["class_path"]
+    module_name, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    if not hasattr(cls, "pipeline"):
+        raise UserError(f"{class_path} (from {config}) is not a diffusion task: it has no pipeline")
+    module = cls.load_from_checkpoint(str(path), map_location="cpu").eval()
+    module._weights_loaded = True
+    return module.pipeline(use_ema=True)
+
+
 def run_synthetic_benchmark(pipeline: str, out, val: str = "runs/synthetic/val",
                             face_id: str = "checkpoints/synthetic/face-vit", steps: int = 25,
                             guidance: float | None = None, seed: int = 0, images_per_sample: int = 1,
                             device: str = "cpu") -> dict:
-    """`evaluate --benchmark synthetic`: scores a pipeline on the held-out synthetic identities
-    and writes results.json, results.md and contact_sheet.png into `out`."""
+    """`evaluate --benchmark synthetic`: scores a pipeline (an exported folder, or a diffusion
+    fit checkpoint `.ckpt`) on the held-out synthetic identities and writes results.json,
+    results.md and contact_sheet.png into `out`."""
     import json
     from pathlib import Path
 
@@ -215,7 +241,10 @@ def run_synthetic_benchmark(pipeline: str, out, val: str = "runs/synthetic/val",
     from faceclip_zoo.utils import require_file
 
     require_file(val, "held-out synthetic shards (any quickstart fit writes them to runs/synthetic/val)")
-    pipe = load_pipeline(pipeline).to(device)
+    if str(pipeline).endswith(".ckpt"):
+        pipe = pipeline_of_fit_checkpoint(pipeline).to(device)
+    else:
+        pipe = load_pipeline(pipeline).to(device)
     pipe.set_progress_bar_config(disable=True)
     model = FaceViTIdentity(load_model_dir(face_id, expect="face_vit")).eval()
     size = int(pipe.vae.config.sample_size)
