@@ -73,3 +73,13 @@ def test_scene_face_crop_finds_the_face_at_every_framing():
         wrong = scene_face_crop(scene, 112, 0.6 if scene_scale == 1.0 else 1.0)[0].permute(1, 2, 0)
         err, wrong_err = (found - crop).abs().mean().item(), (wrong - crop).abs().mean().item()
         assert err < 0.05 and wrong_err > 2 * err, (scene_scale, err, wrong_err)
+
+
+def test_world_digest_keys_the_cache_and_keeps_the_first_world_valid():
+    from faceclip_zoo.data.synthetic import SyntheticSpec
+
+    # The digest of the default world from before the framing fields existed: caches made
+    # then (shards, priors, VAE) stay valid.
+    assert SyntheticSpec().digest() == "d23cb65dcc14"
+    assert SyntheticSpec(scene_scale=1.0).digest() != SyntheticSpec().digest()
+    assert SyntheticSpec(max_angle=3.0).digest() != SyntheticSpec().digest()

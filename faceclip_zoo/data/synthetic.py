@@ -49,7 +49,13 @@ class SyntheticSpec:
     renderer_version: int = 1  # bump when synthetic_faces.py changes what it draws
 
     def digest(self) -> str:
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = dataclasses.asdict(self)
+        # Fields added after the first world leave the digest of that world unchanged at
+        # their original values, so data and priors cached before them stay valid.
+        for name, original in (("scene_scale", 0.8), ("max_angle", 10.0)):
+            if fields[name] == original:
+                del fields[name]
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
