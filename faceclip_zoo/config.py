@@ -181,7 +181,8 @@ class FusionConfig(_Named):
 
 @dataclass
 class FaceCLIPConfig(_Named):
-    """One FaceCLIP branch: text tower + face ViT + fuser (DESIGN.md section 2.1)."""
+    """One FaceCLIP branch: text tower + face ViT + fuser (docs/design.md,
+    "The released FaceCLIP encoder for SDXL")."""
 
     name: str = "faceclip-l14"
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
@@ -277,8 +278,8 @@ class T5Config(_Named):
 
 @dataclass
 class FaceT5Config(_Named):
-    """The FaceT5 joint encoder for FLUX (DESIGN.md 2.2): a frozen T5 encoder, the face
-    ViT, face projections, fixed sinusoidal text positions and a fuser whose face layers
+    """The FaceT5 joint encoder for FLUX (docs/design.md, "FaceT5 for FLUX"): a frozen T5
+    encoder, the face ViT, face projections, fixed sinusoidal text positions and a fuser whose face layers
     use plain attention. Output [B, text_length, t5.d_model] = FLUX prompt_embeds.
 
     release_compat: reproduce the release's forward exactly (face positional embedding

@@ -84,7 +84,8 @@ def test_release_compat_matches_release_and_default_is_per_sample():
 
 
 def test_release_face_layer_at_batch_one_is_value_then_output_projection():
-    """DESIGN.md 2.2: at batch 1 the release's face attention reduces to out_proj(v_proj(x))."""
+    """docs/design.md, "FaceT5 for FLUX": at batch 1 the release's face attention reduces
+    to out_proj(v_proj(x))."""
     from faceclip_zoo.config import FusionConfig
     from faceclip_zoo.models.fusion import FaceTextFuser
 

@@ -73,7 +73,8 @@ def test_pipeline_equals_diffusers_sdxl_given_our_embeddings(pipe):
     kw = dict(num_inference_steps=4, guidance_scale=5.0, height=64, width=64, output_type="pt")
     ours = pipe(PROMPT, face_image=face, negative_prompt="blurry",
                 generator=torch.Generator().manual_seed(7), **kw).images
-    # The embeddings as DESIGN.md 2.1 defines them, computed without the pipeline.
+    # The embeddings as docs/design.md, "The released FaceCLIP encoder for SDXL" defines them,
+    # computed without the pipeline.
     cond = SDXLCondition(pipe.face_encoder.encoder, pipe.face_encoder_2.encoder)
     with torch.no_grad():
         pos = cond([PROMPT], face[None], torch.tensor([True]))

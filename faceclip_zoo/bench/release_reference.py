@@ -1,8 +1,8 @@
 """A straightforward functional re-statement of the release's FaceCLIP branch forward,
 reading an *official-layout* state dict (keys as in face_clip_encoder.pt). Written from the
-published description (DESIGN.md 2.1) and the release's computation order: it shares no
-code with faceclip_zoo.models beyond the open_clip tokenizer/tower. The parity tests
-check our models against it; `bench` times our forward against it.
+published description (docs/design.md, "The released FaceCLIP encoder for SDXL") and the
+release's computation order: it shares no code with faceclip_zoo.models beyond the
+open_clip tokenizer/tower. The parity tests check our models against it; `bench` times our forward against it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""One FaceCLIP branch: the joint ID-text encoder e = H(c_t, c_r) (DESIGN.md 2.1).
+"""One FaceCLIP branch: the joint ID-text encoder e = H(c_t, c_r).
+
+See docs/design.md, "The released FaceCLIP encoder for SDXL".
 
 Top-level module and parameter names match the official `TextImageBranch` (the text
 tower's parts sit directly on the branch, `face_encoder`, `proj1`, `face_patch_proj`,

@@ -1,4 +1,4 @@
-"""FaceT5: the joint ID-text encoder of FaceCLIP's FLUX model (DESIGN.md 2.2).
+"""FaceT5: the joint ID-text encoder of FaceCLIP's FLUX model (docs/design.md, "FaceT5 for FLUX").
 
     text  = T5 v1.1 encoder(prompt padded to text_length)          [B, 512, 4096] (frozen)
     face  = face_patch_proj(face ViT patches), pos = face_pos_proj(ViT pos_embed)

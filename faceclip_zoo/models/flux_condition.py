@@ -1,4 +1,4 @@
-"""FaceT5 + CLIP-L text as FLUX's conditioning (DESIGN.md 2.2).
+"""FaceT5 + CLIP-L text as FLUX's conditioning (docs/design.md, "FaceT5 for FLUX").
 
     prompt_embeds        = FaceT5(prompt, face)                    [B, 512, 4096]
     pooled_prompt_embeds = CLIP-L text model pooler output(prompt)  [B, 768] (no face)

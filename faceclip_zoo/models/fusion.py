@@ -1,4 +1,4 @@
-"""The face/text fuser of FaceCLIP (DESIGN.md 2.1).
+"""The face/text fuser of FaceCLIP (docs/design.md, "The released FaceCLIP encoder for SDXL").
 
 Each fusion layer runs, in order: a bi-directional "dual cross-attention" block between
 face patches and text tokens, a post-norm self-attention layer on the text, and a

@@ -1,4 +1,5 @@
-"""Two FaceCLIP branches as SDXL's text conditioning (DESIGN.md 2.1).
+"""Two FaceCLIP branches as SDXL's text conditioning (docs/design.md,
+"The released FaceCLIP encoder for SDXL").
 
     prompt_embeds        = concat(L fused [B, 77, W_L], G fused [B, 77, W_G])  [B, 77, W_L + W_G]
     pooled_prompt_embeds = G pooled [B, W_G]

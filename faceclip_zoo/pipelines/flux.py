@@ -10,8 +10,8 @@ FluxPipeline run on the same transformer, VAE, scheduler and seed given our embe
     pipe = FaceT5FluxPipeline.from_pretrained("checkpoints/my-flux")
     image = pipe("a woman in a denim shirt on a desert plateau", face_image="me.jpg").images[0]
 
-Release settings (DESIGN.md 2.2): FlowMatchEuler, 50 steps, true CFG 3.5 against a zero
-face with the release's negative prompt, distilled guidance 1.0, 1152 x 864.
+Release settings (docs/design.md, "FaceT5 for FLUX"): FlowMatchEuler, 50 steps, true CFG
+3.5 against a zero face with the release's negative prompt, distilled guidance 1.0, 1152 x 864.
 """
 
 from __future__ import annotations

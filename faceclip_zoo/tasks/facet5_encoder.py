@@ -1,5 +1,5 @@
 """FaceT5EncoderModule: the same three-loss contrastive pre-training (Eq. 3) with the T5
-backbone of FaceT5 (DESIGN.md 2.2).
+backbone of FaceT5 (docs/design.md, "FaceT5 for FLUX").
 
 Everything but the encoder family is FaceCLIPEncoderModule's: frozen CLIP image/text
 targets, the face-ID target, the heads, the loss terms, validation metrics and export.
