@@ -140,7 +140,7 @@ _NOISE = ("Does not validate", "Subtypes:", "Errors:", "Problem with given class
           "Expected a <class 'NoneType'>", "Given value", "- Expected a <class 'NoneType'>")
 
 
-def one_line_parse_error(message: str) -> str:
+def one_line_parse_error(message: str, hint: bool = True) -> str:
     """jsonargparse explains a bad recipe over many lines (every Union alternative, the
     whole given value); keep the key and the specific complaint."""
     lines = [line.strip().lstrip("- ").strip() for line in message.splitlines() if line.strip()]
@@ -148,7 +148,7 @@ def one_line_parse_error(message: str) -> str:
     lines = [re.sub(r'^Parser key "[^"]+":\s*', "", line) for line in lines]
     detail = next((line for line in lines if line and not line.startswith(_NOISE)), message)
     prefix = f'recipe key "{key.group(1)}": ' if key else ""
-    return f"{prefix}{detail} (see `python -m faceclip_zoo <command> --help`)"
+    return f"{prefix}{detail}" + (" (see `python -m faceclip_zoo <command> --help`)" if hint else "")
 
 
 def _setup_logging() -> None:
@@ -181,4 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ArgumentError as exc:
         print(f"error: {one_line_parse_error(str(exc))}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        # A UserError raised while LightningCLI instantiates a recipe's class reaches us
+        # wrapped in jsonargparse's account of every Union alternative it tried.
+        if "Does not validate against any of the Union subtypes" not in str(exc):
+            raise
+        print(f"error: {one_line_parse_error(str(exc), hint=False)}", file=sys.stderr)
         return 2

@@ -14,6 +14,27 @@ class UserError(RuntimeError):
     message as one line, without a traceback."""
 
 
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_that_exports(folder: str | os.PathLike) -> str | None:
+    """The shipped recipe whose ExportOnFitEnd writes `folder` (e.g. the quickstart encoder
+    that the SDXL quickstart starts from), as a path relative to the checkout, or None."""
+    import yaml
+
+    wanted = Path(folder).as_posix().rstrip("/")
+    for recipe in sorted(RECIPES_DIR.rglob("*.yaml")):
+        try:
+            callbacks = (yaml.safe_load(recipe.read_text()) or {}).get("trainer", {}).get("callbacks") or []
+        except (yaml.YAMLError, AttributeError):
+            continue
+        for cb in callbacks:
+            if (isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ExportOnFitEnd")
+                    and str((cb.get("init_args") or {}).get("dirpath", "")).rstrip("/") == wanted):
+                return recipe.relative_to(RECIPES_DIR.parent).as_posix()
+    return None
+
+
 def require_file(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
     if not p.exists():

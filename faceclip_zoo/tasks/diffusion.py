@@ -21,7 +21,7 @@ from faceclip_zoo.models.convert_diffusion import load_diffusers_weights
 from faceclip_zoo.models.io import read_config
 from faceclip_zoo.tasks.optim import configure as configure_optimization
 from faceclip_zoo.tasks.resilience import ResilientTask
-from faceclip_zoo.utils import UserError
+from faceclip_zoo.utils import UserError, recipe_that_exports
 
 
 def resolve_model_spec(spec: str, config_cls, model_type: str):
@@ -36,6 +36,10 @@ def resolve_model_spec(spec: str, config_cls, model_type: str):
     try:
         return config_cls.from_name(spec), None
     except (KeyError, ValueError):
+        recipe = recipe_that_exports(spec)
+        if recipe:
+            raise UserError(f"{spec} holds no {model_type} model yet; make it first with `python -m faceclip_zoo fit "
+                            f"--config {recipe}`") from None
         raise UserError(f"{spec!r} is neither a {model_type} model directory (with config.json; run its "
                         "quickstart / export, or `convert` the release) nor a named config") from None
 
