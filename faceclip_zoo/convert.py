@@ -78,4 +78,18 @@ def convert(official: str, out: str, t5_tokenizer: str | None = None) -> dict:
         raise UserError(f"nothing converted from {src}: {json.dumps(report)}")
     for name, info in report.items():
         log.info("%s: %s", name, json.dumps(info) if not isinstance(info, str) else info)
+    _write_cards(out_dir, src)
     return report
+
+
+def _write_cards(out_dir: Path, src: Path) -> None:
+    """A model card in every folder this conversion wrote: the release's licence and name."""
+    from faceclip_zoo.cards import RELEASE_REPO, CardFacts, describe_folder, write_model_card
+
+    for folder in sorted(p for p in out_dir.iterdir() if p.is_dir()):
+        recipe = folder / "recipe.yaml"
+        if recipe.is_file() and recipe.read_text().startswith("# made by: python -m faceclip_zoo convert"):
+            kind, what = describe_folder(folder)
+            write_model_card(folder, CardFacts(
+                kind=kind, what=what, made_by=f"`python -m faceclip_zoo convert` of the official release ({src})",
+                from_release=True, base_model=RELEASE_REPO))

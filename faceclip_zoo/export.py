@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from faceclip_zoo.cards import (
+    CardFacts, describe_folder, final_metrics, inherited_lineage, run_samples, starting_points,
+    write_model_card,
+)
 from faceclip_zoo.models.io import _builders, save_model_dir
 from faceclip_zoo.utils import UserError, load_strict, require_file, safe_torch_load
 
@@ -51,6 +55,20 @@ def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str 
     recipe_path = Path(recipe) if recipe else find_run_config(ckpt_path)
     recipe_text = recipe_path.read_text() if recipe_path and recipe_path.exists() else None
     extra = {"source_checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step")}
+    out_dir = _export_weights(checkpoint, spec, ckpt_path, part, out, recipe_text, extra, use_ema)
+    from_release, base = inherited_lineage(recipe_text)
+    run_dir = recipe_path.parent if recipe_path else None
+    kind, what = describe_folder(out_dir)
+    write_model_card(out_dir, CardFacts(
+        kind=kind, what=what, made_by=f"`python -m faceclip_zoo export` of a fit checkpoint at step {extra['global_step']}",
+        from_release=from_release, base_model=base, recipe=recipe_text is not None,
+        starts_from=starting_points(recipe_text),
+        metrics=final_metrics(run_dir), samples=run_samples(run_dir)))
+    return out_dir
+
+
+def _export_weights(checkpoint: dict, spec: dict, ckpt_path: Path, part: str, out: str,
+                    recipe_text: str | None, extra: dict, use_ema: bool) -> Path:
     if spec["model_type"] in ("sdxl_pipeline", "flux_pipeline"):
         from faceclip_zoo.pipelines.export import (
             flux_pipeline_from_checkpoint, pipeline_from_checkpoint, save_pipeline,

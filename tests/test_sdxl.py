@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from huggingface_hub import ModelCard
 
 from faceclip_zoo.config import FaceCLIPConfig, diffusers_config
 from faceclip_zoo.models.convert_diffusion import build_diffusers
@@ -232,6 +233,15 @@ def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):
     assert list(run.rglob("samples/step-*.png")), "no validation grid written"
     assert (tmp_path / "pipeline" / "model_index.json").is_file()
     assert (tmp_path / "pipeline" / "recipe.yaml").is_file()
+    # the export describes itself: a Hugging Face model card with the run's metrics and samples
+    card = ModelCard.load(tmp_path / "pipeline" / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "text-to-image"
+    assert card.data.library_name == "diffusers" and "faceclip" in card.data.tags
+    assert "val/loss" in card.text and "load_pipeline" in card.text and "Base model: none" in card.text
+    for line in card.text.splitlines():
+        if line.startswith("![step-"):
+            assert (tmp_path / "pipeline" / line.split("(")[1].rstrip(")")).is_file()
+    assert "![step-" in card.text
     # export from the checkpoint (EMA weights) and generate through the command line
     ckpt = next(run.rglob("last.ckpt"))
     assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported")]) == 0

@@ -74,6 +74,8 @@ class ExportOnFitEnd(Callback):
             ckpt = Path(tmp) / "final.ckpt"
             trainer.save_checkpoint(ckpt)  # collective under sharded strategies: all ranks
             if trainer.is_global_zero:
+                for logger in trainer.loggers:  # the last metrics reach the model card
+                    logger.save()
                 recipe = find_run_config(folder / "checkpoints" / "x")
                 out = export_checkpoint(str(ckpt), self.dirpath, part=self.part,
                                         recipe=str(recipe) if recipe else None)
