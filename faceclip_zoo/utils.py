@@ -35,6 +35,15 @@ def recipe_that_exports(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def redirect_loggers(trainer: dict, save_dir: str, **init_args) -> None:
+    """Point every logger of a recipe's `trainer` section (one, or a list) at `save_dir`
+    (tests and the ablation run shipped recipes in their own folders)."""
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers] if loggers else []:
+        if isinstance(logger, dict):
+            logger.setdefault("init_args", {}).update(save_dir=save_dir, **init_args)
+
+
 def require_file(path: str | os.PathLike, what: str) -> Path:
     p = Path(path)
     if not p.exists():

@@ -15,6 +15,7 @@ from faceclip_zoo.cli import main
 from faceclip_zoo.config import FaceCLIPConfig
 from faceclip_zoo.data.schema import make_sample
 from faceclip_zoo.models import FaceCLIPEncoder, load_model_dir
+from faceclip_zoo.utils import redirect_loggers
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart" / "faceclip.yaml"
@@ -29,7 +30,7 @@ def tiny_recipe(tmp_path: Path, shards: Path, **model_args) -> Path:
     recipe = yaml.safe_load(QUICKSTART.read_text())
     root = str(tmp_path / "run")
     recipe["trainer"].update(max_steps=6, val_check_interval=3, log_every_n_steps=1, default_root_dir=root)
-    recipe["trainer"]["logger"]["init_args"]["save_dir"] = root
+    redirect_loggers(recipe["trainer"], root)
     recipe["trainer"]["callbacks"] = [recipe["trainer"]["callbacks"][0]]  # no t-SNE: too few points
     args = recipe["model"]["init_args"]
     args.update({"face_encoder_weights": None, "clip_weights": None, "warmup_steps": 2, **model_args})

@@ -21,7 +21,7 @@ from faceclip_zoo.models.clip import build_clip
 from faceclip_zoo.models.face_vit import FaceViT
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.io import save_model_dir
-from faceclip_zoo.utils import UserError
+from faceclip_zoo.utils import UserError, redirect_loggers
 from test_face_id import _linear_arcface
 
 FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
@@ -368,7 +368,7 @@ def test_identity_oracle_trains_only_its_token_map_and_is_scored_from_its_checkp
     root = str(tmp_path / "run")
     recipe["trainer"].update(max_steps=3, val_check_interval=3, log_every_n_steps=1, default_root_dir=root,
                              limit_val_batches=1)
-    recipe["trainer"]["logger"]["init_args"]["save_dir"] = root
+    redirect_loggers(recipe["trainer"], root)
     recipe["model"]["init_args"].update(face_id=str(face_vit), encoder_l=str(encoder_dir), encoder_g=str(encoder_dir),
                                         vae_weights=None, num_samples=2, sample_steps=2, warmup_steps=1)
     recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {

@@ -12,7 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from faceclip_zoo.pipelines.export import load_pipeline
 from faceclip_zoo.tasks.flux import FluxJointModule
-from faceclip_zoo.utils import UserError
+from faceclip_zoo.utils import UserError, redirect_loggers
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a person wearing a red shirt, in front of a blue background, lit from the front"
@@ -149,7 +149,7 @@ def flux_recipe(tmp_path: Path, shards: Path, steps: int = 4) -> Path:
     root = str(tmp_path / "run")
     recipe["trainer"].update(max_steps=steps, val_check_interval=2, log_every_n_steps=1, default_root_dir=root,
                              limit_val_batches=1)
-    recipe["trainer"]["logger"]["init_args"]["save_dir"] = root
+    redirect_loggers(recipe["trainer"], root)
     recipe["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(tmp_path / "pipeline")
     recipe["model"]["init_args"].update(vae_weights=None, num_samples=2, sample_steps=2, warmup_steps=1)
     recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {

@@ -32,12 +32,22 @@ def test_quickstart_faceclip_fit_export(tmp_path):
     print(f"quickstart held-out identity retrieval: {final:.4f}")
     assert final >= 0.9
     assert (run / "tsne_identity.png").stat().st_size > 10_000
+    # TensorBoard beside the CSV: the metrics as scalars, the t-SNE as an image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "quickstart" / "faceclip" / "tensorboard" / "version_0"))
+    events.Reload()
+    assert "tsne_identity" in events.Tags()["images"]
+    assert {"val/identity_top1", "train/loss"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("val/identity_top1")[-1].value == pytest.approx(final)
     for prior in ("face-vit", "clip"):
         assert (tmp_path / "checkpoints" / "synthetic" / prior / "model.safetensors").exists()
 
     out = tmp_path / "checkpoints" / "quickstart-encoder"
     # the recipe exports at the end of fit (the SDXL quickstart starts from there)
     assert (out / "model.safetensors").is_file() and (out / "recipe.yaml").is_file()
+    card = (out / "README.md").read_text()
+    assert "license: apache-2.0" in card and "val/identity_top1" in card
     res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "export", "--ckpt",
                           str(run / "checkpoints" / "last.ckpt"), "--out", str(out)],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -20,7 +20,7 @@ from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
 from faceclip_zoo.pipelines.export import build_scheduler, load_pipeline, save_pipeline
 from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
 from faceclip_zoo.tasks.sdxl import SDXLJointModule
-from faceclip_zoo.utils import UserError
+from faceclip_zoo.utils import UserError, redirect_loggers
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a person wearing a red shirt, in front of a blue background, lit from the front"
@@ -211,7 +211,7 @@ def sdxl_recipe(tmp_path: Path, shards: Path, encoder_dir: Path, steps: int = 4)
     root = str(tmp_path / "run")
     recipe["trainer"].update(max_steps=steps, val_check_interval=2, log_every_n_steps=1, default_root_dir=root,
                              limit_val_batches=1)
-    recipe["trainer"]["logger"]["init_args"]["save_dir"] = root
+    redirect_loggers(recipe["trainer"], root)
     recipe["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(tmp_path / "pipeline")
     recipe["model"]["init_args"].update(encoder_l=str(encoder_dir), encoder_g=str(encoder_dir), vae_weights=None,
                                         num_samples=2, sample_steps=2, warmup_steps=1)
@@ -233,6 +233,15 @@ def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):
     assert list(run.rglob("samples/step-*.png")), "no validation grid written"
     assert (tmp_path / "pipeline" / "model_index.json").is_file()
     assert (tmp_path / "pipeline" / "recipe.yaml").is_file()
+    # TensorBoard beside the CSV: the sample grids as images, the losses as scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(run.rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    assert {"samples"} <= set(events.Tags()["images"])
+    assert len(events.Images("samples")) == 2  # validation at steps 2 and 4
+    assert {"val/loss", "train/loss"} <= set(events.Tags()["scalars"])
+    assert (run / "version_0" / "metrics.csv").is_file()
     # the export describes itself: a Hugging Face model card with the run's metrics and samples
     card = ModelCard.load(tmp_path / "pipeline" / "README.md")
     assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "text-to-image"

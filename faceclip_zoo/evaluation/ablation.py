@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from faceclip_zoo.utils import UserError
+from faceclip_zoo.utils import UserError, redirect_loggers
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _recipe(path: str, steps: int, run_dir: Path, export_dir: Path, model_args: 
     t = recipe["trainer"]
     t.update(max_steps=steps, val_check_interval=steps, default_root_dir=str(run_dir), enable_progress_bar=False,
              num_sanity_val_steps=0)
-    t["logger"]["init_args"].update(save_dir=str(run_dir), version=0)
+    redirect_loggers(t, str(run_dir), version=0)
     for cb in t["callbacks"]:
         if cb["class_path"].endswith("ExportOnFitEnd"):
             cb["init_args"]["dirpath"] = str(export_dir)

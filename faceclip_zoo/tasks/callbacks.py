@@ -52,6 +52,12 @@ class IdentityTSNE(Callback):
         emb, labels = stored
         out = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
         tsne_plot(emb, labels, out, "joint embeddings of held-out identities (same prompt)")
+        from PIL import Image
+
+        from faceclip_zoo.tasks.sample_grid import log_image
+
+        with Image.open(out) as image:
+            log_image(trainer, "tsne_identity", image.copy(), trainer.global_step)
         log.info("wrote %s", out)
 
 

@@ -24,6 +24,16 @@ def grid_image(rows: list[list[torch.Tensor]]) -> Image.Image:
     return Image.fromarray((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
 
 
+def log_image(trainer, key: str, image: Image.Image, step: int) -> None:
+    """Hand an image to every logger of the run that takes images (TensorBoard, W&B);
+    CSV loggers take none, the PNG in the run folder is theirs."""
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):  # WandbLogger
+            logger.log_image(key=key, images=[image], step=step)
+        elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoardLogger
+            logger.experiment.add_image(key, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+
 def samples_dir(trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
@@ -45,10 +55,6 @@ def write_sample_grid(module, samples: list[dict]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     image = grid_image(rows)
     image.save(out)
-    logger = module.logger
-    if logger is not None and hasattr(logger, "log_image"):  # e.g. WandbLogger
-        logger.log_image(key="samples", images=[image], step=module.global_step)
-    elif logger is not None and hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
-        logger.experiment.add_image("samples", np.asarray(image), module.global_step, dataformats="HWC")
+    log_image(module.trainer, "samples", image, module.global_step)
     log.info("wrote sample grid %s", out)
     return out
