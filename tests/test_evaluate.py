@@ -332,6 +332,11 @@ def test_synthetic_benchmark_scores_ceilings_generations_and_the_no_face_control
         for key in ("identity_top1", "face_sim", "identity_margin", "background_accuracy"):
             assert 0 <= r[f"{key}_se"] < 1 and abs(r[key]) <= 1
         assert r["chance_top1"] == pytest.approx(1 / 3) and r["chance_background"] == pytest.approx(0.1)
+    gen = results["generated"]
+    assert 0 < gen["face_sim_gain_se"] < 1 and abs(gen["face_sim_gain"]) <= 2
+    # the paired gain is the difference of the two sets' Face Sim means (same images, same order)
+    assert gen["face_sim_gain"] == pytest.approx(gen["face_sim"] - results["generated_no_face"]["face_sim"], abs=1e-6)
+    assert "Face Sim gain" in (out / "results.md").read_text()
     # the real scenes' numbers are the direct computation
     direct = identity_scores(FaceViTIdentity(vit), torch.stack([s["image"] for s in samples]),
                              [s["identity"] for s in samples],

@@ -128,6 +128,14 @@ class SDXLJointModule(JointDiffusionModule):
             raise UserError("rescale_betas_zero_snr needs prediction_type: v_prediction (at zero SNR the "
                             "noise alone says nothing about the image, so epsilon cannot be learned there)")
         self.noise_scheduler = DDPMScheduler.from_config(_config_without_meta(self.scheduler_config))
+        if snr_gamma and self.scheduler_config.get("rescale_betas_zero_snr"):
+            # min-SNR weights the x0 error by min(SNR, gamma): ~0 at high noise and exactly 0 at
+            # the zero-SNR step where the sampler starts, so what the condition alone decides
+            # (identity, colours) is barely trained. Measured on the synthetic world: identity
+            # top-1 0.44 with it, 0.84 without (4 identities, 600 steps).
+            log.warning("snr_gamma with zero terminal SNR gives the sampler's first step no training weight "
+                        "and the high-noise steps almost none; plain v-prediction loss (snr_gamma: null) "
+                        "learns the condition much faster")
         self._check_dims()
 
         self.vae.requires_grad_(False)
