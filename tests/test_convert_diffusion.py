@@ -5,7 +5,8 @@ import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
 from faceclip_zoo.config import diffusers_config
-from faceclip_zoo.models.convert_diffusion import build_diffusers_on_meta, convert_official_diffusers
+from faceclip_zoo.models.convert_diffusion import convert_official_diffusers
+from faceclip_zoo.models.diffusers_models import build_diffusers_on_meta
 from faceclip_zoo.utils import UserError
 
 

@@ -4,7 +4,6 @@ those of one process on the concatenated global batch; and a 2-process fit runs.
 import csv
 import os
 import subprocess
-import sys
 
 import pytest
 import torch

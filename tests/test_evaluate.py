@@ -177,7 +177,7 @@ def test_bad_specs_are_clear_errors(tmp_path, face_photos):
 def pipeline_dir(tmp_path_factory):
     """A pipeline of the quickstart's architecture (tiny FaceCLIP branches, tiny SDXL UNet
     and VAE), saved as `export` saves it."""
-    from faceclip_zoo.models.convert_diffusion import build_diffusers
+    from faceclip_zoo.models.diffusers_models import build_diffusers
     from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
     from faceclip_zoo.pipelines.export import build_scheduler, save_pipeline
     from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline

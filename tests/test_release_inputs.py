@@ -14,7 +14,7 @@ from faceclip_zoo.bench.release_reference import (
 )
 from faceclip_zoo.config import FaceCLIPConfig, diffusers_config
 from faceclip_zoo.models.clip import build_text_tower, build_tokenizer
-from faceclip_zoo.models.convert_diffusion import build_diffusers
+from faceclip_zoo.models.diffusers_models import build_diffusers
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.sdxl_condition import SDXLCondition
 from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel

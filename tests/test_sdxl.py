@@ -12,7 +12,7 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from huggingface_hub import ModelCard
 
 from faceclip_zoo.config import FaceCLIPConfig, diffusers_config
-from faceclip_zoo.models.convert_diffusion import build_diffusers
+from faceclip_zoo.models.diffusers_models import build_diffusers
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.io import save_model_dir
 from faceclip_zoo.models.sdxl_condition import SDXLCondition

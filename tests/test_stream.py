@@ -8,7 +8,7 @@ from PIL import Image
 
 from faceclip_zoo.data.datamodule import ShardDataModule, collate
 from faceclip_zoo.data.schema import make_sample
-from faceclip_zoo.data.stream import StreamSpec, count_samples, plan_epoch, planned_loader
+from faceclip_zoo.data.stream import count_samples, plan_epoch, planned_loader
 from faceclip_zoo.utils import UserError
 
 

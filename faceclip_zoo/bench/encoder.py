@@ -68,7 +68,7 @@ def _open_clip_step(ctx: Context, clip_cfg, batch: dict):
 
 def contrastive_rows(ctx: Context) -> list[Row]:
     from faceclip_zoo.config import CLIPConfig
-    from faceclip_zoo.tasks.encoder import FaceCLIPEncoderModule
+    from faceclip_zoo.tasks.faceclip_encoder import FaceCLIPEncoderModule
 
     s = ctx.size
     with ctx.build():

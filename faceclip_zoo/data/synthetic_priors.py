@@ -122,7 +122,7 @@ def train_vae(train, guided, val, steps: int, seed: int, batch_size: int = 16) -
     scenes: reconstruction + a small KL term on random 32 px crops (it is convolutional, so
     it then codes whole scenes). Its scaling_factor becomes 1 / std of the latents."""
     from faceclip_zoo.config import diffusers_config
-    from faceclip_zoo.models.convert_diffusion import build_diffusers
+    from faceclip_zoo.models.diffusers_models import build_diffusers
 
     torch.manual_seed(seed)
     cfg = diffusers_config("vae-tiny")

@@ -113,7 +113,7 @@ def initial_encoder(recipe_path: str, out: Path) -> Path:
     """The encoder pre-training starts from (face ViT and CLIP text weights loaded, fusion at
     init): the diffusion-only run's starting point."""
     from faceclip_zoo.models.io import save_model_dir
-    from faceclip_zoo.tasks.encoder import FaceCLIPEncoderModule
+    from faceclip_zoo.tasks.faceclip_encoder import FaceCLIPEncoderModule
 
     if (out / "model.safetensors").exists():
         return out

@@ -13,61 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from faceclip_zoo.config import diffusers_config
+from faceclip_zoo.models.diffusers_models import WEIGHTS_NAME, build_diffusers_on_meta
 from faceclip_zoo.models.io import _atomic_write, write_safetensors
 from faceclip_zoo.utils import UserError, mismatch_report, require_file, safe_torch_load, shapes_of
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-def diffusers_class(config: dict[str, Any]):
-    import diffusers
-
-    name = config.get("_class_name")
-    if name not in ("UNet2DConditionModel", "FluxTransformer2DModel", "AutoencoderKL"):
-        raise UserError(f"unsupported diffusers model class {name!r}")
-    return getattr(diffusers, name)
-
-
-def build_diffusers(config: dict[str, Any]) -> torch.nn.Module:
-    """A diffusers model of the given config dict (with `_class_name`), random init."""
-    return diffusers_class(config).from_config({k: v for k, v in config.items() if k != "_class_name"})
-
-
-def load_diffusers_weights(model: torch.nn.Module, source: str | os.PathLike, what: str) -> None:
-    """Weights from a diffusers folder, a safetensors file or a release pickle (weights
-    only), strictly checked."""
-    from faceclip_zoo.utils import load_strict, load_weights_file
-
-    p = require_file(source, what)
-    if p.is_dir():
-        p = require_file(p / WEIGHTS_NAME, what)
-    state = load_weights_file(p, what)
-    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
-    load_strict(model, state, f"{what} {p}")
-
-
-def build_diffusers_on_meta(config: dict[str, Any]) -> torch.nn.Module:
-    with torch.device("meta"):
-        return build_diffusers(config)
-
-
-def resolve_diffusers_config(spec: str, what: str) -> dict[str, Any]:
-    """A named config (`sdxl-unet`), or a diffusers folder whose config.json says it."""
-    import json
-
-    from faceclip_zoo.config import DIFFUSERS_CONFIGS
-
-    if spec in DIFFUSERS_CONFIGS:
-        return diffusers_config(spec)
-    path = Path(spec)
-    if (path / "config.json").exists():
-        cfg = json.loads((path / "config.json").read_text())
-        return {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
-    raise UserError(f"{what} {spec!r} is neither a named config ({sorted(DIFFUSERS_CONFIGS)}) "
-                    "nor a diffusers folder with a config.json")
 
 
 def convert_official_diffusers(path: str | os.PathLike, out: str | os.PathLike,

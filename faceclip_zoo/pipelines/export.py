@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from faceclip_zoo.config import FaceCLIPConfig
-from faceclip_zoo.models.convert_diffusion import build_diffusers
+from faceclip_zoo.models.diffusers_models import build_diffusers
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
 from faceclip_zoo.utils import UserError, load_strict

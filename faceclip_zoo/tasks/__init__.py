@@ -1,7 +1,7 @@
 """Lightning tasks (LightningModules); each holds plain-torch models from faceclip_zoo.models."""
 
 from faceclip_zoo.tasks.callbacks import ExportOnFitEnd, IdentityTSNE
-from faceclip_zoo.tasks.encoder import FaceCLIPEncoderModule
+from faceclip_zoo.tasks.faceclip_encoder import FaceCLIPEncoderModule
 from faceclip_zoo.tasks.facet5_encoder import FaceT5EncoderModule
 from faceclip_zoo.tasks.resilience import LastGoodCheckpointIO, NonFiniteLoss
 

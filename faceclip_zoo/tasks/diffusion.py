@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from diffusers.training_utils import EMAModel
 
-from faceclip_zoo.models.convert_diffusion import load_diffusers_weights
+from faceclip_zoo.models.diffusers_models import load_diffusers_weights
 from faceclip_zoo.models.io import read_config
 from faceclip_zoo.tasks.optim import configure as configure_optimization
 from faceclip_zoo.tasks.resilience import ResilientTask

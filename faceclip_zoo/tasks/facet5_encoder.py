@@ -18,7 +18,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from faceclip_zoo.config import FaceT5Config
 from faceclip_zoo.models.facet5 import FaceT5Encoder
-from faceclip_zoo.tasks.encoder import FaceCLIPEncoderModule
+from faceclip_zoo.tasks.faceclip_encoder import FaceCLIPEncoderModule
 from faceclip_zoo.tasks.losses import LossKind
 from faceclip_zoo.tasks.optim import default_optimizer
 from faceclip_zoo.utils import UserError, load_weights_file, mismatch_report, shapes_of

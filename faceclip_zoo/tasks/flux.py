@@ -27,7 +27,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from lightning.pytorch.cli import OptimizerCallable
 
 from faceclip_zoo.config import FaceT5Config
-from faceclip_zoo.models.convert_diffusion import build_diffusers, load_diffusers_weights, resolve_diffusers_config
+from faceclip_zoo.models.diffusers_models import build_diffusers, load_diffusers_weights, resolve_diffusers_config
 from faceclip_zoo.models.facet5 import FaceT5Encoder
 from faceclip_zoo.models.flux_condition import FluxCondition
 from faceclip_zoo.models.text_encoders import build_clip_text_model, build_clip_tokenizer, clip_text_config

@@ -27,7 +27,7 @@ from diffusers.training_utils import compute_snr
 from lightning.pytorch.cli import OptimizerCallable
 
 from faceclip_zoo.config import DIFFUSERS_CONFIGS, FaceCLIPConfig, diffusers_config
-from faceclip_zoo.models.convert_diffusion import build_diffusers, load_diffusers_weights, resolve_diffusers_config
+from faceclip_zoo.models.diffusers_models import build_diffusers, load_diffusers_weights, resolve_diffusers_config
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.sdxl_condition import SDXLCondition
 from faceclip_zoo.tasks.diffusion import JointDiffusionModule, resolve_model_spec

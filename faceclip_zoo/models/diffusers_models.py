@@ -1,0 +1,59 @@
+"""The diffusers model factory: named configs or diffusers folders -> diffusers models
+(SDXL UNet, FLUX transformer, AutoencoderKL), and their weights from a folder, a
+safetensors file or a release pickle. Used by the tasks, the pipelines and conversion."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from faceclip_zoo.config import DIFFUSERS_CONFIGS, diffusers_config
+from faceclip_zoo.utils import UserError, load_strict, load_weights_file, require_file
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def diffusers_class(config: dict[str, Any]):
+    import diffusers
+
+    name = config.get("_class_name")
+    if name not in ("UNet2DConditionModel", "FluxTransformer2DModel", "AutoencoderKL"):
+        raise UserError(f"unsupported diffusers model class {name!r}")
+    return getattr(diffusers, name)
+
+
+def build_diffusers(config: dict[str, Any]) -> torch.nn.Module:
+    """A diffusers model of the given config dict (with `_class_name`), random init."""
+    return diffusers_class(config).from_config({k: v for k, v in config.items() if k != "_class_name"})
+
+
+def load_diffusers_weights(model: torch.nn.Module, source: str | os.PathLike, what: str) -> None:
+    """Weights from a diffusers folder, a safetensors file or a release pickle (weights
+    only), strictly checked."""
+    p = require_file(source, what)
+    if p.is_dir():
+        p = require_file(p / WEIGHTS_NAME, what)
+    state = load_weights_file(p, what)
+    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+    load_strict(model, state, f"{what} {p}")
+
+
+def build_diffusers_on_meta(config: dict[str, Any]) -> torch.nn.Module:
+    with torch.device("meta"):
+        return build_diffusers(config)
+
+
+def resolve_diffusers_config(spec: str, what: str) -> dict[str, Any]:
+    """A named config (`sdxl-unet`), or a diffusers folder whose config.json says it."""
+    if spec in DIFFUSERS_CONFIGS:
+        return diffusers_config(spec)
+    path = Path(spec)
+    if (path / "config.json").exists():
+        cfg = json.loads((path / "config.json").read_text())
+        return {k: v for k, v in cfg.items() if not k.startswith("_") or k == "_class_name"}
+    raise UserError(f"{what} {spec!r} is neither a named config ({sorted(DIFFUSERS_CONFIGS)}) "
+                    "nor a diffusers folder with a config.json")
