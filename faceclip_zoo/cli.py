@@ -19,9 +19,9 @@ from typing import Callable
 
 from jsonargparse import ArgumentError
 
+from faceclip_zoo.train import TRAINER_COMMANDS, run_lightning_cli
 from faceclip_zoo.utils import UserError
 
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _export(argv: list[str]) -> int:
@@ -117,23 +117,6 @@ Training (LightningCLI; `<command> --help` lists every option):
 Zoo commands:
 {extra}
 """
-
-
-# Any LightningModule / LightningDataModule named by class_path in a recipe; our tasks
-# configure their own optimizers (from the `optimizer` argument they receive).
-CLI_KWARGS = dict(subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False)
-
-
-def run_lightning_cli(argv: list[str]) -> None:
-    from lightning.pytorch.cli import LightningCLI
-
-    # Parse errors come back to us as exceptions (not a 60-line usage dump) so main() can
-    # print them as one line.
-    no_exit = {"exit_on_error": False}
-    LightningCLI(args=None if argv == sys.argv[1:] else argv,
-                 save_config_kwargs={"overwrite": True},
-                 parser_kwargs={**no_exit, **{cmd: no_exit for cmd in TRAINER_COMMANDS}},
-                 **CLI_KWARGS)
 
 
 _NOISE = ("Does not validate", "Subtypes:", "Errors:", "Problem with given class_path",

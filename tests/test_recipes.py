@@ -7,7 +7,7 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from faceclip_zoo.cli import CLI_KWARGS
+from faceclip_zoo.train import CLI_KWARGS
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
@@ -65,7 +65,8 @@ def test_ablation_config_and_the_recipes_it_writes_parse(recipe, tmp_path, monke
                 {"encoder_l": "x", "encoder_g": "x", "train_encoders": True})
     (tmp_path / "diff.yaml").write_text(yaml.safe_dump(r))
     parsed = parse(tmp_path / "diff.yaml").config
-    assert parsed.model.init_args.train_encoders and parsed.trainer.logger.init_args.save_dir == str(tmp_path / "run")
+    assert parsed.model.init_args.train_encoders
+    assert [lg.init_args.save_dir for lg in parsed.trainer.logger] == [str(tmp_path / "run")] * 2
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
@@ -73,9 +74,10 @@ def test_recipe_parses(recipe):
     cfg = parse(recipe).config
     assert cfg.model.class_path.startswith("faceclip_zoo.")
     assert cfg.data.class_path.startswith("faceclip_zoo.")
-    # metrics land as CSV inside the run directory
-    assert cfg.trainer.logger.class_path.endswith("CSVLogger")
-    assert cfg.trainer.logger.init_args.save_dir == cfg.trainer.default_root_dir
+    # metrics land as CSV inside the run directory, and in TensorBoard beside it
+    assert [lg.class_path.rsplit(".", 1)[1] for lg in cfg.trainer.logger] == ["CSVLogger", "TensorBoardLogger"]
+    assert {lg.init_args.save_dir for lg in cfg.trainer.logger} == {cfg.trainer.default_root_dir}
+    assert cfg.trainer.logger[1].init_args.name == "tensorboard"
 
 
 @pytest.mark.parametrize("recipe", ENCODER_PRODUCTION, ids=lambda p: str(p.relative_to(REPO / "recipes")))

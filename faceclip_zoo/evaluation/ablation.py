@@ -26,7 +26,6 @@ import json
 import logging
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,18 +85,14 @@ def _recipe(path: str, steps: int, run_dir: Path, export_dir: Path, model_args: 
 
 def _fit(recipe: dict, where: Path) -> float:
     """Run `fit` on a recipe (written beside its outputs); returns seconds."""
-    from faceclip_zoo.cli import main
+    from faceclip_zoo.train import fit
 
     run_dir = Path(recipe["trainer"]["default_root_dir"])
     shutil.rmtree(run_dir, ignore_errors=True)  # a stage that did not finish starts again
     where.parent.mkdir(parents=True, exist_ok=True)
     where.write_text(yaml.safe_dump(recipe, sort_keys=False))
     start = time.perf_counter()
-    with warnings.catch_warnings():  # LightningCLI warns when given args inside another command
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        code = main(["fit", "--config", str(where)])
-    if code != 0:
-        raise UserError(f"fit of {where} failed (see above)")
+    fit(where)
     return time.perf_counter() - start
 
 
