@@ -75,15 +75,20 @@ def test_unknown_recipe_key_is_one_clear_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and "lossses" in lines[0]
 
 
-@pytest.mark.parametrize("recipe", ["sdxl.yaml", "oracle-sdxl.yaml"])
-def test_quickstart_needing_the_encoder_names_the_command_to_run_first(tmp_path, monkeypatch, capsys, recipe):
-    """On a fresh clone (no checkpoints/quickstart-encoder) the SDXL quickstarts stop with one
-    line naming the recipe that makes the encoder, not a jsonargparse Namespace dump."""
+@pytest.mark.parametrize("recipe, needs, maker", [
+    ("sdxl.yaml", "quickstart-encoder holds no faceclip", "faceclip.yaml"),
+    ("oracle-sdxl.yaml", "quickstart-encoder holds no faceclip", "faceclip.yaml"),
+    ("flux.yaml", "quickstart-facet5 holds no facet5", "facet5.yaml"),
+])
+def test_quickstart_needing_an_encoder_names_the_command_to_run_first(tmp_path, monkeypatch, capsys, recipe,
+                                                                      needs, maker):
+    """On a fresh clone (no checkpoints/quickstart-*) the diffusion quickstarts stop with one
+    line naming the recipe that makes their encoder, not a jsonargparse Namespace dump."""
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", str(REPO / "recipes" / "quickstart" / recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: checkpoints/quickstart-encoder holds no faceclip model yet; make it first with "
-                   "`python -m faceclip_zoo fit --config recipes/quickstart/faceclip.yaml`"]
+    assert err == [f"error: checkpoints/{needs} model yet; make it first with "
+                   f"`python -m faceclip_zoo fit --config recipes/quickstart/{maker}`"]
 
 
 def test_missing_weights_file_is_one_clear_line(tmp_path, tiny_shards, corrupt_shard):

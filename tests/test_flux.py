@@ -151,7 +151,8 @@ def flux_recipe(tmp_path: Path, shards: Path, steps: int = 4) -> Path:
                              limit_val_batches=1)
     redirect_loggers(recipe["trainer"], root)
     recipe["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(tmp_path / "pipeline")
-    recipe["model"]["init_args"].update(vae_weights=None, num_samples=2, sample_steps=2, warmup_steps=1)
+    recipe["model"]["init_args"].update(encoder="facet5-tiny", vae_weights=None, num_samples=2, sample_steps=2,
+                                        warmup_steps=1)
     recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {
         "train": str(shards / "train"), "val": str(shards / "val"), "guided": str(shards / "guided"),
         "guided_prob": 0.2, "batch_size": 4, "num_workers": 0, "image_size": 64, "face_size": 112}}
