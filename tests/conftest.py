@@ -36,3 +36,100 @@ def tiny_shards(tmp_path_factory, tiny_spec, tiny_data):
     root = tmp_path_factory.mktemp("synthetic") / "data"
     write_dataset(tiny_spec, tiny_data, root, shard_size=10)
     return root
+
+
+# ------------------------------------------------------------------ helpers shared by test modules
+# (imported as `from conftest import ...`; heavy imports stay inside the functions)
+
+QUICKSTART = REPO / "recipes" / "quickstart" / "faceclip.yaml"
+
+
+def tiny_recipe(tmp_path: Path, shards: Path, **model_args) -> Path:
+    import yaml
+
+    from faceclip_zoo.utils import redirect_loggers
+
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    root = str(tmp_path / "run")
+    recipe["trainer"].update(max_steps=6, val_check_interval=3, log_every_n_steps=1, default_root_dir=root)
+    redirect_loggers(recipe["trainer"], root)
+    recipe["trainer"]["callbacks"] = [recipe["trainer"]["callbacks"][0]]  # no t-SNE: too few points
+    args = recipe["model"]["init_args"]
+    args.update({"face_encoder_weights": None, "clip_weights": None, "warmup_steps": 2, **model_args})
+    recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {
+        "train": [str(shards / "train"), str(tmp_path / "corrupt.tar")], "val": str(shards / "val"),
+        "guided": str(shards / "guided"), "guided_prob": 0.2, "batch_size": 8, "num_workers": 0,
+        "image_size": 64, "face_size": 112}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture()
+def corrupt_shard(tmp_path):
+    """A shard in which most samples are fine and some cannot be decoded."""
+    import webdataset as wds
+    from PIL import Image
+
+    from faceclip_zoo.data.schema import make_sample
+
+    img = Image.new("RGB", (64, 64), (10, 20, 30))
+    samples = [make_sample(f"good{i}", img, "a photo", img, identity="q") for i in range(3)]
+    for i in range(3):
+        bad = make_sample(f"bad{i}", img, "a photo", img, identity="q")
+        bad["png"] = b"not an image"
+        samples.append(bad)
+    with wds.TarWriter(str(tmp_path / "corrupt.tar")) as sink:
+        for s in samples:
+            sink.write(s)
+
+
+def sdxl_branches(seed=0):
+    from faceclip_zoo.config import FaceCLIPConfig
+    from faceclip_zoo.models.faceclip import FaceCLIPEncoder
+
+    torch.manual_seed(seed)
+    return FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval(), \
+        FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval()
+
+
+def sdxl_recipe(tmp_path: Path, shards: Path, encoder_dir: Path, steps: int = 4) -> Path:
+    import yaml
+
+    from faceclip_zoo.utils import redirect_loggers
+
+    recipe = yaml.safe_load((REPO / "recipes" / "quickstart" / "sdxl.yaml").read_text())
+    root = str(tmp_path / "run")
+    recipe["trainer"].update(max_steps=steps, val_check_interval=2, log_every_n_steps=1, default_root_dir=root,
+                             limit_val_batches=1)
+    redirect_loggers(recipe["trainer"], root)
+    recipe["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(tmp_path / "pipeline")
+    recipe["model"]["init_args"].update(encoder_l=str(encoder_dir), encoder_g=str(encoder_dir), vae_weights=None,
+                                        num_samples=2, sample_steps=2, warmup_steps=1)
+    recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {
+        "train": str(shards / "train"), "val": str(shards / "val"), "guided": str(shards / "guided"),
+        "guided_prob": 0.2, "batch_size": 4, "num_workers": 0, "image_size": 64, "face_size": 112}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def linear_arcface(path, dim=8, seed=0):
+    """A stand-in recognition net with ArcFace's interface: [N,3,112,112] -> [N,dim]."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(seed).normal(size=(3 * 112 * 112, dim)).astype(np.float32) / 100
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["data"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "W"], ["fc1"])],
+        "arcface_stub",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", dim])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return w

@@ -10,8 +10,7 @@ from faceclip_zoo.cache import build_from_recipe, cache
 from faceclip_zoo.data.datamodule import ShardDataModule
 from faceclip_zoo.models.io import save_model_dir
 from faceclip_zoo.utils import UserError
-from test_cli import corrupt_shard, tiny_recipe  # noqa: F401  (fixture)
-from test_sdxl import branches, sdxl_recipe
+from conftest import sdxl_branches, sdxl_recipe, tiny_recipe
 
 
 def members(path) -> dict[str, set[str]]:
@@ -90,7 +89,7 @@ def test_encoder_features_equal_the_computed_targets(tmp_path, tiny_shards, corr
 
 
 def test_sdxl_latents_and_embeddings_equal_the_computed_ones(tmp_path, tiny_shards):
-    encoder_dir = save_model_dir(branches()[0], tmp_path / "encoder")
+    encoder_dir = save_model_dir(sdxl_branches()[0], tmp_path / "encoder")
     recipe = sdxl_recipe(tmp_path, tiny_shards, encoder_dir)
     out = tmp_path / "cached"
     total = cache(str(recipe), shards=[str(tiny_shards / "val")], out=str(out), dtype="float32", progress=False)

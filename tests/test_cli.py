@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import webdataset as wds
 import yaml
-from PIL import Image
+
+from conftest import tiny_recipe
 
 from faceclip_zoo.cli import main
 from faceclip_zoo.config import FaceCLIPConfig
-from faceclip_zoo.data.schema import make_sample
 from faceclip_zoo.models import FaceCLIPEncoder, load_model_dir
-from faceclip_zoo.utils import redirect_loggers
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart" / "faceclip.yaml"
@@ -24,37 +22,6 @@ QUICKSTART = REPO / "recipes" / "quickstart" / "faceclip.yaml"
 def run_cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "faceclip_zoo", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=600)
-
-
-def tiny_recipe(tmp_path: Path, shards: Path, **model_args) -> Path:
-    recipe = yaml.safe_load(QUICKSTART.read_text())
-    root = str(tmp_path / "run")
-    recipe["trainer"].update(max_steps=6, val_check_interval=3, log_every_n_steps=1, default_root_dir=root)
-    redirect_loggers(recipe["trainer"], root)
-    recipe["trainer"]["callbacks"] = [recipe["trainer"]["callbacks"][0]]  # no t-SNE: too few points
-    args = recipe["model"]["init_args"]
-    args.update({"face_encoder_weights": None, "clip_weights": None, "warmup_steps": 2, **model_args})
-    recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {
-        "train": [str(shards / "train"), str(tmp_path / "corrupt.tar")], "val": str(shards / "val"),
-        "guided": str(shards / "guided"), "guided_prob": 0.2, "batch_size": 8, "num_workers": 0,
-        "image_size": 64, "face_size": 112}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-@pytest.fixture()
-def corrupt_shard(tmp_path):
-    """A shard in which most samples are fine and some cannot be decoded."""
-    img = Image.new("RGB", (64, 64), (10, 20, 30))
-    samples = [make_sample(f"good{i}", img, "a photo", img, identity="q") for i in range(3)]
-    for i in range(3):
-        bad = make_sample(f"bad{i}", img, "a photo", img, identity="q")
-        bad["png"] = b"not an image"
-        samples.append(bad)
-    with wds.TarWriter(str(tmp_path / "corrupt.tar")) as sink:
-        for s in samples:
-            sink.write(s)
 
 
 def test_help_lists_commands():

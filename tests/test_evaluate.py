@@ -22,7 +22,7 @@ from faceclip_zoo.models.face_vit import FaceViT
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.io import save_model_dir
 from faceclip_zoo.utils import UserError, redirect_loggers
-from test_face_id import _linear_arcface
+from conftest import linear_arcface
 
 FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
 PROMPT = "a photo of a person wearing a red shirt, in front of a blue background, lit from the front"
@@ -71,7 +71,7 @@ def test_face_sim_of_an_image_with_itself_is_one_and_a_missing_face_counts(tmp_p
     photos = face_photos
     torch.manual_seed(0)
     face_vit = save_model_dir(FaceViT(FaceViTConfig.from_name("face-vit-tiny")).eval(), tmp_path / "vit")
-    _linear_arcface(tmp_path / "arcface.onnx")
+    linear_arcface(tmp_path / "arcface.onnx")
     for model in (f"face-vit:{face_vit}", f"onnx:{tmp_path / 'arcface.onnx'}"):
         pairs = [{"reference": str(p), "prompt": PROMPT, "identity": p.stem} for p in photos]
         pairs.append({"reference": str(photos[0]), "prompt": "nobody here", "identity": photos[0].stem})

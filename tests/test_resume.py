@@ -13,14 +13,14 @@ import pytest
 import torch
 import yaml
 
-import test_cli
+from conftest import tiny_recipe
 
 TESTS = Path(__file__).resolve().parent
 
 
 def _recipe(tmp_path, shards, name, callbacks=(), workers=2, devices=1, **model_args) -> Path:
     (tmp_path / name).mkdir()
-    path = test_cli.tiny_recipe(tmp_path / name, shards, **model_args)
+    path = tiny_recipe(tmp_path / name, shards, **model_args)
     recipe = yaml.safe_load(path.read_text())
     t = recipe["trainer"]
     t.update(max_steps=-1, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0, devices=devices,

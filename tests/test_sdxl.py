@@ -7,34 +7,28 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from huggingface_hub import ModelCard
 
-from faceclip_zoo.config import FaceCLIPConfig, diffusers_config
+from conftest import sdxl_branches, sdxl_recipe
+
+from faceclip_zoo.config import diffusers_config
 from faceclip_zoo.models.diffusers_models import build_diffusers
-from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.io import save_model_dir
 from faceclip_zoo.models.sdxl_condition import SDXLCondition
 from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
 from faceclip_zoo.pipelines.export import build_scheduler, load_pipeline, save_pipeline
 from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
 from faceclip_zoo.tasks.sdxl import SDXLJointModule
-from faceclip_zoo.utils import UserError, redirect_loggers
+from faceclip_zoo.utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a person wearing a red shirt, in front of a blue background, lit from the front"
 
 
-def branches(seed=0):
-    torch.manual_seed(seed)
-    return FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval(), \
-        FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval()
-
-
 @pytest.fixture(scope="module")
 def pipe():
-    l, g = branches()
+    l, g = sdxl_branches()
     torch.manual_seed(1)
     p = FaceCLIPSDXLPipeline(
         vae=build_diffusers(diffusers_config("vae-tiny")).eval(),
@@ -52,7 +46,7 @@ def batch(b=4, has_face=(True, True, False, True)):
 
 
 def test_condition_is_concat_of_branches_and_g_pooled():
-    l, g = branches()
+    l, g = sdxl_branches()
     cond = SDXLCondition(l, g)
     faces = torch.rand(2, 3, 112, 112)
     has = torch.tensor([True, False])
@@ -206,27 +200,10 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
         SDXLJointModule(encoder_l=str(tmp_path / "nope"))
 
 
-def sdxl_recipe(tmp_path: Path, shards: Path, encoder_dir: Path, steps: int = 4) -> Path:
-    recipe = yaml.safe_load((REPO / "recipes" / "quickstart" / "sdxl.yaml").read_text())
-    root = str(tmp_path / "run")
-    recipe["trainer"].update(max_steps=steps, val_check_interval=2, log_every_n_steps=1, default_root_dir=root,
-                             limit_val_batches=1)
-    redirect_loggers(recipe["trainer"], root)
-    recipe["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(tmp_path / "pipeline")
-    recipe["model"]["init_args"].update(encoder_l=str(encoder_dir), encoder_g=str(encoder_dir), vae_weights=None,
-                                        num_samples=2, sample_steps=2, warmup_steps=1)
-    recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {
-        "train": str(shards / "train"), "val": str(shards / "val"), "guided": str(shards / "guided"),
-        "guided_prob": 0.2, "batch_size": 4, "num_workers": 0, "image_size": 64, "face_size": 112}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
 def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):
     from faceclip_zoo.cli import main
 
-    encoder_dir = save_model_dir(branches()[0], tmp_path / "encoder")
+    encoder_dir = save_model_dir(sdxl_branches()[0], tmp_path / "encoder")
     recipe = sdxl_recipe(tmp_path, tiny_shards, encoder_dir)
     assert main(["fit", "--config", str(recipe)]) == 0
     run = tmp_path / "run"
