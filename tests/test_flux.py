@@ -184,7 +184,8 @@ def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):
     state = torch.load(ckpt, weights_only=True, map_location="cpu")
     ema = state["faceclip_zoo"]["ema"]
     assert ema["optimization_step"] == 4
-    m = FluxJointModule(ema_decay=0.99)
+    shipped = yaml.safe_load((REPO / "recipes" / "quickstart" / "flux.yaml").read_text())["model"]["init_args"]
+    m = FluxJointModule(ema_decay=0.99, transformer_overrides=shipped.get("transformer_overrides"))
     m.on_load_checkpoint(state)
     torch.testing.assert_close(m.ema.shadow_params[0], next(iter(ema["weights"].values())))
     exported = load_pipeline(tmp_path / "exported")
