@@ -5,6 +5,7 @@
     python -m faceclip_zoo prepare --input photos/ --out data/my-shards
     python -m faceclip_zoo cache --recipe recipes/quickstart/faceclip.yaml
     python -m faceclip_zoo generate --pipeline checkpoints/my-sdxl --face me.png --prompt "..."
+    python -m faceclip_zoo demo --pipeline checkpoints/my-sdxl
     python -m faceclip_zoo evaluate --pipeline checkpoints/my-sdxl --benchmark bench.yaml --out runs/eval
     python -m faceclip_zoo bench --size tiny
 """
@@ -75,6 +76,15 @@ def _generate(argv: list[str]) -> int:
     return generate_main(argv)
 
 
+def _demo(argv: list[str]) -> int:
+    from jsonargparse import CLI
+
+    from faceclip_zoo.demo import demo
+
+    CLI(demo, args=argv, as_positional=False)
+    return 0
+
+
 def _evaluate(argv: list[str]) -> int:
     from faceclip_zoo.evaluation.run import main as evaluate_main
 
@@ -96,6 +106,7 @@ def _bench(argv: list[str]) -> int:
 EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "export": (_export, "fit checkpoint -> model directory (encoder) or pipeline folder (SDXL)"),
     "generate": (_generate, "exported pipeline + face photo + prompt -> PNG"),
+    "demo": (_demo, "a local web page (Gradio): upload photos, prompt, see the aligned crops and the images"),
     "evaluate": (_evaluate, "pipeline + benchmark spec -> Face Sim, CLIP-T, FID, contact sheets; "
                             "encoder -> zero-shot, t-SNE"),
     "ablation": (_ablation, "the paper's loss ablation (Table 3) and Fig. 2 in miniature, synthetic identities"),

@@ -57,25 +57,33 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
 
 
-def run(args: argparse.Namespace) -> list[Path]:
+def open_pipeline(path: str, device: str = "auto", dtype: str = "auto", scheduler: str | None = None):
+    """An exported/converted pipeline folder, on `device` (auto: CUDA when present) in
+    `dtype` (auto: bfloat16 on CUDA as the release, float32 on CPU), optionally with another
+    diffusers scheduler class (`generate` and `demo` share this)."""
     import diffusers
 
     from faceclip_zoo.pipelines.export import load_pipeline
 
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dtype_name = dtype if dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype_name not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    pipe = load_pipeline(path, dtype=getattr(torch, dtype_name)).to(device)
+    if scheduler:
+        cls = getattr(diffusers, scheduler, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise UserError(f"--scheduler {scheduler!r} is not a diffusers scheduler class")
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def run(args: argparse.Namespace) -> list[Path]:
     if args.num_images < 1 or args.steps < 1:
         raise UserError("--num-images and --steps must be at least 1")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    pipe = load_pipeline(args.pipeline, dtype=getattr(torch, dtype_name)).to(device)
-    if args.scheduler:
-        cls = getattr(diffusers, args.scheduler, None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise UserError(f"--scheduler {args.scheduler!r} is not a diffusers scheduler class")
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe = open_pipeline(args.pipeline, args.device, args.dtype, args.scheduler)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    from faceclip_zoo.evaluation.benchmark import guidance_kwargs
-
-    guidance = guidance_kwargs(pipe, args.guidance, args.distilled_guidance)
+    guidance = pipe.guidance_arguments(args.guidance, args.distilled_guidance)
     images = pipe(
         args.prompt, face_image=args.face, negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps, height=args.height, width=args.width,

@@ -7,6 +7,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+# Lightning binds its console log handler to the sys.stderr of the moment it is first
+# imported; imported here, under pytest's session-wide capture, that stream outlives every
+# test (imported inside a test, it would be that test's capsys stream, closed afterwards).
+import lightning  # noqa: E402,F401
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -35,6 +39,39 @@ def tiny_shards(tmp_path_factory, tiny_spec, tiny_data):
 
     root = tmp_path_factory.mktemp("synthetic") / "data"
     write_dataset(tiny_spec, tiny_data, root, shard_size=10)
+    return root
+
+
+@pytest.fixture(scope="session")
+def quickstart_sdxl_dir(tmp_path_factory):
+    """A pipeline folder of the SDXL quickstart's architecture (tiny FaceCLIP branches,
+    tiny SDXL UNet and VAE; untrained), saved as `export` saves it."""
+    from faceclip_zoo.config import FaceCLIPConfig, diffusers_config
+    from faceclip_zoo.models.diffusers_models import build_diffusers
+    from faceclip_zoo.models.faceclip import FaceCLIPEncoder
+    from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
+    from faceclip_zoo.pipelines.export import build_scheduler, save_pipeline
+    from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
+
+    torch.manual_seed(0)
+    enc = FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval()
+    pipe = FaceCLIPSDXLPipeline(
+        vae=build_diffusers(diffusers_config("vae-tiny")).eval(),
+        face_encoder=FaceCLIPEncoderModel.from_encoder(enc), face_encoder_2=FaceCLIPEncoderModel.from_encoder(enc),
+        unet=build_diffusers(diffusers_config("sdxl-unet-tiny")).eval(),
+        scheduler=build_scheduler(diffusers_config("sdxl-scheduler")))
+    return save_pipeline(pipe, tmp_path_factory.mktemp("pipe") / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """A real face photo (skimage's astronaut, JPEG) and a photo without a face."""
+    from PIL import Image
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("photos")
+    Image.fromarray(data.astronaut()).save(root / "astronaut.jpg", quality=95)
+    Image.new("RGB", (300, 200), (90, 90, 90)).save(root / "wall.png")
     return root
 
 

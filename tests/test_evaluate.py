@@ -173,26 +173,7 @@ def test_bad_specs_are_clear_errors(tmp_path, face_photos):
         load_spec(write_spec(tmp_path, seed=1))
 
 
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    """A pipeline of the quickstart's architecture (tiny FaceCLIP branches, tiny SDXL UNet
-    and VAE), saved as `export` saves it."""
-    from faceclip_zoo.models.diffusers_models import build_diffusers
-    from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
-    from faceclip_zoo.pipelines.export import build_scheduler, save_pipeline
-    from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
-
-    torch.manual_seed(0)
-    enc = FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval()
-    pipe = FaceCLIPSDXLPipeline(
-        vae=build_diffusers(diffusers_config("vae-tiny")).eval(),
-        face_encoder=FaceCLIPEncoderModel.from_encoder(enc), face_encoder_2=FaceCLIPEncoderModel.from_encoder(enc),
-        unet=build_diffusers(diffusers_config("sdxl-unet-tiny")).eval(),
-        scheduler=build_scheduler(diffusers_config("sdxl-scheduler")))
-    return save_pipeline(pipe, tmp_path_factory.mktemp("pipe") / "sdxl")
-
-
-def test_evaluate_pipeline_writes_results_and_sheets_and_resumes(tmp_path, pipeline_dir, zoo_clip, tiny_data):
+def test_evaluate_pipeline_writes_results_and_sheets_and_resumes(tmp_path, quickstart_sdxl_dir, zoo_clip, tiny_data):
     from faceclip_zoo.cli import main
 
     torch.manual_seed(0)
@@ -209,7 +190,7 @@ def test_evaluate_pipeline_writes_results_and_sheets_and_resumes(tmp_path, pipel
                        clip_t={"model": f"zoo:{zoo_clip[1]}"},
                        fid={"reference_dir": "real", "features": "clip"})
     out = tmp_path / "eval"
-    assert main(["evaluate", "--pipeline", str(pipeline_dir), "--benchmark", str(bench), "--out", str(out)]) == 0
+    assert main(["evaluate", "--pipeline", str(quickstart_sdxl_dir), "--benchmark", str(bench), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     n = len(identities) * 2 * 2
     assert results["generation"]["images"] == n and results["generation"]["generated_now"] == n
@@ -228,7 +209,7 @@ def test_evaluate_pipeline_writes_results_and_sheets_and_resumes(tmp_path, pipel
     victim = out / records[3]["image"]
     before = np.array(Image.open(victim))
     victim.unlink()
-    assert main(["evaluate", "--pipeline", str(pipeline_dir), "--benchmark", str(bench), "--out", str(out),
+    assert main(["evaluate", "--pipeline", str(quickstart_sdxl_dir), "--benchmark", str(bench), "--out", str(out),
                  "--batch-size", "1"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["generation"]["generated_now"] == 1 and again["generation"]["already_there"] == n - 1
@@ -237,7 +218,7 @@ def test_evaluate_pipeline_writes_results_and_sheets_and_resumes(tmp_path, pipel
     spec = yaml.safe_load(bench.read_text())
     spec["generation"]["steps"] = 3
     bench.write_text(yaml.safe_dump(spec))
-    assert main(["evaluate", "--pipeline", str(pipeline_dir), "--benchmark", str(bench), "--out", str(out)]) == 2
+    assert main(["evaluate", "--pipeline", str(quickstart_sdxl_dir), "--benchmark", str(bench), "--out", str(out)]) == 2
 
 
 def test_encoder_zero_shot_follows_the_papers_protocol(tmp_path, zoo_clip, tiny_data):
@@ -310,7 +291,7 @@ def test_clip_t_with_a_transformers_clip_folder(tmp_path):
     torch.testing.assert_close((clip.image_features(images) * clip.text_features(prompts)).sum(-1), direct)
 
 
-def test_synthetic_benchmark_scores_ceilings_generations_and_the_no_face_control(tmp_path, pipeline_dir, tiny_shards):
+def test_synthetic_benchmark_scores_ceilings_generations_and_the_no_face_control(tmp_path, quickstart_sdxl_dir, tiny_shards):
     from faceclip_zoo.cli import main
     from faceclip_zoo.evaluation.synthetic import identity_scores, load_validation_samples
     from faceclip_zoo.models.face_vit import FaceViTIdentity
@@ -319,7 +300,7 @@ def test_synthetic_benchmark_scores_ceilings_generations_and_the_no_face_control
     vit = FaceViT(FaceViTConfig.from_name("face-vit-tiny")).eval()
     face_vit = save_model_dir(vit, tmp_path / "vit")
     out = tmp_path / "eval"
-    assert main(["evaluate", "--pipeline", str(pipeline_dir), "--benchmark", "synthetic", "--out", str(out),
+    assert main(["evaluate", "--pipeline", str(quickstart_sdxl_dir), "--benchmark", "synthetic", "--out", str(out),
                  "--synthetic-val", str(tiny_shards / "val"), "--face-id", str(face_vit), "--steps", "2",
                  "--images-per-sample", "2"]) == 0
     report = json.loads((out / "results.json").read_text())

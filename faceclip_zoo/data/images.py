@@ -67,6 +67,19 @@ def _to_8bit_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # RGB, L, 1, CMYK, YCbCr, LAB, HSV
 
 
+# The first bytes of the formats photo collections hold (JPEG, PNG, GIF, WebP, BMP, TIFF).
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _has_image_signature(path: str) -> bool:
+    """Whether the file starts like an image, so that a failure to open it means damage
+    (corrupt_image) rather than another kind of file (not_an_image), whatever PIL version
+    decides which of its errors to raise."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return head.startswith(_IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1) -> LoadedImage:
     """Read `path` as an upright 8-bit RGB array, or raise ImageRejected."""
     try:
@@ -84,6 +97,9 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 
         except Image.DecompressionBombError as exc:
             raise ImageRejected("too_many_pixels", f"{path}: {exc} Refused from its header; not decoded.") from None
         except UnidentifiedImageError:
+            if _has_image_signature(path):  # an image whose header PIL cannot parse: damaged
+                raise ImageRejected("corrupt_image", f"{path}: starts like an image file but its header "
+                                                     "cannot be read") from None
             raise ImageRejected("not_an_image", f"{path}: not a readable image file "
                                                 "(the extension says image, the bytes do not)") from None
         except OSError as exc:

@@ -37,22 +37,6 @@ def image_path(out: Path, job: Job) -> Path:
     return out / "images" / f"{job.name}.png"
 
 
-def guidance_kwargs(pipe, guidance: float | None, distilled: float | None) -> dict[str, float]:
-    """Our one guidance knob -> the pipeline's argument (SDXL guidance_scale; FLUX true CFG,
-    plus FLUX.1-dev's distilled guidance input)."""
-    kwargs = {}
-    if type(pipe).__name__ == "FaceT5FluxPipeline":
-        if guidance is not None:
-            kwargs["true_cfg_scale"] = guidance
-        if distilled is not None:
-            kwargs["guidance_scale"] = distilled
-    elif distilled is not None:
-        raise UserError("distilled guidance applies to FLUX pipelines only")
-    elif guidance is not None:
-        kwargs["guidance_scale"] = guidance
-    return kwargs
-
-
 def _save_atomically(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -79,7 +63,7 @@ def generate(pipe, spec: BenchmarkSpec, out: Path, pipeline_dir: str) -> dict[st
     groups: dict[tuple, list[Job]] = defaultdict(list)
     for job in todo:
         groups[(job.identity, job.references)].append(job)
-    guidance = guidance_kwargs(pipe, g.guidance, g.distilled_guidance)
+    guidance = pipe.guidance_arguments(g.guidance, g.distilled_guidance)
     start = time.perf_counter()
     done = 0
     for (identity, refs), group in groups.items():

@@ -67,6 +67,21 @@ class FaceT5FluxPipeline(FaceInputMixin, DiffusionPipeline):
         """The VAE's native sample size (1024 for FLUX.1-dev's; the release used 1152 x 864)."""
         return int(self.vae.config.sample_size)
 
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: one latent pixel times FLUX's 2 x 2 packing."""
+        return 2 ** len(self.vae.config.block_out_channels)
+
+    @staticmethod
+    def guidance_arguments(guidance: float | None, distilled: float | None = None) -> dict[str, float]:
+        """The guidance knob of `generate`/`evaluate`/`demo` is true CFG; `distilled` is
+        FLUX.1-dev's guidance input."""
+        kwargs = {}
+        if guidance is not None:
+            kwargs["true_cfg_scale"] = guidance
+        if distilled is not None:
+            kwargs["guidance_scale"] = distilled
+        return kwargs
+
     @torch.no_grad()
     def per_row(self, faces: torch.Tensor | None, prompts: Sequence[str], negative_prompt: str = "",
                 guidance_scale: float = RELEASE_DEFAULTS["true_cfg_scale"], **flux_kwargs: Any) -> torch.Tensor:

@@ -28,6 +28,7 @@ from faceclip_zoo.pipelines.defaults import SDXL_DEFAULTS, SDXL_NEGATIVE_PROMPT
 from faceclip_zoo.pipelines.faces import (  # noqa: F401 (re-exported)
     AlignMode, FaceInput, FaceInputMixin, auto_align, load_face, to_pil,
 )
+from faceclip_zoo.utils import UserError
 
 RELEASE_DEFAULTS = SDXL_DEFAULTS
 
@@ -71,6 +72,24 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, DiffusionPipeline):
         evaluation)."""
         embeds = self.encode_rows(faces, prompts, negative_prompt, self._execution_device)
         return self.sdxl_pipeline()(**embeds, output_type="pt", **sdxl_kwargs).images
+
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def default_size(self) -> int:
+        """The UNet's native image side (sample_size x VAE factor: 1024 for SDXL's)."""
+        return int(self.unet.config.sample_size) * self.vae_factor()
+
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (one latent pixel)."""
+        return self.vae_factor()
+
+    @staticmethod
+    def guidance_arguments(guidance: float | None, distilled: float | None = None) -> dict[str, float]:
+        """The one guidance knob of `generate`/`evaluate`/`demo` -> this pipeline's argument."""
+        if distilled is not None:
+            raise UserError("distilled guidance applies to FLUX pipelines only")
+        return {} if guidance is None else {"guidance_scale": guidance}
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
