@@ -178,8 +178,13 @@ def write_model_card(folder: str | Path, facts: CardFacts) -> Path:
 def describe_folder(folder: Path) -> tuple[str, str]:
     """(card kind, what it holds) of a folder we wrote, from its own config files."""
     if (folder / "model_index.json").is_file():
+        from faceclip_zoo.pipelines.export import pipeline_classes
+
         name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
-        return ("flux_pipeline" if name == "FaceT5FluxPipeline" else "sdxl_pipeline"), None
+        kinds = {cls.__name__: kind for kind, cls in pipeline_classes().items()}
+        if name not in kinds:
+            raise UserError(f"{folder} holds a {name!r} pipeline; faceclip_zoo writes cards for {sorted(kinds)}")
+        return kinds[name], None
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     if "model_type" in config and "format_version" in config:
         return "model_dir", f"a faceclip_zoo `{config['model_type']}` model directory (model.safetensors + config.json)"

@@ -484,7 +484,7 @@ DIFFUSERS_CONFIGS: dict[str, dict[str, Any]] = {
         up_block_types=["UpDecoderBlock2D"] * 4,
     ),
     # 4x downsampling, no mid-block attention: a 64 px synthetic scene becomes 4 x 16 x 16
-    # latents; trainable on CPU in minutes (synthetic_priors.train_vae sets scaling_factor
+    # latents; trainable on CPU in minutes (synthetic/priors.py train_vae sets scaling_factor
     # to 1 / latent std after training, as SD did).
     "vae-tiny": dict(
         _class_name="AutoencoderKL", block_out_channels=[16, 32, 32],

@@ -15,8 +15,8 @@ from faceclip_zoo.cards import (
     CardFacts, describe_folder, final_metrics, inherited_lineage, run_samples, starting_points,
     write_model_card,
 )
-from faceclip_zoo.models.io import _builders, save_model_dir
-from faceclip_zoo.utils import UserError, load_strict, require_file, safe_torch_load
+from faceclip_zoo.models.io import model_from_checkpoint, save_model_dir
+from faceclip_zoo.utils import UserError, require_file, safe_torch_load
 
 
 def find_run_config(ckpt: Path) -> Path | None:
@@ -69,19 +69,12 @@ def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str 
 
 def _export_weights(checkpoint: dict, spec: dict, ckpt_path: Path, part: str, out: str,
                     recipe_text: str | None, extra: dict, use_ema: bool) -> Path:
-    if spec["model_type"] in ("sdxl_pipeline", "flux_pipeline"):
-        from faceclip_zoo.pipelines.export import (
-            flux_pipeline_from_checkpoint, pipeline_from_checkpoint, save_pipeline,
-        )
+    from faceclip_zoo.pipelines.export import pipeline_classes, save_pipeline
 
-        rebuild = pipeline_from_checkpoint if spec["model_type"] == "sdxl_pipeline" else flux_pipeline_from_checkpoint
-        pipe = rebuild(checkpoint, spec, str(ckpt_path), use_ema=use_ema)
+    pipelines = pipeline_classes()
+    if spec["model_type"] in pipelines:
+        pipe = pipelines[spec["model_type"]].from_checkpoint(checkpoint, spec, str(ckpt_path), use_ema=use_ema)
         has_ema = "ema" in checkpoint.get("faceclip_zoo", {})
         return save_pipeline(pipe, out, recipe_text, {**extra, "ema": bool(use_ema and has_ema)})
-    cfg_cls, build = _builders()[spec["model_type"]]
-    config = cfg_cls.from_dict(spec["config"])
-    module = build(config)
-    prefix = spec["prefix"]
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    load_strict(module, state, f"{ckpt_path} [{part}]")
+    module, config = model_from_checkpoint(checkpoint, spec, f"{ckpt_path} [{part}]")
     return save_model_dir(module, out, config=config, recipe=recipe_text, extra=extra)

@@ -114,6 +114,12 @@ def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
+def state_under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a state dict under `prefix`, with the prefix removed (one sub-model
+    of a fit checkpoint)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """load_state_dict with a readable one-line report instead of a library traceback."""
     report = mismatch_report(shapes_of(module.state_dict()), shapes_of(state))

@@ -18,9 +18,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_FACES = REPO.parent / "shared" / "data" / "faces"
 
 
+def pytest_collection_modifyitems(config, items):
+    """The identity run first and the quickstart fit last. The suite runs on both cores with
+    pytest-xdist's work stealing (pyproject's addopts): each worker starts on one
+    half of this list, and the one whose half ends with the quickstart takes over the
+    other's short tests while that one is still on the identity run, so the two longest
+    tests never queue behind each other."""
+    def rank(item) -> int:
+        return {"tests/test_identity.py": 0, "tests/test_quickstart.py": 2}.get(item.nodeid.split("::")[0], 1)
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def tiny_spec():
-    from faceclip_zoo.data.synthetic import SyntheticSpec
+    from faceclip_zoo.synthetic.world import SyntheticSpec
 
     return SyntheticSpec(train_identities=6, val_identities=3, samples_per_identity=4,
                          guided_pairs=8, image_size=64, face_size=112, seed=1)
@@ -28,14 +40,14 @@ def tiny_spec():
 
 @pytest.fixture(scope="session")
 def tiny_data(tiny_spec):
-    from faceclip_zoo.data.synthetic import generate
+    from faceclip_zoo.synthetic.world import generate
 
     return generate(tiny_spec)
 
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory, tiny_spec, tiny_data):
-    from faceclip_zoo.data.synthetic import write_dataset
+    from faceclip_zoo.synthetic.world import write_dataset
 
     root = tmp_path_factory.mktemp("synthetic") / "data"
     write_dataset(tiny_spec, tiny_data, root, shard_size=10)
@@ -50,7 +62,8 @@ def quickstart_sdxl_dir(tmp_path_factory):
     from faceclip_zoo.models.diffusers_models import build_diffusers
     from faceclip_zoo.models.faceclip import FaceCLIPEncoder
     from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
-    from faceclip_zoo.pipelines.export import build_scheduler, save_pipeline
+    from faceclip_zoo.pipelines.components import build_scheduler
+    from faceclip_zoo.pipelines.export import save_pipeline
     from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
 
     torch.manual_seed(0)
@@ -130,25 +143,31 @@ def sdxl_branches(seed=0):
         FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval()
 
 
-def sdxl_recipe(tmp_path: Path, shards: Path, encoder_dir: Path, steps: int = 4) -> Path:
+def quickstart_diffusion_recipe(tmp_path: Path, shards: Path, name: str, model_args: dict, steps: int = 4) -> Path:
+    """A diffusion quickstart recipe (`sdxl` or `flux`) as shipped, shrunk to a few steps on
+    the tiny shards, its run, logs and exported pipeline under tmp_path."""
     import yaml
 
     from faceclip_zoo.utils import redirect_loggers
 
-    recipe = yaml.safe_load((REPO / "recipes" / "quickstart" / "sdxl.yaml").read_text())
+    recipe = yaml.safe_load((REPO / "recipes" / "quickstart" / f"{name}.yaml").read_text())
     root = str(tmp_path / "run")
     recipe["trainer"].update(max_steps=steps, val_check_interval=2, log_every_n_steps=1, default_root_dir=root,
                              limit_val_batches=1)
     redirect_loggers(recipe["trainer"], root)
     recipe["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(tmp_path / "pipeline")
-    recipe["model"]["init_args"].update(encoder_l=str(encoder_dir), encoder_g=str(encoder_dir), vae_weights=None,
-                                        num_samples=2, sample_steps=2, warmup_steps=1)
+    recipe["model"]["init_args"].update(vae_weights=None, num_samples=2, sample_steps=2, warmup_steps=1, **model_args)
     recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {
         "train": str(shards / "train"), "val": str(shards / "val"), "guided": str(shards / "guided"),
         "guided_prob": 0.2, "batch_size": 4, "num_workers": 0, "image_size": 64, "face_size": 112}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def sdxl_recipe(tmp_path: Path, shards: Path, encoder_dir: Path, steps: int = 4) -> Path:
+    return quickstart_diffusion_recipe(tmp_path, shards, "sdxl", {"encoder_l": str(encoder_dir),
+                                                                   "encoder_g": str(encoder_dir)}, steps)
 
 
 def linear_arcface(path, dim=8, seed=0):

@@ -293,7 +293,7 @@ def test_clip_t_with_a_transformers_clip_folder(tmp_path):
 
 def test_synthetic_benchmark_scores_ceilings_generations_and_the_no_face_control(tmp_path, quickstart_sdxl_dir, tiny_shards):
     from faceclip_zoo.cli import main
-    from faceclip_zoo.evaluation.synthetic import identity_scores, load_validation_samples
+    from faceclip_zoo.synthetic.benchmark import identity_scores, load_validation_samples
     from faceclip_zoo.models.face_vit import FaceViTIdentity
 
     torch.manual_seed(0)
@@ -345,7 +345,7 @@ def test_identity_oracle_trains_only_its_token_map_and_is_scored_from_its_checkp
     export; `evaluate --benchmark synthetic` scores it straight from its fit checkpoint."""
     from faceclip_zoo.cli import main
     from faceclip_zoo.evaluation.oracle import OracleSDXLModule
-    from faceclip_zoo.evaluation.synthetic import pipeline_of_fit_checkpoint
+    from faceclip_zoo.synthetic.benchmark import pipeline_of_fit_checkpoint
 
     torch.manual_seed(0)
     encoder_dir = save_model_dir(FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval(), tmp_path / "enc")

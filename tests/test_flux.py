@@ -12,7 +12,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from faceclip_zoo.pipelines.export import load_pipeline
 from faceclip_zoo.tasks.flux import FluxJointModule
-from faceclip_zoo.utils import UserError, redirect_loggers
+from faceclip_zoo.utils import UserError
+from conftest import quickstart_diffusion_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a person wearing a red shirt, in front of a blue background, lit from the front"
@@ -145,20 +146,7 @@ def test_bad_configuration_is_a_clear_error():
 
 
 def flux_recipe(tmp_path: Path, shards: Path, steps: int = 4) -> Path:
-    recipe = yaml.safe_load((REPO / "recipes" / "quickstart" / "flux.yaml").read_text())
-    root = str(tmp_path / "run")
-    recipe["trainer"].update(max_steps=steps, val_check_interval=2, log_every_n_steps=1, default_root_dir=root,
-                             limit_val_batches=1)
-    redirect_loggers(recipe["trainer"], root)
-    recipe["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(tmp_path / "pipeline")
-    recipe["model"]["init_args"].update(encoder="facet5-tiny", vae_weights=None, num_samples=2, sample_steps=2,
-                                        warmup_steps=1)
-    recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {
-        "train": str(shards / "train"), "val": str(shards / "val"), "guided": str(shards / "guided"),
-        "guided_prob": 0.2, "batch_size": 4, "num_workers": 0, "image_size": 64, "face_size": 112}}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return quickstart_diffusion_recipe(tmp_path, shards, "flux", {"encoder": "facet5-tiny"}, steps)
 
 
 def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):

@@ -17,7 +17,7 @@ import yaml
 
 from faceclip_zoo.cli import main
 from faceclip_zoo.config import FaceCLIPConfig
-from faceclip_zoo.evaluation.synthetic import evaluate_synthetic, load_validation_samples
+from faceclip_zoo.synthetic.benchmark import evaluate_synthetic, load_validation_samples
 from faceclip_zoo.models import FaceCLIPEncoder, load_model_dir
 from faceclip_zoo.models.face_vit import FaceViTIdentity
 from faceclip_zoo.models.io import save_model_dir
@@ -35,7 +35,7 @@ def test_generated_faces_carry_the_reference_identity(tmp_path):
                  num_workers=0)
     recipe = yaml.safe_load((REPO / "recipes" / "quickstart" / "sdxl.yaml").read_text())
     recipe["data"]["init_args"].update(world)
-    from faceclip_zoo.data.synthetic import SyntheticIdentities
+    from faceclip_zoo.synthetic import SyntheticIdentities
 
     SyntheticIdentities(**world).prepare_data()  # shards, face-ID ViT, tiny CLIP, VAE
     face_vit = load_model_dir(tmp_path / "priors" / "face-vit", expect="face_vit")

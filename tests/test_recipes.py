@@ -69,6 +69,23 @@ def test_ablation_config_and_the_recipes_it_writes_parse(recipe, tmp_path, monke
     assert [lg.init_args.save_dir for lg in parsed.trainer.logger] == [str(tmp_path / "run")] * 2
 
 
+def test_ablation_reads_its_synthetic_world_from_the_recipe(tmp_path):
+    from faceclip_zoo.evaluation.ablation import synthetic_world
+    from faceclip_zoo.utils import UserError
+
+    recipe = yaml.safe_load((REPO / "recipes" / "quickstart" / "sdxl.yaml").read_text())
+    recipe["data"]["init_args"].update(root="elsewhere/world", priors_dir="elsewhere/priors")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert synthetic_world(str(tmp_path / "r.yaml")) == (Path("elsewhere/world"), Path("elsewhere/priors"))
+    del recipe["data"]["init_args"]["priors_dir"]  # the DataModule's default
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert synthetic_world(str(tmp_path / "r.yaml"))[1] == Path("checkpoints/synthetic")
+    recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {"train": "x"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(UserError, match="must train on faceclip_zoo.synthetic.SyntheticIdentities"):
+        synthetic_world(str(tmp_path / "r.yaml"))
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_recipe_parses(recipe):
     cfg = parse(recipe).config

@@ -19,7 +19,7 @@ from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.sdxl_condition import SDXLCondition
 from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
 from faceclip_zoo.pipelines.defaults import SDXL_NEGATIVE_PROMPT
-from faceclip_zoo.pipelines.export import build_scheduler
+from faceclip_zoo.pipelines.components import build_scheduler
 from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
 
 PROMPT = "A woman wearing a blue denim shirt and khaki pants, on a rocky desert plateau."

@@ -17,7 +17,8 @@ from faceclip_zoo.models.diffusers_models import build_diffusers
 from faceclip_zoo.models.io import save_model_dir
 from faceclip_zoo.models.sdxl_condition import SDXLCondition
 from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
-from faceclip_zoo.pipelines.export import build_scheduler, load_pipeline, save_pipeline
+from faceclip_zoo.pipelines.components import build_scheduler
+from faceclip_zoo.pipelines.export import load_pipeline, save_pipeline
 from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
 from faceclip_zoo.tasks.sdxl import SDXLJointModule
 from faceclip_zoo.utils import UserError

@@ -1,8 +1,8 @@
 import numpy as np
 
 from faceclip_zoo.data.datamodule import ShardDataModule
-from faceclip_zoo.data.synthetic import manifest_digest
-from faceclip_zoo.data.synthetic_faces import BACKGROUNDS, caption, render, sample_identity, sample_variation
+from faceclip_zoo.synthetic.world import manifest_digest
+from faceclip_zoo.synthetic.faces import BACKGROUNDS, caption, render, sample_identity, sample_variation
 
 
 def test_identity_traits_are_fixed_and_variations_are_captioned():
@@ -59,7 +59,7 @@ def test_scene_face_crop_finds_the_face_at_every_framing():
 
     import torch
 
-    from faceclip_zoo.evaluation.synthetic import scene_face_crop
+    from faceclip_zoo.synthetic.benchmark import scene_face_crop
 
     rng = np.random.default_rng(5)
     ident = sample_identity(rng)
@@ -76,7 +76,7 @@ def test_scene_face_crop_finds_the_face_at_every_framing():
 
 
 def test_world_digest_keys_the_cache_and_keeps_the_first_world_valid():
-    from faceclip_zoo.data.synthetic import SyntheticSpec
+    from faceclip_zoo.synthetic.world import SyntheticSpec
 
     # The digest of the default world from before the framing fields existed: caches made
     # then (shards, priors, VAE) stay valid.

@@ -23,7 +23,7 @@ from faceclip_zoo.bench.harness import Row, compare, guarded
 
 
 def write_shards(root: Path, ctx: Context) -> Path:
-    from faceclip_zoo.data.synthetic import SyntheticSpec, generate, write_dataset
+    from faceclip_zoo.synthetic.world import SyntheticSpec, generate, write_dataset
 
     s = ctx.size
     spec = SyntheticSpec(train_identities=max(1, s.data_samples // 8), val_identities=1, samples_per_identity=8,

@@ -17,11 +17,11 @@ from faceclip_zoo.bench.harness import Row, compare, guarded
 def pipeline_rows(ctx: Context) -> list[Row]:
     from PIL import Image
 
-    from faceclip_zoo.pipelines.export import pipeline_from_module
+    from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
 
     s = ctx.size
     module = sdxl_module(ctx).eval()
-    pipe = pipeline_from_module(module, use_ema=False).to(ctx.device, ctx.dtype)
+    pipe = FaceCLIPSDXLPipeline.from_module(module, use_ema=False).to(ctx.device, ctx.dtype)
     pipe.set_progress_bar_config(disable=True)
     sdxl = pipe.sdxl_pipeline()
     prompt = ctx.captions(1)[0]

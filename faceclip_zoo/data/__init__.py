@@ -1,8 +1,7 @@
-"""Data: the SPSV shard schema, DataModules, the built-in synthetic identities, and face
-alignment / preparation of real photos."""
+"""Data: the SPSV shard schema, the shard DataModule, and face alignment / preparation of
+real photos. (The built-in synthetic world is faceclip_zoo.synthetic.)"""
 
 from faceclip_zoo.data.align import AlignedFace, align_face
 from faceclip_zoo.data.datamodule import ShardDataModule
-from faceclip_zoo.data.synthetic import SyntheticIdentities
 
-__all__ = ["AlignedFace", "ShardDataModule", "SyntheticIdentities", "align_face"]
+__all__ = ["AlignedFace", "ShardDataModule", "align_face"]

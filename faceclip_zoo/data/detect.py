@@ -48,7 +48,7 @@ class Detector(Protocol):
         ...
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -123,7 +123,7 @@ class MTCNNDetector:
         return sorted(faces, key=lambda f: -f.score)
 
     def describe(self) -> dict:
-        return {"name": self.name, "package": f"facenet-pytorch {_version('facenet-pytorch')}", **self.settings}
+        return {"name": self.name, "package": f"facenet-pytorch {package_version('facenet-pytorch')}", **self.settings}
 
 
 class InsightFaceDetector:
@@ -155,7 +155,7 @@ class InsightFaceDetector:
         return sorted(faces, key=lambda f: -f.score)
 
     def describe(self) -> dict:
-        return {"name": self.name, "package": f"insightface {_version('insightface')}", **self.settings}
+        return {"name": self.name, "package": f"insightface {package_version('insightface')}", **self.settings}
 
 
 def _has_insightface_pack(model_dir: str | None) -> bool:

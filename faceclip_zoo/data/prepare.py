@@ -283,9 +283,9 @@ def _remove_debris(*folders: str) -> None:
 
 
 def _versions() -> dict:
-    from faceclip_zoo.data.detect import _version
+    from faceclip_zoo.data.detect import package_version
 
-    return {p: _version(p) for p in ("faceclip_zoo", "torch", "insightface", "facenet-pytorch",
+    return {p: package_version(p) for p in ("faceclip_zoo", "torch", "insightface", "facenet-pytorch",
                                       "opencv-python", "pillow", "numpy")}
 
 

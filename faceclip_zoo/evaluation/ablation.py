@@ -119,14 +119,31 @@ def initial_encoder(recipe_path: str, out: Path) -> Path:
     return save_model_dir(module.encoder, out, config=module.encoder_config)
 
 
-def write_benchmark(folder: Path, per_identity: int, eval_cfg: dict, priors: str = "checkpoints/synthetic") -> Path:
+def synthetic_world(recipe_path: str) -> tuple[Path, Path]:
+    """(shard root, priors folder) of the synthetic world a quickstart recipe trains on."""
+    import inspect
+
+    from faceclip_zoo.synthetic import SyntheticIdentities
+
+    data = yaml.safe_load(Path(recipe_path).read_text()).get("data") or {}
+    if not str(data.get("class_path", "")).endswith("SyntheticIdentities"):
+        raise UserError(f"{recipe_path}: the ablation scores held-out synthetic identities, so its recipes must "
+                        f"train on faceclip_zoo.synthetic.SyntheticIdentities (this one has {data.get('class_path')})")
+    defaults = inspect.signature(SyntheticIdentities).parameters
+    args = data.get("init_args") or {}
+    return (Path(args.get("root", defaults["root"].default)),
+            Path(args.get("priors_dir", defaults["priors_dir"].default)))
+
+
+def write_benchmark(folder: Path, per_identity: int, eval_cfg: dict, world: tuple[Path, Path]) -> Path:
     """Held-out samples as an Unsplash-shaped benchmark: reference crop + caption per sample."""
-    from faceclip_zoo.evaluation.synthetic import load_validation_samples, scene_scale_of
+    from faceclip_zoo.synthetic.benchmark import load_validation_samples, scene_scale_of
 
     spec_path = folder / "benchmark.yaml"
     if spec_path.exists():
         return spec_path
-    samples = load_validation_samples("runs/synthetic/val")
+    root, priors = world
+    samples = load_validation_samples(str(root / "val"))
     (folder / "references").mkdir(parents=True, exist_ok=True)
     (folder / "real").mkdir(exist_ok=True)
 
@@ -146,7 +163,7 @@ def write_benchmark(folder: Path, per_identity: int, eval_cfg: dict, priors: str
             "generation": {"steps": eval_cfg["steps"], "guidance": eval_cfg["guidance"], "align": "never",
                            "negative_prompt": ""},
             "face_sim": {"model": f"face-vit:{priors}/face-vit",
-                         "locator": f"synthetic-scene:{scene_scale_of('runs/synthetic/val')}"},
+                         "locator": f"synthetic-scene:{scene_scale_of(str(root / 'val'))}"},
             "clip_t": {"model": f"zoo:{priors}/clip"},
             "fid": {"reference_dir": "real", "features": "clip"},
             "sheets": {"rows": 1, "columns": 8}}
@@ -158,7 +175,7 @@ def background_accuracy(eval_dir: Path) -> float:
     """How often the generated scene's background is the colour its caption names."""
     import torch
 
-    from faceclip_zoo.evaluation.synthetic import background_of, caption_background
+    from faceclip_zoo.synthetic.benchmark import background_of, caption_background
 
     rows = [json.loads(line) for line in (eval_dir / "per_image.jsonl").read_text().splitlines()]
     images = torch.stack([torch.from_numpy(np.asarray(Image.open(eval_dir / r["image"]).convert("RGB"),
@@ -172,7 +189,7 @@ def run_ablation(cfg: dict[str, Any]) -> dict[str, Any]:
 
     from faceclip_zoo.evaluation.encoder import identity_structure
     from faceclip_zoo.evaluation.run import evaluate_pipeline
-    from faceclip_zoo.evaluation.synthetic import load_validation_samples
+    from faceclip_zoo.synthetic.benchmark import load_validation_samples
     from faceclip_zoo.models.io import load_model_dir
     from faceclip_zoo.pipelines.export import load_pipeline
 
@@ -205,8 +222,9 @@ def run_ablation(cfg: dict[str, Any]) -> dict[str, Any]:
         runs["diffusion-only"] = {"losses": ["diffusion only"], "pipeline": d / "pipeline", "encoder_dir": None,
                                   "text_top1": None}
 
-    bench = write_benchmark(out / "benchmark", cfg["eval"]["samples_per_identity"], cfg["eval"])
-    samples = load_validation_samples("runs/synthetic/val")
+    world = synthetic_world(cfg["diffusion_recipe"])
+    bench = write_benchmark(out / "benchmark", cfg["eval"]["samples_per_identity"], cfg["eval"], world)
+    samples = load_validation_samples(str(world[0] / "val"))
     faces = torch.stack([s["face"] for s in samples])
     identities = [s["identity"] for s in samples]
     rows = {}

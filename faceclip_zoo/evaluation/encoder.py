@@ -40,8 +40,8 @@ class EncoderUnderTest:
 def load_encoder(path: str | Path) -> EncoderUnderTest:
     """A model directory (export / convert) or a fit checkpoint of an encoder task (which
     also holds the pre-training heads)."""
-    from faceclip_zoo.models.io import _builders, load_model_dir
-    from faceclip_zoo.utils import load_strict, safe_torch_load
+    from faceclip_zoo.models.io import load_model_dir, model_from_checkpoint
+    from faceclip_zoo.utils import safe_torch_load
 
     p = require_file(path, "encoder")
     if p.is_dir():
@@ -50,12 +50,8 @@ def load_encoder(path: str | Path) -> EncoderUnderTest:
     spec = ckpt.get("faceclip_zoo", {}).get("exports", {}).get("encoder")
     if spec is None:
         raise UserError(f"{p} is not a checkpoint of an encoder task (FaceCLIPEncoderModule / FaceT5EncoderModule)")
-    cfg_cls, build = _builders()[spec["model_type"]]
-    config = cfg_cls.from_dict(spec["config"])
-    encoder = build(config)
+    encoder, config = model_from_checkpoint(ckpt, spec, f"{p} [encoder]")
     state = ckpt["state_dict"]
-    load_strict(encoder, {k[len(spec["prefix"]):]: v for k, v in state.items() if k.startswith(spec["prefix"])},
-                f"{p} [encoder]")
     if not hasattr(encoder, "config"):
         encoder.config = config
     w = state["text_head.weight"]

@@ -112,7 +112,7 @@ class OracleSDXLModule(SDXLJointModule):
 
     def pipeline(self, use_ema: bool = True) -> OraclePipeline:
         from faceclip_zoo.pipelines.components import FaceCLIPEncoderModel
-        from faceclip_zoo.pipelines.export import build_scheduler
+        from faceclip_zoo.pipelines.components import build_scheduler
 
         unet = self.unet
         if use_ema and self.ema is not None:

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline", help="an exported pipeline folder (SDXL or FLUX); with --benchmark synthetic "
                                       "also a diffusion fit checkpoint (.ckpt)")
     g.add_argument("--benchmark", help="benchmark spec YAML (see faceclip_zoo/evaluation/spec.py), or 'synthetic': "
-                                       "the held-out synthetic identities (faceclip_zoo/evaluation/synthetic.py)")
+                                       "the held-out synthetic identities (faceclip_zoo/synthetic/benchmark.py)")
     g.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default: the spec's)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
         if not args.benchmark:
             raise UserError("--pipeline needs --benchmark <spec.yaml> or --benchmark synthetic")
         if args.benchmark == "synthetic":
-            from faceclip_zoo.evaluation.synthetic import run_synthetic_benchmark
+            from faceclip_zoo.synthetic.benchmark import run_synthetic_benchmark
 
             device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
             run_synthetic_benchmark(args.pipeline, args.out, args.synthetic_val, args.face_id, args.steps,

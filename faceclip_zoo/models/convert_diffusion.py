@@ -15,7 +15,7 @@ from typing import Any
 
 from faceclip_zoo.config import diffusers_config
 from faceclip_zoo.models.diffusers_models import WEIGHTS_NAME, build_diffusers_on_meta
-from faceclip_zoo.models.io import _atomic_write, write_safetensors
+from faceclip_zoo.models.io import atomic_write, write_safetensors
 from faceclip_zoo.utils import UserError, mismatch_report, require_file, safe_torch_load, shapes_of
 
 
@@ -35,9 +35,9 @@ def convert_official_diffusers(path: str | os.PathLike, out: str | os.PathLike,
         raise UserError(f"{p} does not match a {config['_class_name']} of this config: {problems}")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder, WEIGHTS_NAME, lambda tmp: write_safetensors(tmp, state))
+    atomic_write(folder, WEIGHTS_NAME, lambda tmp: write_safetensors(tmp, state))
     model.save_config(folder)  # diffusers' config.json (no weights touched)
-    _atomic_write(folder, "recipe.yaml", lambda tmp: Path(tmp).write_text(
+    atomic_write(folder, "recipe.yaml", lambda tmp: Path(tmp).write_text(
         f"# made by: python -m faceclip_zoo convert --official {p}\nconvert:\n  official: {p}\n  as: {what}\n"))
     return {"source": str(p), "source_keys": len(state), "converted_keys": len(state),
             "parameters": sum(v.numel() for v in state.values())}

@@ -26,7 +26,7 @@ import torch
 
 from faceclip_zoo.config import CLIP_TEXT_CONFIGS, FaceT5Config
 from faceclip_zoo.models.convert_faceclip import UNUSED_PREFIXES, load_official
-from faceclip_zoo.models.io import TOKENIZER_DIR, _atomic_write, build_on_meta, write_model_dir, write_safetensors
+from faceclip_zoo.models.io import TOKENIZER_DIR, atomic_write, build_on_meta, write_model_dir, write_safetensors
 from faceclip_zoo.utils import UserError, mismatch_report, shapes_of
 
 # release T5 (FlashT5) name -> transformers T5EncoderModel name, per block
@@ -116,11 +116,11 @@ def write_clip_text_dir(out: Path, config: dict, tensors: Mapping[str, torch.Ten
     from transformers import CLIPTextConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, "model.safetensors", lambda tmp: write_safetensors(tmp, tensors))
+    atomic_write(out, "model.safetensors", lambda tmp: write_safetensors(tmp, tensors))
     cfg = CLIPTextConfig(**config)
     cfg.architectures = ["CLIPTextModel"]
-    _atomic_write(out, "config.json", lambda tmp: Path(tmp).write_text(cfg.to_json_string()))
-    _atomic_write(out, "recipe.yaml", lambda tmp: Path(tmp).write_text(recipe))
+    atomic_write(out, "config.json", lambda tmp: Path(tmp).write_text(cfg.to_json_string()))
+    atomic_write(out, "recipe.yaml", lambda tmp: Path(tmp).write_text(recipe))
 
 
 def convert_official_facet5(

@@ -11,37 +11,59 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from safetensors.torch import load_file
 
 from faceclip_zoo.config import CLIPConfig, FaceCLIPConfig, FaceT5Config, FaceViTConfig
-from faceclip_zoo.utils import UserError, load_strict, require_file
+from faceclip_zoo.utils import UserError, load_strict, require_file, state_under
 
 FORMAT_VERSION = 1
 
 
-def _builders() -> dict[str, tuple[type, Callable[[Any], torch.nn.Module]]]:
+class ModelKind(NamedTuple):
+    """One kind of model directory: its config class, how to build the model from a config,
+    and the class of the models it holds."""
+
+    config: type
+    build: Callable[[Any], torch.nn.Module]
+    model: type
+
+
+def model_builders() -> dict[str, ModelKind]:
+    """The registry of model directory kinds, by the `model_type` their config.json names
+    (the one place that knows them: save, load, export and evaluation read it from here)."""
+    import open_clip
+
+    from faceclip_zoo.models.clip import build_clip
     from faceclip_zoo.models.face_vit import FaceViT
     from faceclip_zoo.models.faceclip import FaceCLIPEncoder
-    from faceclip_zoo.models.clip import build_clip
     from faceclip_zoo.models.facet5 import FaceT5Encoder
 
     return {
-        "faceclip": (FaceCLIPConfig, FaceCLIPEncoder),
-        "facet5": (FaceT5Config, FaceT5Encoder),
-        "face_vit": (FaceViTConfig, FaceViT),
-        "clip": (CLIPConfig, build_clip),
+        "faceclip": ModelKind(FaceCLIPConfig, FaceCLIPEncoder, FaceCLIPEncoder),
+        "facet5": ModelKind(FaceT5Config, FaceT5Encoder, FaceT5Encoder),
+        "face_vit": ModelKind(FaceViTConfig, FaceViT, FaceViT),
+        "clip": ModelKind(CLIPConfig, build_clip, open_clip.CLIP),
     }
 
 
+def model_from_checkpoint(checkpoint: dict, spec: dict, source: str):
+    """The model a fit checkpoint's export entry names (`{"model_type", "config",
+    "prefix"}`, written by the encoder tasks), with its weights -> (model, config)."""
+    kind = model_builders()[spec["model_type"]]
+    config = kind.config.from_dict(spec["config"])
+    module = kind.build(config)
+    load_strict(module, state_under(checkpoint["state_dict"], spec["prefix"]), source)
+    return module, config
+
+
 def model_type_of(module: torch.nn.Module) -> str:
-    names = {"FaceCLIPEncoder": "faceclip", "FaceT5Encoder": "facet5", "FaceViT": "face_vit", "CLIP": "clip"}
-    try:
-        return names[type(module).__name__]
-    except KeyError:
-        raise TypeError(f"no model directory format for {type(module).__name__}") from None
+    for name, kind in model_builders().items():
+        if type(module) is kind.model:
+            return name
+    raise TypeError(f"no model directory format for {type(module).__name__}")
 
 
 _ST_DTYPES = {
@@ -81,7 +103,9 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
                 f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
 
 
-def _atomic_write(folder: Path, name: str, write: Callable[[str], None]) -> None:
+def atomic_write(folder: Path, name: str, write: Callable[[str], None]) -> None:
+    """`write(tmp_path)` into a temporary file of `folder`, then rename it to `name`: a
+    reader never sees a half-written file, and an interrupted write leaves none behind."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
     os.close(fd)
     try:
@@ -102,10 +126,10 @@ def write_model_dir(
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": FORMAT_VERSION, "model_type": model_type, "config": config.to_dict(),
             **(extra or {})}
-    _atomic_write(out, "model.safetensors", lambda p: write_safetensors(p, tensors))
-    _atomic_write(out, "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out, "model.safetensors", lambda p: write_safetensors(p, tensors))
+    atomic_write(out, "config.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     if recipe is not None:
-        _atomic_write(out, "recipe.yaml", lambda p: Path(p).write_text(recipe))
+        atomic_write(out, "recipe.yaml", lambda p: Path(p).write_text(recipe))
     return out
 
 
@@ -134,7 +158,7 @@ def save_tokenizer(module: torch.nn.Module, out: Path) -> None:
 
 def build_on_meta(model_type: str, config) -> torch.nn.Module:
     """The model of a directory, without allocating its weights (for key/shape checks)."""
-    _, build = _builders()[model_type]
+    build = model_builders()[model_type].build
     with torch.device("meta"):
         return build(config)
 
@@ -144,8 +168,7 @@ def read_config(model_dir: str | os.PathLike) -> tuple[str, Any]:
     try:
         meta = json.loads(path.read_text())
         model_type = meta["model_type"]
-        cfg_cls, _ = _builders()[model_type]
-        return model_type, cfg_cls.from_dict(meta["config"])
+        return model_type, model_builders()[model_type].config.from_dict(meta["config"])
     except (KeyError, ValueError) as exc:
         raise UserError(f"{path} is not a faceclip_zoo model config ({exc})") from None
 
@@ -155,8 +178,7 @@ def load_model_dir(model_dir: str | os.PathLike, expect: str | None = None) -> t
     model_type, cfg = read_config(model_dir)
     if expect is not None and model_type != expect:
         raise UserError(f"{model_dir} holds a {model_type!r} model, expected {expect!r}")
-    _, build = _builders()[model_type]
-    module = build(cfg)
+    module = model_builders()[model_type].build(cfg)
     weights = require_file(Path(model_dir) / "model.safetensors", "model weights")
     load_strict(module, load_file(str(weights)), str(weights))
     if model_type == "facet5" and (Path(model_dir) / TOKENIZER_DIR).is_dir():

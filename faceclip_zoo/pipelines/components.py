@@ -1,4 +1,5 @@
-"""diffusers-savable wrappers of our plain-torch encoders.
+"""Pipeline components: diffusers-savable wrappers of our plain-torch encoders, the
+scheduler of a config, and the denoiser's EMA weights of a task or checkpoint.
 
 diffusers pipelines save and load only components derived from its ModelMixin; these
 wrappers make a FaceCLIP branch / FaceT5 encoder such a component (config.json holds the FaceCLIPConfig,
@@ -7,6 +8,7 @@ weights live under `encoder.`), without making faceclip_zoo.models depend on dif
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -17,6 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from faceclip_zoo.config import FaceCLIPConfig, FaceT5Config
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder, JointOutput
 from faceclip_zoo.models.facet5 import FaceT5Encoder
+from faceclip_zoo.utils import UserError
 
 
 class FaceCLIPEncoderModel(ModelMixin, ConfigMixin):
@@ -67,3 +70,29 @@ class FaceT5EncoderModel(ModelMixin, ConfigMixin):
 
     def forward(self, face_images, input_ids, has_face, face_features=None) -> JointOutput:
         return self.encoder(face_images, input_ids, has_face, face_features=face_features)
+
+
+def build_scheduler(config: dict[str, Any]):
+    """The sampler named by a scheduler config's `_class_name` (the release: Euler)."""
+    import diffusers
+
+    name = config.get("_class_name", "EulerDiscreteScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        raise UserError(f"unknown diffusers scheduler class {name!r}")
+    return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def ema_state(checkpoint: dict, use_ema: bool) -> dict[str, torch.Tensor]:
+    """The EMA weights a fit checkpoint keeps for the denoiser (empty when none or unwanted)."""
+    ema = checkpoint.get("faceclip_zoo", {}).get("ema")
+    return dict(ema["weights"]) if use_ema and ema is not None else {}
+
+
+def ema_copy(module, denoiser: torch.nn.Module, use_ema: bool) -> torch.nn.Module:
+    """The denoiser of a live task, or a copy holding its EMA weights when kept."""
+    if not use_ema or module.ema is None:
+        return denoiser
+    denoiser = copy.deepcopy(denoiser)
+    module.ema.copy_to(denoiser.parameters())
+    return denoiser

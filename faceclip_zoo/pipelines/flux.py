@@ -26,6 +26,7 @@ from faceclip_zoo.models.flux_condition import FluxCondition
 from faceclip_zoo.pipelines.components import FaceT5EncoderModel
 from faceclip_zoo.pipelines.defaults import FLUX_DEFAULTS, FLUX_NEGATIVE_PROMPT
 from faceclip_zoo.pipelines.faces import AlignMode, FaceInput, FaceInputMixin
+from faceclip_zoo.utils import load_strict, state_under
 
 RELEASE_DEFAULTS = FLUX_DEFAULTS
 
@@ -33,6 +34,7 @@ RELEASE_DEFAULTS = FLUX_DEFAULTS
 class FaceT5FluxPipeline(FaceInputMixin, DiffusionPipeline):
     model_cpu_offload_seq = "face_encoder->text_encoder->transformer->vae"
     default_negative_prompt = FLUX_NEGATIVE_PROMPT
+    ZOO_KIND = "flux_pipeline"  # the kind FluxJointModule's checkpoints and our folders name
 
     def __init__(
         self,
@@ -52,6 +54,46 @@ class FaceT5FluxPipeline(FaceInputMixin, DiffusionPipeline):
         self.aligner = None
         self.align: AlignMode = "auto"
 
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_module(cls, module, use_ema: bool = True) -> "FaceT5FluxPipeline":
+        """A pipeline sharing a live FluxJointModule's encoders, VAE and transformer (an EMA
+        copy of the transformer when kept)."""
+        from faceclip_zoo.pipelines.components import build_scheduler, ema_copy
+
+        cond = module.condition
+        return cls(vae=module.vae, face_encoder=FaceT5EncoderModel.from_encoder(cond.face_t5),
+                   tokenizer_2=cond.face_t5.tokenizer, text_encoder=cond.clip_text, tokenizer=cond.clip_tokenizer,
+                   transformer=ema_copy(module, module.transformer, use_ema),
+                   scheduler=build_scheduler(module.scheduler_config))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, spec: dict, source: str, use_ema: bool = True
+                        ) -> "FaceT5FluxPipeline":
+        """The pipeline of a FluxJointModule fit checkpoint, from its export entry `spec`."""
+        from faceclip_zoo.config import FaceT5Config
+        from faceclip_zoo.models.diffusers_models import build_diffusers
+        from faceclip_zoo.models.facet5 import FaceT5Encoder
+        from faceclip_zoo.models.text_encoders import build_clip_text_model, build_clip_tokenizer
+        from faceclip_zoo.pipelines.components import build_scheduler, ema_state
+
+        state, prefixes = checkpoint["state_dict"], spec["prefixes"]
+        encoder = FaceT5Encoder(FaceT5Config.from_dict(spec["encoder"]))
+        if spec.get("t5_tokenizer"):
+            encoder.set_tokenizer(spec["t5_tokenizer"])
+        load_strict(encoder, state_under(state, prefixes["encoder"]), f"{source} [encoder]")
+        clip_text = build_clip_text_model(spec["clip_text"])
+        load_strict(clip_text, state_under(state, prefixes["clip_text"]), f"{source} [clip_text]")
+        transformer, vae = build_diffusers(spec["transformer"]), build_diffusers(spec["vae"])
+        load_strict(transformer, {**state_under(state, prefixes["transformer"]), **ema_state(checkpoint, use_ema)},
+                    f"{source} [transformer]")
+        load_strict(vae, state_under(state, prefixes["vae"]), f"{source} [vae]")
+        return cls(vae=vae.eval(), face_encoder=FaceT5EncoderModel.from_encoder(encoder.eval()),
+                   tokenizer_2=encoder.tokenizer, text_encoder=clip_text.eval(),
+                   tokenizer=build_clip_tokenizer(spec.get("clip_tokenizer")), transformer=transformer.eval(),
+                   scheduler=build_scheduler(spec["scheduler"]))
+
+    # ------------------------------------------------------------------ pieces
     @property
     def condition(self) -> FluxCondition:
         return FluxCondition(self.face_encoder.encoder, self.text_encoder, self.tokenizer)

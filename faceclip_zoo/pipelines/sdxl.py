@@ -28,7 +28,7 @@ from faceclip_zoo.pipelines.defaults import SDXL_DEFAULTS, SDXL_NEGATIVE_PROMPT
 from faceclip_zoo.pipelines.faces import (  # noqa: F401 (re-exported)
     AlignMode, FaceInput, FaceInputMixin, auto_align, load_face, to_pil,
 )
-from faceclip_zoo.utils import UserError
+from faceclip_zoo.utils import UserError, load_strict, state_under
 
 RELEASE_DEFAULTS = SDXL_DEFAULTS
 
@@ -36,6 +36,7 @@ RELEASE_DEFAULTS = SDXL_DEFAULTS
 class FaceCLIPSDXLPipeline(FaceInputMixin, DiffusionPipeline):
     model_cpu_offload_seq = "face_encoder->face_encoder_2->unet->vae"
     default_negative_prompt = SDXL_NEGATIVE_PROMPT
+    ZOO_KIND = "sdxl_pipeline"  # the kind SDXLJointModule's checkpoints and our folders name
 
     def __init__(
         self,
@@ -50,6 +51,41 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, DiffusionPipeline):
                               unet=unet, scheduler=scheduler)
         self.aligner = None
         self.align: AlignMode = "auto"
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_module(cls, module, use_ema: bool = True) -> "FaceCLIPSDXLPipeline":
+        """A pipeline sharing a live SDXLJointModule's encoders, VAE and UNet (an EMA copy of
+        the UNet when the module keeps an EMA and use_ema is set)."""
+        from faceclip_zoo.pipelines.components import build_scheduler, ema_copy
+
+        return cls(vae=module.vae,
+                   face_encoder=FaceCLIPEncoderModel.from_encoder(module.condition.branch_l),
+                   face_encoder_2=FaceCLIPEncoderModel.from_encoder(module.condition.branch_g),
+                   unet=ema_copy(module, module.unet, use_ema), scheduler=build_scheduler(module.scheduler_config))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, spec: dict, source: str, use_ema: bool = True
+                        ) -> "FaceCLIPSDXLPipeline":
+        """The pipeline of an SDXLJointModule fit checkpoint, from its export entry `spec`
+        (configs and state-dict prefixes of each part)."""
+        from faceclip_zoo.config import FaceCLIPConfig
+        from faceclip_zoo.models.diffusers_models import build_diffusers
+        from faceclip_zoo.models.faceclip import FaceCLIPEncoder
+        from faceclip_zoo.pipelines.components import build_scheduler, ema_state
+
+        state, prefixes = checkpoint["state_dict"], spec["prefixes"]
+        encoders = []
+        for name in ("encoder_l", "encoder_g"):
+            encoder = FaceCLIPEncoder(FaceCLIPConfig.from_dict(spec[name]))
+            load_strict(encoder, state_under(state, prefixes[name]), f"{source} [{name}]")
+            encoders.append(FaceCLIPEncoderModel.from_encoder(encoder.eval()))
+        unet, vae = build_diffusers(spec["unet"]), build_diffusers(spec["vae"])
+        load_strict(unet, {**state_under(state, prefixes["unet"]), **ema_state(checkpoint, use_ema)},
+                    f"{source} [unet]")
+        load_strict(vae, state_under(state, prefixes["vae"]), f"{source} [vae]")
+        return cls(vae=vae.eval(), face_encoder=encoders[0], face_encoder_2=encoders[1], unet=unet.eval(),
+                   scheduler=build_scheduler(spec["scheduler"]))
 
     # ------------------------------------------------------------------ pieces
     @property

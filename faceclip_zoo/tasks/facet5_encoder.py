@@ -14,13 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from lightning.pytorch.cli import OptimizerCallable
-
 from faceclip_zoo.config import FaceT5Config
 from faceclip_zoo.models.facet5 import FaceT5Encoder
 from faceclip_zoo.tasks.faceclip_encoder import FaceCLIPEncoderModule
-from faceclip_zoo.tasks.losses import LossKind
-from faceclip_zoo.tasks.optim import default_optimizer
 from faceclip_zoo.utils import UserError, load_weights_file, mismatch_report, shapes_of
 
 
@@ -32,7 +28,9 @@ class FaceT5EncoderModule(FaceCLIPEncoderModule):
         t5_tokenizer: folder of the T5 v1.1 tokenizer (needed unless the config uses the
             builtin vocabulary).
         t5_weights: T5 encoder weights: a transformers T5EncoderModel folder (single or
-            sharded safetensors) or file; `text_weights` is not used.
+            sharded safetensors) or file (FaceCLIPEncoderModule's `text_weights` has no use here).
+        head_pool: as FaceCLIPEncoderModule's, default "mean" (a flattening head over
+            512 x 4096 values would be too large).
     """
 
     MODEL_TYPE = "facet5"
@@ -40,34 +38,18 @@ class FaceT5EncoderModule(FaceCLIPEncoderModule):
     def __init__(
         self,
         encoder: str = "facet5-tiny",
-        encoder_overrides: Optional[dict[str, Any]] = None,
         t5_tokenizer: Optional[str] = None,
         t5_weights: Optional[str] = None,
-        face_encoder_weights: Optional[str] = None,
-        clip: str = "clip-tiny",
-        clip_overrides: Optional[dict[str, Any]] = None,
-        clip_weights: Optional[str] = None,
-        init_encoder: Optional[str] = None,
-        identity_model: Optional[str] = None,
-        losses: list[str] = ["image", "identity", "text"],  # noqa: B006 (jsonargparse default)
-        loss_kind: LossKind = "clip",
         head_pool: Literal["flatten", "mean"] = "mean",
-        unfreeze_text_layers: int = 0,
-        optimizer: OptimizerCallable = default_optimizer,
-        warmup_steps: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "cosine",
-        val_prompt: str = "a photo of a person",
-        micro_batch_size: Optional[int] = None,
+        **kwargs: Any,
     ):
+        # Every other argument is FaceCLIPEncoderModule's, forwarded as it is (jsonargparse
+        # reads them from the parent's signature for recipes and --help).
+        if kwargs.get("text_weights"):
+            raise UserError("FaceT5EncoderModule: text_weights names a CLIP text tower, which FaceT5 has not; "
+                            "give the T5 encoder as t5_weights")
         self._t5_tokenizer = t5_tokenizer
-        super().__init__(
-            encoder=encoder, encoder_overrides=encoder_overrides, face_encoder_weights=face_encoder_weights,
-            clip=clip, clip_overrides=clip_overrides, clip_weights=clip_weights, text_weights=None,
-            init_encoder=init_encoder, identity_model=identity_model, losses=losses, loss_kind=loss_kind,
-            head_pool=head_pool, unfreeze_text_layers=unfreeze_text_layers, optimizer=optimizer,
-            warmup_steps=warmup_steps, lr_schedule=lr_schedule, val_prompt=val_prompt,
-            micro_batch_size=micro_batch_size,
-        )
+        super().__init__(encoder=encoder, head_pool=head_pool, **kwargs)
 
     def build_encoder(self, name: str, overrides: dict[str, Any]):
         cfg = FaceT5Config.from_name(name, **overrides)

@@ -222,9 +222,9 @@ class FluxJointModule(JointDiffusionModule):
 
     def pipeline(self, use_ema: bool = True):
         """A FaceT5FluxPipeline over this module's (shared) components."""
-        from faceclip_zoo.pipelines.export import flux_pipeline_from_module
+        from faceclip_zoo.pipelines.flux import FaceT5FluxPipeline
 
-        return flux_pipeline_from_module(self, use_ema=use_ema)
+        return FaceT5FluxPipeline.from_module(self, use_ema=use_ema)
 
     # ------------------------------------------------------------------ checkpoints
     def export_spec(self) -> dict:

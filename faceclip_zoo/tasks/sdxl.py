@@ -212,9 +212,9 @@ class SDXLJointModule(JointDiffusionModule):
 
     def pipeline(self, use_ema: bool = True):
         """A FaceCLIPSDXLPipeline over this module's (shared) components."""
-        from faceclip_zoo.pipelines.export import pipeline_from_module
+        from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
 
-        return pipeline_from_module(self, use_ema=use_ema)
+        return FaceCLIPSDXLPipeline.from_module(self, use_ema=use_ema)
 
     # ------------------------------------------------------------------ checkpoints
     def export_spec(self) -> dict:

@@ -1,11 +1,7 @@
-"""The built-in synthetic-identities dataset: the zoo's default, runnable anywhere.
-
-`SyntheticIdentities` is a ShardDataModule whose `prepare_data` renders procedural
-identities (synthetic_faces.py), writes them as ordinary SPSV shards (train and val
-identities disjoint, plus guided face-free image-text pairs), and trains the two small
-frozen models that play ArcFace and CLIP in this world (synthetic_priors.py). Everything
-is cached and keyed by the spec, so a second run reuses it.
-"""
+"""The synthetic world's records: procedural identities (faces.py) sampled by a
+SyntheticSpec, rendered into scenes with captions, and written as ordinary SPSV shards
+(train and val identities disjoint, plus guided face-free image-text pairs), keyed by a
+digest of the spec so that a second run reuses them (datamodule.py)."""
 
 from __future__ import annotations
 
@@ -23,9 +19,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from faceclip_zoo.data.datamodule import ShardDataModule
 from faceclip_zoo.data.schema import make_sample
-from faceclip_zoo.data.synthetic_faces import (
+from faceclip_zoo.synthetic.faces import (
     caption, render, render_object, sample_identity, sample_variation,
 )
 
@@ -46,7 +41,7 @@ class SyntheticSpec:
     # the largest head tilt in degrees.
     scene_scale: float = 0.8
     max_angle: float = 10.0
-    renderer_version: int = 1  # bump when synthetic_faces.py changes what it draws
+    renderer_version: int = 1  # bump when faces.py changes what it draws
 
     def digest(self) -> str:
         fields = dataclasses.asdict(self)
@@ -129,80 +124,3 @@ def manifest_digest(folder: Path) -> str | None:
         return json.loads((folder / "manifest.json").read_text())["digest"]
     except (OSError, ValueError, KeyError):
         return None
-
-
-class SyntheticIdentities(ShardDataModule):
-    """The synthetic-identities dataset as a DataModule (the built-in default).
-
-    Args:
-        root: where the shards go (train/, val/, guided/).
-        priors_dir: where the synthetic face-ID ViT and tiny CLIP are cached
-            (`<priors_dir>/face-vit`, `<priors_dir>/clip`); the model's recipe points its
-            frozen-model weights there.
-        train_identities, val_identities, samples_per_identity, guided_pairs, seed: the
-            dataset's size and randomness (train and val identities are disjoint).
-        prior_steps: optimisation steps for each of the two small frozen models.
-        vae_steps: when > 0, also train the tiny VAE of the diffusion stage
-            (`<priors_dir>/vae`, a diffusers folder) for this many steps.
-        buckets: aspect-ratio buckets, as ShardDataModule (the synthetic scenes are square).
-        scene_scale, max_angle: the scenes' framing and head tilt (SyntheticSpec).
-    """
-
-    def __init__(
-        self,
-        root: str = "runs/synthetic",
-        priors_dir: str = "checkpoints/synthetic",
-        train_identities: int = 160,
-        val_identities: int = 20,
-        samples_per_identity: int = 8,
-        guided_pairs: int = 400,
-        prior_steps: int = 400,
-        vae_steps: int = 0,
-        guided_prob: float = 0.1,
-        batch_size: int = 32,
-        num_workers: int = 1,
-        image_size: int = 64,
-        face_size: int = 112,
-        seed: int = 0,
-        shuffle_buffer: int = 500,
-        buckets: list[tuple[int, int]] | None = None,
-        scene_scale: float = 0.8,
-        max_angle: float = 10.0,
-    ):
-        root_path = Path(root)
-        super().__init__(
-            train=str(root_path / "train"), val=str(root_path / "val"),
-            guided=str(root_path / "guided") if guided_pairs > 0 else None,
-            guided_prob=guided_prob if guided_pairs > 0 else 0.0,
-            batch_size=batch_size, num_workers=num_workers, image_size=image_size,
-            face_size=face_size, shuffle_buffer=shuffle_buffer, seed=seed, buckets=buckets,
-        )
-        self.vae_steps = vae_steps
-        self.root = root_path
-        self.priors_dir = Path(priors_dir)
-        self.prior_steps = prior_steps
-        self.spec = SyntheticSpec(
-            train_identities=train_identities, val_identities=val_identities,
-            samples_per_identity=samples_per_identity, guided_pairs=guided_pairs,
-            image_size=image_size, face_size=face_size, seed=seed, scene_scale=scene_scale, max_angle=max_angle,
-        )
-
-    def prepare_data(self) -> None:
-        from faceclip_zoo.data.synthetic_priors import ensure_priors, ensure_vae, priors_ready, vae_ready
-
-        digest = self.spec.digest()
-        have_data = manifest_digest(self.root) == digest
-        have_priors = priors_ready(self.priors_dir, digest, self.prior_steps)
-        have_vae = self.vae_steps <= 0 or vae_ready(self.priors_dir, digest, self.vae_steps)
-        if have_data and have_priors and have_vae:
-            return
-        t0 = time.time()
-        data = generate(self.spec)
-        log.info("rendered synthetic identities in %.1fs", time.time() - t0)
-        if not have_data:
-            write_dataset(self.spec, data, self.root)
-            log.info("wrote synthetic shards to %s", self.root)
-        if not have_priors:
-            ensure_priors(self.priors_dir, self.spec, data, self.prior_steps)
-        if not have_vae:
-            ensure_vae(self.priors_dir, self.spec, data, self.vae_steps)

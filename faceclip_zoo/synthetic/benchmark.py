@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from faceclip_zoo.data.synthetic_faces import BACKGROUNDS
+from faceclip_zoo.synthetic.faces import BACKGROUNDS
 
 
 def scene_face_crop(scenes: torch.Tensor, size: int = 112, scene_scale: float = 0.8) -> torch.Tensor:
