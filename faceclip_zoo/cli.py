@@ -1,4 +1,7 @@
-"""The command line: LightningCLI for fit/validate/test/predict, plus zoo commands.
+"""The command line: LightningCLI for fit/validate/test/predict; every other command is a
+typed function (ZOO_COMMANDS) whose signature and docstring jsonargparse turns into its
+options and --help, so all commands take options the same way (`--name value`, lists as
+`--name a --name+ b`, booleans as `--name true`).
 
     python -m faceclip_zoo fit --config recipes/quickstart/faceclip.yaml
     python -m faceclip_zoo export --ckpt runs/.../last.ckpt --out checkpoints/my-encoder
@@ -16,7 +19,7 @@ import logging
 import os
 import re
 import sys
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 from jsonargparse import ArgumentError
 
@@ -25,96 +28,83 @@ from faceclip_zoo.utils import UserError
 
 
 
-def _export(argv: list[str]) -> int:
-    from jsonargparse import CLI
-
-    from faceclip_zoo.export import export_checkpoint
-
-    out = CLI(export_checkpoint, args=argv, as_positional=False)
-    print(f"exported to {out}")
-    return 0
-
-
-def _convert(argv: list[str]) -> int:
-    from jsonargparse import CLI
-
-    from faceclip_zoo.convert import convert
-
-    report = CLI(convert, args=argv, as_positional=False)
-    for name, info in report.items():
-        print(f"{name}: {info if isinstance(info, str) else ', '.join(info)}")
-    return 0
-
-
-def _prepare(argv: list[str]) -> int:
-    from jsonargparse import CLI
-
-    from faceclip_zoo.data.prepare import prepare
-
-    manifest = CLI(prepare, args=argv, as_positional=False)
+def _prepared(manifest: dict) -> str:
     c = manifest["counts"]
-    print(f"{c['inputs']} inputs: {c['accepted']} accepted in {len(manifest['shards'])} shard(s), "
-          f"{c['rejected']} rejected {c['rejected_by_reason'] or ''}")
-    return 0
+    return (f"{c['inputs']} inputs: {c['accepted']} accepted in {len(manifest['shards'])} shard(s), "
+            f"{c['rejected']} rejected {c['rejected_by_reason'] or ''}")
 
 
-def _cache(argv: list[str]) -> int:
-    from jsonargparse import CLI
-
-    from faceclip_zoo.cache import cache
-
-    total = CLI(cache, args=argv, as_positional=False)
-    print(f"cached {','.join(total['features'])} for {total['cached']} samples "
-          f"({total['already']} already cached, {total['undecodable']} undecodable kept as they are) "
-          f"in {total['seconds']} s")
-    return 0
+def _cached(total: dict) -> str:
+    return (f"cached {','.join(total['features'])} for {total['cached']} samples ({total['already']} already "
+            f"cached, {total['undecodable']} undecodable kept as they are) in {total['seconds']} s")
 
 
-def _generate(argv: list[str]) -> int:
-    from faceclip_zoo.generate import main as generate_main
+class ZooCommand(NamedTuple):
+    """A command besides LightningCLI's: a typed function (its signature and docstring are
+    its options and --help, through jsonargparse) and how its return value is reported
+    (None: the function prints what it has to say)."""
 
-    return generate_main(argv)
-
-
-def _demo(argv: list[str]) -> int:
-    from jsonargparse import CLI
-
-    from faceclip_zoo.demo import demo
-
-    CLI(demo, args=argv, as_positional=False)
-    return 0
+    function: str  # "module:function"
+    summary: str
+    report: Callable[[Any], str] | None = None
 
 
-def _evaluate(argv: list[str]) -> int:
-    from faceclip_zoo.evaluation.run import main as evaluate_main
-
-    return evaluate_main(argv)
-
-
-def _ablation(argv: list[str]) -> int:
-    from faceclip_zoo.evaluation.ablation import main as ablation_main
-
-    return ablation_main(argv)
-
-
-def _bench(argv: list[str]) -> int:
-    from faceclip_zoo.bench.run import main as bench_main
-
-    return bench_main(argv)
-
-
-EXTRA_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "export": (_export, "fit checkpoint -> model directory (encoder) or pipeline folder (SDXL)"),
-    "generate": (_generate, "exported pipeline + face photo + prompt -> PNG"),
-    "demo": (_demo, "a local web page (Gradio): upload photos, prompt, see the aligned crops and the images"),
-    "evaluate": (_evaluate, "pipeline + benchmark spec -> Face Sim, CLIP-T, FID, contact sheets; "
-                            "encoder -> zero-shot, t-SNE"),
-    "ablation": (_ablation, "the paper's loss ablation (Table 3) and Fig. 2 in miniature, synthetic identities"),
-    "prepare": (_prepare, "photos + captions -> aligned, filtered training shards"),
-    "cache": (_cache, "fit recipe + shards -> frozen-model outputs stored in the shards"),
-    "convert": (_convert, "official release weights -> faceclip_zoo model directories"),
-    "bench": (_bench, "speed and memory against the peers (open_clip, diffusers), one table; --size tiny..real"),
+ZOO_COMMANDS: dict[str, ZooCommand] = {
+    "export": ZooCommand("faceclip_zoo.export:export_checkpoint",
+                         "fit checkpoint -> model directory (encoder) or pipeline folder (SDXL, FLUX)",
+                         lambda out: f"exported to {out}"),
+    "generate": ZooCommand("faceclip_zoo.generate:generate", "exported pipeline + face photo + prompt -> PNG"),
+    "demo": ZooCommand("faceclip_zoo.demo:demo",
+                       "a local web page (Gradio): upload photos, prompt, see the aligned crops and the images"),
+    "evaluate": ZooCommand("faceclip_zoo.evaluation.run:evaluate",
+                           "pipeline + benchmark spec -> Face Sim, CLIP-T, FID, contact sheets; "
+                           "encoder -> zero-shot, t-SNE"),
+    "ablation": ZooCommand("faceclip_zoo.evaluation.ablation:ablation",
+                           "the paper's loss ablation (Table 3) and Fig. 2 in miniature, synthetic identities"),
+    "prepare": ZooCommand("faceclip_zoo.data.prepare:prepare", "photos + captions -> aligned, filtered training shards",
+                          _prepared),
+    "cache": ZooCommand("faceclip_zoo.cache:cache", "fit recipe + shards -> frozen-model outputs stored in the shards",
+                        _cached),
+    "convert": ZooCommand("faceclip_zoo.convert:convert", "official release weights -> faceclip_zoo model directories",
+                          lambda report: "\n".join(f"{name}: {info if isinstance(info, str) else ', '.join(info)}"
+                                                   for name, info in report.items())),
+    "bench": ZooCommand("faceclip_zoo.bench.run:bench",
+                        "speed and memory against the peers (open_clip, diffusers), one table; --size tiny..real"),
 }
+
+
+def refuse_repeated_options(argv: list[str]) -> None:
+    """jsonargparse keeps the last of an option given twice; for a list such as generate's
+    --face that would drop a photo without a word. Several values go as `--face a.png
+    --face+ b.png`."""
+    seen = set()
+    for token in argv:
+        if not token.startswith("--") or token == "--":
+            continue
+        name = token[2:].split("=", 1)[0]
+        if name.endswith("+"):
+            continue
+        if name in seen:
+            raise UserError(f"--{name} is given twice (the second would replace the first); for several values "
+                            f"write --{name} <first> --{name}+ <second>")
+        seen.add(name)
+
+
+def run_zoo_command(name: str, argv: list[str]) -> Any:
+    """Parse `argv` into the command's function (jsonargparse), call it, report its result."""
+    import importlib
+
+    from jsonargparse import CLI
+
+    command = ZOO_COMMANDS[name]
+    module, function = command.function.split(":")
+    fn = getattr(importlib.import_module(module), function)
+    refuse_repeated_options(argv)
+    result = CLI(fn, args=argv, as_positional=False, prog=f"python -m faceclip_zoo {name}")
+    if command.report is not None:
+        print(command.report(result))
+    return result
+
 
 HELP = """usage: python -m faceclip_zoo <command> [options]
 
@@ -161,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         if not argv or argv[0] in ("-h", "--help", "help"):
-            extra = "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in EXTRA_COMMANDS.items())
+            extra = "\n".join(f"  {name:<10} {command.summary}" for name, command in ZOO_COMMANDS.items())
             print(HELP.format(extra=extra))
             return 0
-        if argv[0] in EXTRA_COMMANDS:
-            return EXTRA_COMMANDS[argv[0]][0](argv[1:])
+        if argv[0] in ZOO_COMMANDS:
+            run_zoo_command(argv[0], argv[1:])
+            return 0
         if argv[0] not in TRAINER_COMMANDS:
             raise UserError(f"unknown command {argv[0]!r}; run `python -m faceclip_zoo --help`")
         run_lightning_cli(argv)

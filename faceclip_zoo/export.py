@@ -15,7 +15,7 @@ from faceclip_zoo.cards import (
     CardFacts, describe_folder, final_metrics, inherited_lineage, run_samples, starting_points,
     write_model_card,
 )
-from faceclip_zoo.models.io import model_from_checkpoint, save_model_dir
+from faceclip_zoo.models.io import checkpoint_exports, model_from_checkpoint, save_model_dir
 from faceclip_zoo.utils import UserError, require_file, safe_torch_load
 
 
@@ -45,7 +45,7 @@ def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str 
     """
     ckpt_path = require_file(ckpt, "checkpoint")
     checkpoint = safe_torch_load(ckpt_path, mmap=False)
-    exports = checkpoint.get("faceclip_zoo", {}).get("exports", {})
+    exports = checkpoint_exports(checkpoint)
     if part is None and len(exports) == 1:
         part = next(iter(exports))
     if part not in exports:

@@ -4,50 +4,21 @@
         --face me.png --prompt "a photo of a person in front of a blue background" --out out.png
 
 The folder's model_index.json says which pipeline it is: FaceCLIPSDXLPipeline or
-FaceT5FluxPipeline. --face may be given several times (references of one person,
-averaged). Without --steps/--guidance the release's settings apply: SDXL Euler, 50 steps,
+FaceT5FluxPipeline. Several references of one person: `--face a.png --face+ b.png`
+(averaged). Without --steps/--guidance the release's settings apply: SDXL Euler, 50 steps,
 guidance 5.0; FLUX flow-matching Euler, 50 steps, true CFG 3.5 (--guidance) with
-distilled guidance 1.0 (--distilled-guidance); both with the release's negative text
+distilled guidance 1.0 (--distilled_guidance); both with the release's negative text
 (pipelines/defaults.py). The size defaults to the model's native one.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+from typing import Literal, Optional, Union
 
 import torch
 
 from faceclip_zoo.utils import UserError
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m faceclip_zoo generate", description=__doc__.split("\n")[0])
-    p.add_argument("--pipeline", required=True, help="an exported pipeline folder (SDXL or FLUX)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--face", action="append", default=None,
-                   help="photo of the person (repeat for several references of one person); omit for none")
-    p.add_argument("--align", default="auto", choices=["auto", "always", "never"],
-                   help="auto: photos are aligned like the training data, aligned crops kept as they are; "
-                        "never: the faces are aligned crops already (e.g. synthetic faces)")
-    p.add_argument("--negative-prompt", default=None,
-                   help="default: the release's negative text for the model (SDXL or FLUX); '' for none")
-    p.add_argument("--out", default="out.png", help="output PNG (out-K.png for --num-images > 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (SDXL default 5.0; FLUX: true CFG, default 3.5)")
-    p.add_argument("--distilled-guidance", type=float, default=None,
-                   help="FLUX.1-dev's guidance input (default 1.0, as the release)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--scheduler", default=None,
-                   help="a diffusers scheduler class to sample with, e.g. DPMSolverMultistepScheduler")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA (as the release), float32 on CPU")
-    return p
 
 
 def output_paths(out: str, n: int) -> list[Path]:
@@ -78,26 +49,58 @@ def open_pipeline(path: str, device: str = "auto", dtype: str = "auto", schedule
     return pipe
 
 
-def run(args: argparse.Namespace) -> list[Path]:
-    if args.num_images < 1 or args.steps < 1:
-        raise UserError("--num-images and --steps must be at least 1")
-    pipe = open_pipeline(args.pipeline, args.device, args.dtype, args.scheduler)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    guidance = pipe.guidance_arguments(args.guidance, args.distilled_guidance)
+def generate(
+    pipeline: str,
+    prompt: str,
+    face: Optional[Union[str, list[str]]] = None,
+    align: Literal["auto", "always", "never"] = "auto",
+    negative_prompt: Optional[str] = None,
+    out: str = "out.png",
+    seed: int = 0,
+    steps: int = 50,
+    guidance: Optional[float] = None,
+    distilled_guidance: Optional[float] = None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    num_images: int = 1,
+    scheduler: Optional[str] = None,
+    device: str = "auto",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+) -> list[Path]:
+    """Images of a person from an exported or converted pipeline folder.
+
+    Args:
+        pipeline: an exported pipeline folder (SDXL or FLUX).
+        prompt: the text.
+        face: photo of the person; several references of one person as `--face a.png
+            --face+ b.png` (averaged). Omit for an image without a face.
+        align: auto: photos are aligned like the training data, aligned crops kept as they
+            are; always: re-align; never: the faces are aligned crops already (e.g. synthetic).
+        negative_prompt: default the release's negative text for the model; "" for none.
+        out: output PNG (out-K.png for num_images > 1).
+        seed: the generator's seed.
+        steps: denoising steps.
+        guidance: classifier-free guidance (SDXL default 5.0; FLUX: true CFG, default 3.5).
+        distilled_guidance: FLUX.1-dev's guidance input (default 1.0, as the release).
+        height: image height (default: the model's native size).
+        width: image width (default: the model's native size).
+        num_images: how many images.
+        scheduler: a diffusers scheduler class to sample with, e.g. DPMSolverMultistepScheduler.
+        device: cpu, cuda, cuda:1, ... (auto: cuda when present).
+        dtype: auto: bfloat16 on CUDA (as the release), float32 on CPU.
+    """
+    if num_images < 1 or steps < 1:
+        raise UserError("--num_images and --steps must be at least 1")
+    pipe = open_pipeline(pipeline, device, dtype, scheduler)
     images = pipe(
-        args.prompt, face_image=args.face, negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps, height=args.height, width=args.width,
-        num_images_per_prompt=args.num_images, generator=generator, align=args.align, **guidance,
+        prompt, face_image=face, negative_prompt=negative_prompt, num_inference_steps=steps,
+        height=height, width=width, num_images_per_prompt=num_images,
+        generator=torch.Generator(device="cpu").manual_seed(seed), align=align,
+        **pipe.guidance_arguments(guidance, distilled_guidance),
     ).images
-    paths = output_paths(args.out, len(images))
+    paths = output_paths(out, len(images))
     for image, path in zip(images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
-    return paths
-
-
-def main(argv: list[str]) -> int:
-    paths = run(build_parser().parse_args(argv))
-    for path in paths:
         print(f"wrote {path}")
-    return 0
+    return paths

@@ -9,7 +9,7 @@ import math
 import torch
 
 from faceclip_zoo.bench.harness import Measurement, PeakMemory, Row, markdown, time_block
-from faceclip_zoo.bench.run import main
+from faceclip_zoo.cli import main
 
 
 def test_peak_memory_sees_a_block_allocation_on_cpu():
@@ -39,12 +39,12 @@ def test_markdown_row_has_ratio_and_memory():
 
 
 def test_unknown_section_is_a_usage_error(capsys):
-    assert main(["--only", "encoder,nonsense"]) == 2
-    assert "nonsense" in capsys.readouterr().err
+    assert main(["bench", "--only", "encoder,nonsense"]) == 2
+    assert "unknown section(s) ['nonsense']" in capsys.readouterr().err
 
 
 def test_tiny_bench_measures_every_row(tmp_path):
-    rc = main(["--size", "tiny", "--repeats", "1", "--warmup", "1", "--rounds", "1", "--encoder-batch", "8",
+    rc = main(["bench", "--size", "tiny", "--repeats", "1", "--warmup", "1", "--rounds", "1", "--encoder_batch", "8",
                "--out", str(tmp_path)])
     report = json.loads((tmp_path / "results.json").read_text())
     rows = {r["comparison"].split(",")[0]: r for r in report["rows"]}

@@ -24,11 +24,33 @@ def run_cli(*args, cwd=REPO):
                           text=True, timeout=600)
 
 
-def test_help_lists_commands():
+def test_help_lists_commands_and_each_has_its_own_help(capsys):
+    from faceclip_zoo.cli import ZOO_COMMANDS
+
     res = run_cli("--help")
     assert res.returncode == 0
-    for cmd in ("fit", "validate", "test", "predict", "export"):
+    commands = ("fit", "validate", "test", "predict", *ZOO_COMMANDS)
+    for cmd in commands:
         assert f"  {cmd} " in res.stdout
+    for cmd in ("fit", *ZOO_COMMANDS):  # every zoo command is a typed function: its options come from it
+        with pytest.raises(SystemExit) as done:
+            main([cmd, "--help"])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        assert f"usage: python -m faceclip_zoo {cmd}" in out or cmd == "fit", cmd
+        assert "--help" in out
+
+
+def test_options_given_twice_are_refused_and_lists_append(capsys):
+    assert main(["generate", "--pipeline", "p", "--prompt", "x", "--face", "a.png", "--face", "b.png"]) == 2
+    err = capsys.readouterr().err
+    assert "--face is given twice" in err and "--face <first> --face+ <second>" in err
+    from faceclip_zoo.cli import refuse_repeated_options
+    from faceclip_zoo.utils import UserError
+
+    refuse_repeated_options(["--face", "a.png", "--face+", "b.png", "--prompt=x"])
+    with pytest.raises(UserError, match=r"--prompt is given twice.*--prompt <first> --prompt\+ <second>"):
+        refuse_repeated_options(["--prompt=x", "--prompt", "y"])
 
 
 def test_unknown_recipe_key_is_one_clear_line(tmp_path):

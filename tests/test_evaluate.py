@@ -210,7 +210,7 @@ def test_evaluate_pipeline_writes_results_and_sheets_and_resumes(tmp_path, quick
     before = np.array(Image.open(victim))
     victim.unlink()
     assert main(["evaluate", "--pipeline", str(quickstart_sdxl_dir), "--benchmark", str(bench), "--out", str(out),
-                 "--batch-size", "1"]) == 0
+                 "--batch_size", "1"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["generation"]["generated_now"] == 1 and again["generation"]["already_there"] == n - 1
     np.testing.assert_array_equal(np.array(Image.open(victim)), before)
@@ -301,8 +301,8 @@ def test_synthetic_benchmark_scores_ceilings_generations_and_the_no_face_control
     face_vit = save_model_dir(vit, tmp_path / "vit")
     out = tmp_path / "eval"
     assert main(["evaluate", "--pipeline", str(quickstart_sdxl_dir), "--benchmark", "synthetic", "--out", str(out),
-                 "--synthetic-val", str(tiny_shards / "val"), "--face-id", str(face_vit), "--steps", "2",
-                 "--images-per-sample", "2"]) == 0
+                 "--synthetic_val", str(tiny_shards / "val"), "--face_id", str(face_vit), "--steps", "2",
+                 "--images_per_sample", "2"]) == 0
     report = json.loads((out / "results.json").read_text())
     samples = load_validation_samples(str(tiny_shards / "val"))
     assert report["held_out_samples"] == len(samples) == 12 and report["identities"] == 3
@@ -383,5 +383,5 @@ def test_identity_oracle_trains_only_its_token_map_and_is_scored_from_its_checkp
     assert not torch.allclose(emb["prompt_embeds"][0, 77], emb["prompt_embeds"][1, 77])
     out = tmp_path / "eval"
     assert main(["evaluate", "--pipeline", str(ckpt), "--benchmark", "synthetic", "--out", str(out),
-                 "--synthetic-val", str(tiny_shards / "val"), "--face-id", str(face_vit), "--steps", "1"]) == 0
+                 "--synthetic_val", str(tiny_shards / "val"), "--face_id", str(face_vit), "--steps", "1"]) == 0
     assert json.loads((out / "results.json").read_text())["results"]["generated"]["images"] == 12

@@ -180,7 +180,7 @@ def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):
     name = next(iter(ema["weights"]))
     torch.testing.assert_close(dict(exported.transformer.named_parameters())[name], ema["weights"][name])
     res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "generate", "--pipeline", str(tmp_path / "exported"),
-                          "--prompt", "x", "--distilled-guidance", "2", "--steps", "1", "--height", "64",
+                          "--prompt", "x", "--distilled_guidance", "2", "--steps", "1", "--height", "64",
                           "--width", "64", "--out", str(tmp_path / "noface.png")],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr

@@ -234,8 +234,9 @@ def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):
     assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported")]) == 0
     tiny_data["val"][0].crop.save(tmp_path / "face.png")
     res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "generate", "--pipeline", str(tmp_path / "exported"),
-                          "--face", str(tmp_path / "face.png"), "--align", "never", "--prompt", PROMPT, "--steps", "3",
-                          "--num-images", "2", "--out", str(tmp_path / "out.png")],
+                          "--face", str(tmp_path / "face.png"), "--face+", str(tmp_path / "face.png"),
+                          "--align", "never", "--prompt", PROMPT, "--steps", "3",
+                          "--num_images", "2", "--out", str(tmp_path / "out.png")],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "out-0.png").is_file() and (tmp_path / "out-1.png").is_file()

@@ -1,6 +1,6 @@
 """How well does our detector + norm_crop reproduce the release's face alignment?
 
-    python -m faceclip_zoo bench --only align   (or python -m faceclip_zoo.bench.align_accuracy --faces DIR)
+    python -m faceclip_zoo bench --only align --align_faces <folder of the release's aligned crops>
 
 For each photo (skimage's astronaut, unaligned; the release's own aligned 448 crops):
 - vs release: on an already aligned crop, how far our alignment would move the template
@@ -14,7 +14,6 @@ Pixels of a 448 crop; mean / max over the 5 landmarks.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import time
@@ -22,22 +21,18 @@ import time
 import numpy as np
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(faces: str | None = None, detector: str = "mtcnn", model_dir: str | None = None) -> None:
+    """Print the table for skimage's astronaut and, when `faces` names a folder of the
+    release's aligned 448 crops (*.png), for each of them."""
     from PIL import Image
     from skimage import data
 
     from faceclip_zoo.data.align import align_face, arcface_template, crop_face, pick_face, template_deviation
     from faceclip_zoo.data.detect import build_detector
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--detector", default="mtcnn")
-    p.add_argument("--model-dir", default=None, help="insightface model pack (for --detector insightface)")
-    p.add_argument("--faces", default=os.path.join("..", "shared", "data", "faces"),
-                   help="folder of the release's aligned 448 crops (*.png)")
-    args = p.parse_args(argv)
-    detector = build_detector(args.detector, model_dir=args.model_dir)
+    detector = build_detector(detector, model_dir=model_dir)
     photos = {"astronaut (unaligned)": (data.astronaut(), False)}
-    for path in sorted(glob.glob(os.path.join(args.faces, "*.png"))):
+    for path in sorted(glob.glob(os.path.join(faces, "*.png"))) if faces else []:
         photos[os.path.basename(path)] = (np.asarray(Image.open(path).convert("RGB")), True)
     template = arcface_template(448)
     print(f"detector: {detector.describe()}")
@@ -54,6 +49,3 @@ def main(argv: list[str] | None = None) -> None:
         fmt = lambda d: "-" if d is None else f"{d.mean():.1f} / {d.max():.1f}"  # noqa: E731
         print(f"| {name} | {fmt(vs)} | {fmt(again)} | {fmt(resid)} | {seconds:.2f} |")
 
-
-if __name__ == "__main__":
-    main()

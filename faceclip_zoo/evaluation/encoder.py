@@ -40,14 +40,14 @@ class EncoderUnderTest:
 def load_encoder(path: str | Path) -> EncoderUnderTest:
     """A model directory (export / convert) or a fit checkpoint of an encoder task (which
     also holds the pre-training heads)."""
-    from faceclip_zoo.models.io import load_model_dir, model_from_checkpoint
+    from faceclip_zoo.models.io import checkpoint_exports, load_model_dir, model_from_checkpoint
     from faceclip_zoo.utils import safe_torch_load
 
     p = require_file(path, "encoder")
     if p.is_dir():
         return EncoderUnderTest(load_model_dir(p))
     ckpt = safe_torch_load(p, mmap=False)
-    spec = ckpt.get("faceclip_zoo", {}).get("exports", {}).get("encoder")
+    spec = checkpoint_exports(ckpt).get("encoder")
     if spec is None:
         raise UserError(f"{p} is not a checkpoint of an encoder task (FaceCLIPEncoderModule / FaceT5EncoderModule)")
     encoder, config = model_from_checkpoint(ckpt, spec, f"{p} [encoder]")

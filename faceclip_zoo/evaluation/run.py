@@ -3,54 +3,21 @@
     python -m faceclip_zoo evaluate --pipeline checkpoints/my-sdxl --benchmark bench.yaml --out runs/eval/my-sdxl
     python -m faceclip_zoo evaluate --pipeline checkpoints/quickstart-sdxl --benchmark synthetic --out runs/eval/q
     python -m faceclip_zoo evaluate --encoder runs/.../last.ckpt --clip open_clip:ViT-L-14:/models/clip.bin \\
-        --zero-shot imagenet_val/ --faces people/ --out runs/eval/encoder
+        --zero_shot imagenet_val/ --faces people/ --out runs/eval/encoder
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Literal, Optional, Union
 
 import torch
 
 from faceclip_zoo.utils import UserError
 
 log = logging.getLogger(__name__)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m faceclip_zoo evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output folder (images, results.json, results.md, sheets/)")
-    g = p.add_argument_group("pipeline on a benchmark")
-    g.add_argument("--pipeline", help="an exported pipeline folder (SDXL or FLUX); with --benchmark synthetic "
-                                      "also a diffusion fit checkpoint (.ckpt)")
-    g.add_argument("--benchmark", help="benchmark spec YAML (see faceclip_zoo/evaluation/spec.py), or 'synthetic': "
-                                       "the held-out synthetic identities (faceclip_zoo/synthetic/benchmark.py)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default: the spec's)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA (as the release), float32 on CPU")
-    g.add_argument("--score-only", action="store_true", help="score the images in --out without generating")
-    s = p.add_argument_group("--benchmark synthetic")
-    s.add_argument("--synthetic-val", default="runs/synthetic/val", help="held-out synthetic shards")
-    s.add_argument("--face-id", default="checkpoints/synthetic/face-vit", help="the synthetic face-ID ViT folder")
-    s.add_argument("--steps", type=int, default=25)
-    s.add_argument("--guidance", type=float, default=None,
-                   help="CFG scale (FLUX: true CFG); default the pipeline's (SDXL 5.0, FLUX 3.5)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--images-per-sample", type=int, default=1, help="seeds per held-out sample")
-    e = p.add_argument_group("encoder")
-    e.add_argument("--encoder", help="an encoder model directory, or its fit checkpoint (which has the heads)")
-    e.add_argument("--clip", help="CLIP model for the images: open_clip:<arch>:<weights> | transformers:<dir> | zoo:<dir>")
-    e.add_argument("--zero-shot", help="image folder, one sub-folder per class")
-    e.add_argument("--template", action="append", default=None, help='class prompt template, e.g. "a photo of a {}."')
-    e.add_argument("--head", default="auto", choices=["auto", "text_head", "text_projection"])
-    e.add_argument("--faces", help="face folder, one sub-folder per identity: t-SNE of joint embeddings")
-    e.add_argument("--faces-locator", default="aligned", choices=["aligned", "detect"],
-                   help="aligned: the faces are aligned crops; detect: photos, detected and aligned")
-    return p
 
 
 def evaluate_pipeline(pipeline: str, benchmark: str, out: str | Path, device: str = "auto", dtype: str = "auto",
@@ -82,33 +49,78 @@ def evaluate_pipeline(pipeline: str, benchmark: str, out: str | Path, device: st
     return results
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if bool(args.pipeline) == bool(args.encoder):
+def evaluate(
+    out: str,
+    pipeline: Optional[str] = None,
+    benchmark: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    device: str = "auto",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    score_only: bool = False,
+    synthetic_val: str = "runs/synthetic/val",
+    face_id: str = "checkpoints/synthetic/face-vit",
+    steps: int = 25,
+    guidance: Optional[float] = None,
+    seed: int = 0,
+    images_per_sample: int = 1,
+    encoder: Optional[str] = None,
+    clip: Optional[str] = None,
+    zero_shot: Optional[str] = None,
+    template: Optional[Union[str, list[str]]] = None,
+    head: Literal["auto", "text_head", "text_projection"] = "auto",
+    faces: Optional[str] = None,
+    faces_locator: Literal["aligned", "detect"] = "aligned",
+) -> dict:
+    """A pipeline on a benchmark (--pipeline, --benchmark), or an encoder on its own (--encoder).
+
+    Args:
+        out: output folder (images, results.json, results.md, sheets/).
+        pipeline: an exported pipeline folder (SDXL or FLUX); with --benchmark synthetic
+            also an SDXL oracle fit checkpoint.
+        benchmark: a benchmark spec YAML (see faceclip_zoo/evaluation/spec.py), or
+            "synthetic": the held-out synthetic identities (faceclip_zoo/synthetic/benchmark.py).
+        batch_size: images per pipeline call (default: the spec's).
+        device: cpu, cuda, cuda:1, ... (auto: cuda when present).
+        dtype: auto: bfloat16 on CUDA, float32 on CPU.
+        score_only: score the images in --out without generating.
+        synthetic_val: (--benchmark synthetic) the held-out synthetic shards.
+        face_id: (--benchmark synthetic) the synthetic face-ID ViT folder.
+        steps: (--benchmark synthetic) sampler steps.
+        guidance: (--benchmark synthetic) guidance scale (default: the pipeline's).
+        seed: (--benchmark synthetic) first seed.
+        images_per_sample: (--benchmark synthetic) seeds per held-out sample.
+        encoder: an encoder model directory, or its fit checkpoint (which has the heads).
+        clip: CLIP model for the images: open_clip:<arch>:<weights> | transformers:<dir> | zoo:<dir>.
+        zero_shot: image folder, one sub-folder per class.
+        template: class prompt template(s), e.g. "a photo of a {}." (more with --template+).
+        head: which head maps the joint embedding to CLIP's text space.
+        faces: face folder, one sub-folder per identity: t-SNE of joint embeddings.
+        faces_locator: aligned: the faces are aligned crops; detect: photos, detected and aligned.
+    """
+    if bool(pipeline) == bool(encoder):
         raise UserError("evaluate needs either --pipeline (with --benchmark) or --encoder")
-    if args.pipeline:
-        if not args.benchmark:
+    if pipeline:
+        if not benchmark:
             raise UserError("--pipeline needs --benchmark <spec.yaml> or --benchmark synthetic")
-        if args.benchmark == "synthetic":
+        if benchmark == "synthetic":
             from faceclip_zoo.synthetic.benchmark import run_synthetic_benchmark
 
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-            run_synthetic_benchmark(args.pipeline, args.out, args.synthetic_val, args.face_id, args.steps,
-                                    args.guidance, args.seed, args.images_per_sample, device)
-            print(Path(args.out, "results.md").read_text())
-            print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'contact_sheet.png'}")
-            return 0
-        results = evaluate_pipeline(args.pipeline, args.benchmark, args.out, args.device, args.dtype,
-                                    args.batch_size, args.score_only)
-        print(Path(args.out, "results.md").read_text())
-        print(f"wrote {Path(args.out) / 'results.json'} and {len(results['sheets'])} contact sheet(s) in "
-              f"{Path(args.out) / 'sheets'}")
-        return 0
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+            results = run_synthetic_benchmark(pipeline, out, synthetic_val, face_id, steps, guidance, seed,
+                                              images_per_sample, device)
+            print(Path(out, "results.md").read_text())
+            print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'contact_sheet.png'}")
+            return results
+        results = evaluate_pipeline(pipeline, benchmark, out, device, dtype, batch_size, score_only)
+        print(Path(out, "results.md").read_text())
+        print(f"wrote {Path(out) / 'results.json'} and {len(results['sheets'])} contact sheet(s) in "
+              f"{Path(out) / 'sheets'}")
+        return results
     from faceclip_zoo.evaluation.encoder import DEFAULT_TEMPLATES, evaluate_encoder
 
-    if not (args.zero_shot or args.faces):
-        raise UserError("--encoder needs --zero-shot <image folder> and/or --faces <face folder>")
-    results = evaluate_encoder(args.encoder, args.out, args.clip, args.zero_shot, args.faces,
-                               args.template or DEFAULT_TEMPLATES, args.head, args.faces_locator)
+    if not (zero_shot or faces):
+        raise UserError("--encoder needs --zero_shot <image folder> and/or --faces <face folder>")
+    templates = [template] if isinstance(template, str) else (template or DEFAULT_TEMPLATES)
+    results = evaluate_encoder(encoder, out, clip, zero_shot, faces, templates, head, faces_locator)
     print(json.dumps({k: v for k, v in results.items() if k != "encoder"}, indent=2))
-    return 0
+    return results

@@ -49,6 +49,12 @@ def model_builders() -> dict[str, ModelKind]:
     }
 
 
+def checkpoint_exports(checkpoint: dict) -> dict[str, dict]:
+    """The exportable parts a faceclip_zoo fit checkpoint records: part name -> export entry
+    (`{"model_type", ...}`; written by the tasks' on_save_checkpoint)."""
+    return checkpoint.get("faceclip_zoo", {}).get("exports", {})
+
+
 def model_from_checkpoint(checkpoint: dict, spec: dict, source: str):
     """The model a fit checkpoint's export entry names (`{"model_type", "config",
     "prefix"}`, written by the encoder tasks), with its weights -> (model, config)."""
