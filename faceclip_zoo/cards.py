@@ -33,6 +33,8 @@ KINDS = {
                   "faceclip_zoo", "feature-extraction", ["encoder"]),
     "diffusers_model": ("a diffusers model folder converted from the official release", "diffusers",
                         "text-to-image", ["text-to-image"]),
+    "lora": ("LoRA adapters for a faceclip_zoo pipeline in diffusers' format (pytorch_lora_weights.safetensors)",
+             "diffusers", "text-to-image", ["lora", "text-to-image"]),
 }
 
 LOAD = {
@@ -47,6 +49,10 @@ LOAD = {
                   "# a FaceCLIP / FaceT5 encoder: model.encode([\"a photo of a person\"], aligned_faces)"),
     "diffusers_model": ("# a component of a pipeline: name it in an SDXL / FLUX recipe\n"
                         "# (model.init_args.unet or transformer: \"{path}\")"),
+    "lora": ("from faceclip_zoo.pipelines.export import load_pipeline\n"
+             "pipe = load_pipeline(\"{base}\")  # the pipeline the adapters were trained on\n"
+             "pipe.load_lora_weights(\"{path}\")\n"
+             "image = pipe(\"a photo of a person in a red hat\", face_image=\"me.jpg\").images[0]"),
 }
 
 
@@ -61,6 +67,7 @@ class CardFacts:
     starts_from: list[Path] = field(default_factory=list)  # folders the run loaded weights from
     metrics: dict[str, float] = field(default_factory=dict)
     samples: list[Path] = field(default_factory=list)
+    adapts: str | None = None  # LoRA folders: the pipeline folder the adapters belong to
 
 
 def final_metrics(run_dir: Path | None) -> dict[str, float]:
@@ -109,7 +116,7 @@ def starting_points(recipe_text: str | None) -> list[Path]:
         args = (yaml.safe_load(recipe_text) or {}).get("model", {}).get("init_args", {}) or {}
     except yaml.YAMLError:
         return []
-    keys = ("encoder", "encoder_l", "encoder_g", "unet", "unet_weights", "transformer",
+    keys = ("pipeline", "encoder", "encoder_l", "encoder_g", "unet", "unet_weights", "transformer",
             "transformer_weights", "vae_weights")
     found = [Path(str(args[k])) for k in keys if isinstance(args.get(k), str) and Path(str(args[k])).is_dir()]
     return list(dict.fromkeys(found))
@@ -139,7 +146,7 @@ def render_card(folder: Path, facts: CardFacts) -> str:
     )
     lines = [f"# {folder.name}", "", f"This folder holds {what}, written by "
              "faceclip_zoo (an open training framework for FaceCLIP).", "",
-             "## How to load", "", "```python", LOAD[facts.kind].format(path=folder.as_posix()), "```", ""]
+             "## How to load", "", "```python", LOAD[facts.kind].format(path=folder.as_posix(), base=facts.adapts or "<base pipeline>"), "```", ""]
     if facts.kind in ("sdxl_pipeline", "flux_pipeline"):
         lines += ["```bash", f"python -m faceclip_zoo generate --pipeline {folder.as_posix()} --face me.jpg "
                   "--prompt \"a photo of a person in a red hat\" --out out.png", "```", ""]
@@ -177,6 +184,9 @@ def write_model_card(folder: str | Path, facts: CardFacts) -> Path:
 
 def describe_folder(folder: Path) -> tuple[str, str]:
     """(card kind, what it holds) of a folder we wrote, from its own config files."""
+    own = json.loads((folder / "faceclip_zoo.json").read_text()) if (folder / "faceclip_zoo.json").is_file() else {}
+    if own.get("kind") == "lora":
+        return "lora", None
     if (folder / "model_index.json").is_file():
         from faceclip_zoo.pipelines.export import pipeline_classes
 

@@ -144,6 +144,12 @@ def _setup_logging() -> None:
         logger.addHandler(handler)
         logger.setLevel(os.environ.get("FACECLIP_ZOO_LOG", "INFO"))
         logger.propagate = False
+    # diffusers warns at import that it cannot find torchao classes that torchao 0.18 moved;
+    # they matter only for loading checkpoints pickled with torchao, which we never write.
+    logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
+    # torchao 0.18 registers two enums with torch's pytree, which torch 2.14 calls
+    # deprecated, one warning each whenever peft or torchao is imported.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,9 +32,11 @@ def find_run_config(ckpt: Path) -> Path | None:
 
 
 def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str | None = None,
-                      use_ema: bool = True) -> Path:
+                      use_ema: bool = True, merge: bool = False) -> Path:
     """Export a fit checkpoint to `out`: an encoder checkpoint becomes a model directory,
-    an SDXL / FLUX checkpoint a FaceCLIPSDXLPipeline / FaceT5FluxPipeline folder.
+    an SDXL / FLUX checkpoint a FaceCLIPSDXLPipeline / FaceT5FluxPipeline folder, a LoRA
+    run's checkpoint its adapters in diffusers' format (`pipe.load_lora_weights(out)` on
+    the base pipeline) or, with merge, the base pipeline with the adapters folded in.
 
     Args:
         ckpt: a Lightning checkpoint written by `fit`.
@@ -42,6 +44,8 @@ def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str 
         part: which exportable part (default: the checkpoint's only one).
         recipe: the recipe to store beside the weights (default: the run's config.yaml).
         use_ema: export the EMA weights of the UNet when the run kept an EMA.
+        merge: LoRA runs: write the whole pipeline with the adapters folded in, instead of
+            the adapter file alone.
     """
     ckpt_path = require_file(ckpt, "checkpoint")
     checkpoint = safe_torch_load(ckpt_path, mmap=False)
@@ -52,18 +56,46 @@ def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str 
         raise UserError(f"{ckpt_path} has no exportable part {part!r}; it has {sorted(exports) or 'none'} "
                         "(was it written by a faceclip_zoo task?)")
     spec = exports[part]
+    if merge and "lora" not in spec:
+        raise UserError(f"{ckpt_path} is not from a LoRA run: there is nothing to merge (export it without --merge)")
     recipe_path = Path(recipe) if recipe else find_run_config(ckpt_path)
     recipe_text = recipe_path.read_text() if recipe_path and recipe_path.exists() else None
     extra = {"source_checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step")}
-    out_dir = _export_weights(checkpoint, spec, ckpt_path, part, out, recipe_text, extra, use_ema)
+    if "lora" in spec and not merge:
+        out_dir = _export_adapter(checkpoint, spec, ckpt_path, out, recipe_text, extra, use_ema)
+    else:
+        out_dir = _export_weights(checkpoint, spec, ckpt_path, part, out, recipe_text, extra, use_ema)
     from_release, base = inherited_lineage(recipe_text)
     run_dir = recipe_path.parent if recipe_path else None
     kind, what = describe_folder(out_dir)
     write_model_card(out_dir, CardFacts(
         kind=kind, what=what, made_by=f"`python -m faceclip_zoo export` of a fit checkpoint at step {extra['global_step']}",
         from_release=from_release, base_model=base, recipe=recipe_text is not None,
-        starts_from=starting_points(recipe_text),
+        starts_from=starting_points(recipe_text), adapts=spec.get("lora", {}).get("base"),
         metrics=final_metrics(run_dir), samples=run_samples(run_dir)))
+    return out_dir
+
+
+def _export_adapter(checkpoint: dict, spec: dict, ckpt_path: Path, out: str, recipe_text: str | None,
+                    extra: dict, use_ema: bool) -> Path:
+    """A LoRA run: diffusers' adapter file + recipe.yaml + faceclip_zoo.json (the base)."""
+    import json
+
+    from faceclip_zoo.pipelines.adapters import adapted_denoiser, save_adapter
+    from faceclip_zoo.pipelines.export import pipeline_classes
+
+    pipeline_cls = pipeline_classes()[spec["model_type"]]
+    denoiser = adapted_denoiser(checkpoint, spec, str(ckpt_path), use_ema)
+    out_dir = Path(out)
+    save_adapter(pipeline_cls, denoiser, out_dir)
+    if recipe_text is not None:
+        (out_dir / "recipe.yaml").write_text(recipe_text)
+    lora = spec["lora"]
+    has_ema = "ema" in checkpoint.get("faceclip_zoo", {})
+    (out_dir / "faceclip_zoo.json").write_text(json.dumps({
+        "kind": "lora", "pipeline_kind": spec["model_type"], "base": lora["base"], "lora": lora["settings"],
+        "trained_on": {k: lora.get(k) for k in ("quantize_base", "base_dtype")},
+        **extra, "ema": bool(use_ema and has_ema)}, indent=2) + "\n")
     return out_dir
 
 

@@ -28,19 +28,43 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
 
 
-def open_pipeline(path: str, device: str = "auto", dtype: str = "auto", scheduler: str | None = None):
-    """An exported/converted pipeline folder, on `device` (auto: CUDA when present) in
-    `dtype` (auto: bfloat16 on CUDA as the release, float32 on CPU), optionally with another
-    diffusers scheduler class (`generate` and `demo` share this)."""
+def open_pipeline(path: str, device: str = "auto", dtype: str = "auto", scheduler: str | None = None,
+                  lora: str | None = None, quantize: str | None = None, offload: str | None = None):
+    """An exported/converted pipeline folder (or a LoRA export: its base pipeline with the
+    adapters), on `device` (auto: CUDA when present) in `dtype` (auto: bfloat16 on CUDA as
+    the release, float32 on CPU), optionally with another diffusers scheduler class, LoRA
+    adapters, weight-only int8 quantisation and CPU offload (`generate` and `demo` share this)."""
     import diffusers
 
+    from faceclip_zoo.pipelines.adapters import lora_base
+    from faceclip_zoo.pipelines.components import quantize_components
     from faceclip_zoo.pipelines.export import load_pipeline
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     dtype_name = dtype if dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype_name not in ("float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    pipe = load_pipeline(path, dtype=getattr(torch, dtype_name)).to(device)
+    if offload not in (None, "model", "sequential"):
+        raise UserError(f"--offload must be model or sequential, got {offload!r}")
+    if offload and not device.startswith("cuda"):
+        raise UserError("--offload keeps weights on the CPU and moves them to the GPU when used: it needs a "
+                        f"CUDA device (got {device})")
+    base = lora_base(path)
+    if base is not None:  # a LoRA export: the pipeline it adapts, then the adapters
+        path, lora = base, lora or path
+    pipe = load_pipeline(path, dtype=getattr(torch, dtype_name))
+    if lora:
+        pipe.load_lora_weights(lora)
+        pipe.fuse_lora()  # folded in: sampling costs what the base costs
+        pipe.unload_lora_weights()
+    if not offload:
+        pipe = pipe.to(device)
+    if quantize:  # on the device when there is one (float8 needs the GPU)
+        quantize_components(pipe, quantize)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
     if scheduler:
         cls = getattr(diffusers, scheduler, None)
         if cls is None or not hasattr(cls, "from_config"):
@@ -66,6 +90,9 @@ def generate(
     scheduler: Optional[str] = None,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    lora: Optional[str] = None,
+    quantize: Optional[Literal["int8", "float8"]] = None,
+    offload: Optional[Literal["model", "sequential"]] = None,
 ) -> list[Path]:
     """Images of a person from an exported or converted pipeline folder.
 
@@ -88,10 +115,18 @@ def generate(
         scheduler: a diffusers scheduler class to sample with, e.g. DPMSolverMultistepScheduler.
         device: cpu, cuda, cuda:1, ... (auto: cuda when present).
         dtype: auto: bfloat16 on CUDA (as the release), float32 on CPU.
+        lora: a LoRA export (diffusers' pytorch_lora_weights.safetensors) to fold into the
+            pipeline; `--pipeline` may also name a LoRA export directly (its base is read
+            from its faceclip_zoo.json).
+        quantize: int8 (any device) or float8 (GPUs with float8): weight-only quantisation of
+            the UNet / transformer and the FaceT5 encoder (torchao); less memory, slightly
+            different images (docs/performance.md has the measured difference).
+        offload: model (whole components move to the GPU in turn) or sequential (layer by
+            layer: least memory, slowest): diffusers' CPU offload, CUDA only.
     """
     if num_images < 1 or steps < 1:
         raise UserError("--num_images and --steps must be at least 1")
-    pipe = open_pipeline(pipeline, device, dtype, scheduler)
+    pipe = open_pipeline(pipeline, device, dtype, scheduler, lora, quantize, offload)
     images = pipe(
         prompt, face_image=face, negative_prompt=negative_prompt, num_inference_steps=steps,
         height=height, width=width, num_images_per_prompt=num_images,

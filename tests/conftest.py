@@ -189,3 +189,20 @@ def linear_arcface(path, dim=8, seed=0):
     model.ir_version = 8
     onnx.save(model, str(path))
     return w
+
+
+def run_fit(recipe: Path, *extra: str, expect_kill: bool = False):
+    """`fit` in a subprocess of its own process group (what kill -9 tests need), with tests/
+    importable for the helper callbacks."""
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "fit", "--config", str(recipe), *extra],
+                         capture_output=True, text=True, timeout=600, env=env, start_new_session=True)
+    if expect_kill:
+        assert res.returncode == -9, res.stderr[-3000:]
+    else:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_recipe
+from conftest import run_fit, tiny_recipe
 
 TESTS = Path(__file__).resolve().parent
 
@@ -37,17 +37,6 @@ def _recipe(tmp_path, shards, name, callbacks=(), workers=2, devices=1, **model_
     return path
 
 
-def _fit(recipe: Path, *extra: str, expect_kill: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "fit", "--config", str(recipe), *extra],
-                         capture_output=True, text=True, timeout=600, env=env, start_new_session=True)
-    if expect_kill:
-        assert res.returncode == -9, res.stderr[-3000:]
-    else:
-        assert res.returncode == 0, res.stderr[-3000:]
-    return res
-
-
 def _weights(run_dir: Path) -> dict:
     ckpt = torch.load(run_dir / "run" / "checkpoints" / "last.ckpt", map_location="cpu",
                       weights_only=False)
@@ -66,10 +55,10 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, tiny_shards, devices
     trained on every sample of the epoch exactly once."""
     full_log, cut_log = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
     full = _recipe(tmp_path, tiny_shards, "full", [_record(str(full_log))], devices=devices)
-    _fit(full)
+    run_fit(full)
     kill = {"class_path": "resume_helpers.KillAtStep", "init_args": {"step": kill_at}}
     cut = _recipe(tmp_path, tiny_shards, "cut", [_record(str(cut_log)), kill], devices=devices)
-    _fit(cut, expect_kill=True)
+    run_fit(cut, expect_kill=True)
     ckpts = sorted(p.name for p in (tmp_path / "cut" / "run" / "checkpoints").iterdir())
     last_good = kill_at - 1  # checkpoints every step; the kill comes before step kill_at's
     assert f"epoch=0-step={last_good}.ckpt" in ckpts and "last.ckpt" in ckpts
@@ -77,7 +66,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, tiny_shards, devices
     resumed = yaml.safe_load(cut.read_text())
     resumed["trainer"]["callbacks"] = resumed["trainer"]["callbacks"][:2]  # no kill this time
     cut.write_text(yaml.safe_dump(resumed))
-    _fit(cut, "--ckpt_path", "last")
+    run_fit(cut, "--ckpt_path", "last")
 
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert a["global_step"] == b["global_step"] == 8 // devices
@@ -102,14 +91,14 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, tiny_shards, devices
 
 def test_unreadable_last_checkpoint_falls_back_with_a_warning(tmp_path, tiny_shards):
     recipe = _recipe(tmp_path, tiny_shards, "r", workers=0)
-    _fit(recipe)
+    run_fit(recipe)
     ckpts = tmp_path / "r" / "run" / "checkpoints"
     last = ckpts / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # cut short, as by a full disk
     cfg = yaml.safe_load(recipe.read_text())
     cfg["trainer"]["max_epochs"] = 2
     recipe.write_text(yaml.safe_dump(cfg))
-    res = _fit(recipe, "--ckpt_path", "last")
+    res = run_fit(recipe, "--ckpt_path", "last")
     assert "last checkpoint" in res.stderr and "unreadable" in res.stderr and "epoch=0-step=8.ckpt" in res.stderr
     resumed = torch.load(last, map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 16  # continued from step 8, not from scratch

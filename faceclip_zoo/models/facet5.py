@@ -71,6 +71,13 @@ class FaceT5Encoder(nn.Module):
         self.register_state_dict_post_hook(_drop_tied)
         self.register_load_state_dict_pre_hook(_restore_tied)
 
+    def tie_embeddings(self) -> None:
+        """Share T5's input embedding with `shared` again. Loaders that fill a model built on
+        the meta device key by key (diffusers' from_pretrained whenever accelerate is
+        installed) fill only the stored `shared` and leave its tied twin empty."""
+        t5 = self.t5_encoder
+        t5.encoder.embed_tokens.weight = t5.shared.weight
+
     # ------------------------------------------------------------------ tokenizer
     @property
     def tokenizer(self):

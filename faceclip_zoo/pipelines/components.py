@@ -9,6 +9,7 @@ weights live under `encoder.`), without making faceclip_zoo.models depend on dif
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from typing import Any
 
@@ -72,6 +73,18 @@ class FaceT5EncoderModel(ModelMixin, ConfigMixin):
         return self.encoder(face_images, input_ids, has_face, face_features=face_features)
 
 
+class _NoTextEncoderNotes(logging.Filter):
+    """diffusers' LoRA loaders note, for every adapter file, that it has no weights for the
+    text encoders (SDXL's CLIPs, FLUX's CLIP and T5). Our adapters never touch them (and our
+    SDXL pipeline has none), so those notes, and only those, are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+logging.getLogger("diffusers.loaders.lora_base").addFilter(_NoTextEncoderNotes())
+
+
 def build_scheduler(config: dict[str, Any]):
     """The sampler named by a scheduler config's `_class_name` (the release: Euler)."""
     import diffusers
@@ -94,5 +107,14 @@ def ema_copy(module, denoiser: torch.nn.Module, use_ema: bool) -> torch.nn.Modul
     if not use_ema or module.ema is None:
         return denoiser
     denoiser = copy.deepcopy(denoiser)
-    module.ema.copy_to(denoiser.parameters())
+    module.ema.copy_to([p for p in denoiser.parameters() if p.requires_grad])  # all, or the adapters
     return denoiser
+
+
+def quantize_components(pipe, mode: str) -> None:
+    """Weight-only quantisation (torchao) of a pipeline's large components, the ones its
+    class lists in QUANTIZABLE (the UNet; the FLUX transformer and FaceT5 with its T5)."""
+    from faceclip_zoo.models.adapters import quantize_frozen
+
+    for name in pipe.QUANTIZABLE:
+        quantize_frozen(getattr(pipe, name), mode)

@@ -51,5 +51,5 @@ def load_pipeline(folder: str | os.PathLike, dtype: torch.dtype | None = None):
     classes = {cls.__name__: cls for cls in pipeline_classes().values()}  # diffusers' _class_name
     if name not in classes:
         raise UserError(f"{path} holds a {name!r} pipeline; faceclip_zoo loads {sorted(classes)}")
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     return classes[name].from_pretrained(str(path), local_files_only=True, **kwargs)

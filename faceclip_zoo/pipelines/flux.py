@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers import FluxTransformer2DModel
+from diffusers.loaders import FluxLoraLoaderMixin
 
 from faceclip_zoo.models.flux_condition import FluxCondition
 from faceclip_zoo.pipelines.components import FaceT5EncoderModel
@@ -31,10 +32,15 @@ from faceclip_zoo.utils import load_strict, state_under
 RELEASE_DEFAULTS = FLUX_DEFAULTS
 
 
-class FaceT5FluxPipeline(FaceInputMixin, DiffusionPipeline):
+class FaceT5FluxPipeline(FaceInputMixin, FluxLoraLoaderMixin, DiffusionPipeline):
     model_cpu_offload_seq = "face_encoder->text_encoder->transformer->vae"
     default_negative_prompt = FLUX_NEGATIVE_PROMPT
     ZOO_KIND = "flux_pipeline"  # the kind FluxJointModule's checkpoints and our folders name
+    DENOISER = "transformer"
+    QUANTIZABLE = ("transformer", "face_encoder")  # what `generate --quantize` quantises
+    # diffusers' FLUX LoRA loader also looks for T5 as text_encoder_2: here FaceT5 is the
+    # face_encoder component, so an adapter file's transformer part is all it loads.
+    text_encoder_2 = None
 
     def __init__(
         self,
@@ -51,6 +57,7 @@ class FaceT5FluxPipeline(FaceInputMixin, DiffusionPipeline):
                               text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
                               scheduler=scheduler)
         face_encoder.encoder.set_tokenizer(tokenizer_2)
+        face_encoder.encoder.tie_embeddings()
         self.aligner = None
         self.align: AlignMode = "auto"
 
@@ -71,6 +78,10 @@ class FaceT5FluxPipeline(FaceInputMixin, DiffusionPipeline):
     def from_checkpoint(cls, checkpoint: dict, spec: dict, source: str, use_ema: bool = True
                         ) -> "FaceT5FluxPipeline":
         """The pipeline of a FluxJointModule fit checkpoint, from its export entry `spec`."""
+        if "lora" in spec:  # a LoRA run: its base pipeline with the adapters folded in
+            from faceclip_zoo.pipelines.adapters import merged_pipeline
+
+            return merged_pipeline(cls, checkpoint, spec, source, use_ema)
         from faceclip_zoo.config import FaceT5Config
         from faceclip_zoo.models.diffusers_models import build_diffusers
         from faceclip_zoo.models.facet5 import FaceT5Encoder

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from faceclip_zoo.models.sdxl_condition import SDXLCondition
@@ -33,10 +34,17 @@ from faceclip_zoo.utils import UserError, load_strict, state_under
 RELEASE_DEFAULTS = SDXL_DEFAULTS
 
 
-class FaceCLIPSDXLPipeline(FaceInputMixin, DiffusionPipeline):
+class FaceCLIPSDXLPipeline(FaceInputMixin, StableDiffusionXLLoraLoaderMixin, DiffusionPipeline):
     model_cpu_offload_seq = "face_encoder->face_encoder_2->unet->vae"
     default_negative_prompt = SDXL_NEGATIVE_PROMPT
     ZOO_KIND = "sdxl_pipeline"  # the kind SDXLJointModule's checkpoints and our folders name
+    DENOISER = "unet"
+    QUANTIZABLE = ("unet",)  # what `generate --quantize` quantises
+    # diffusers' SDXL LoRA loader (load_lora_weights, fuse_lora, save_lora_weights) also
+    # looks for CLIP text encoders: this pipeline has none (FaceCLIP replaces both), so an
+    # adapter file's UNet part is all it loads.
+    text_encoder = None
+    text_encoder_2 = None
 
     def __init__(
         self,
@@ -69,6 +77,10 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, DiffusionPipeline):
                         ) -> "FaceCLIPSDXLPipeline":
         """The pipeline of an SDXLJointModule fit checkpoint, from its export entry `spec`
         (configs and state-dict prefixes of each part)."""
+        if "lora" in spec:  # a LoRA run: its base pipeline with the adapters folded in
+            from faceclip_zoo.pipelines.adapters import merged_pipeline
+
+            return merged_pipeline(cls, checkpoint, spec, source, use_ema)
         from faceclip_zoo.config import FaceCLIPConfig
         from faceclip_zoo.models.diffusers_models import build_diffusers
         from faceclip_zoo.models.faceclip import FaceCLIPEncoder

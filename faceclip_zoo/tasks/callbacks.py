@@ -66,9 +66,12 @@ class ExportOnFitEnd(Callback):
     faceclip_zoo export` would write from the final checkpoint), so a recipe can hand its
     result to the next stage by path."""
 
-    def __init__(self, dirpath: str, part: str | None = None):
+    def __init__(self, dirpath: str, part: str | None = None, merge: bool = False):
+        """merge: LoRA runs: the base pipeline with the adapters folded in (default: the
+        adapter file alone, `export`'s default)."""
         self.dirpath = dirpath
         self.part = part
+        self.merge = merge
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import tempfile
@@ -83,7 +86,8 @@ class ExportOnFitEnd(Callback):
                 for logger in trainer.loggers:  # the last metrics reach the model card
                     logger.save()
                 recipe = find_run_config(folder / "checkpoints" / "x")
+                lora = bool(getattr(pl_module, "hparams", {}).get("lora"))
                 out = export_checkpoint(str(ckpt), self.dirpath, part=self.part,
-                                        recipe=str(recipe) if recipe else None)
+                                        recipe=str(recipe) if recipe else None, merge=self.merge and lora)
                 log.info("exported to %s", out)
         trainer.strategy.barrier("export_on_fit_end")

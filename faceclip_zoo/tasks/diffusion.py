@@ -5,30 +5,90 @@ the denoiser (named by DENOISER: "unet" / "transformer"), `self.vae` + `self.vae
 and implements `diffusion_loss(batch, generator)`, `pipeline()` and `export_spec()`.
 This base owns the rest: VAE latents (cached or computed), the condition with dropout,
 EMA of the denoiser (diffusers' EMAModel) saved by name in checkpoints, the validation
-loss and image grid, and the optimiser.
+loss and image grid, and the optimiser; and the adapter runs: a pipeline folder as the
+starting point, its denoiser frozen (optionally in bf16 or quantised weight-only) under
+LoRA / DoRA adapters that alone train, and checkpoints that hold only what trains.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import lightning as L
 import torch
 from diffusers.training_utils import EMAModel
 
+from faceclip_zoo.models.adapters import LoraSettings, add_lora, count_parameters, quantize_frozen
 from faceclip_zoo.models.diffusers_models import load_diffusers_weights
 from faceclip_zoo.models.io import read_config
 from faceclip_zoo.tasks.optim import configure as configure_optimization
 from faceclip_zoo.tasks.resilience import ResilientTask
-from faceclip_zoo.utils import UserError, recipe_that_exports
+from faceclip_zoo.utils import UserError, load_weights_file, recipe_that_exports, state_under
+
+log = logging.getLogger(__name__)
+
+
+# Our encoders as components of a pipeline folder (pipelines/components.py wrappers):
+# class name -> (model type, the config.json key holding the encoder's config)
+PIPELINE_ENCODERS = {"FaceCLIPEncoderModel": ("faceclip", "faceclip_config"),
+                     "FaceT5EncoderModel": ("facet5", "facet5_config")}
+# A pipeline folder's component sub-folders, by pipeline class
+PIPELINE_PARTS = {
+    "FaceCLIPSDXLPipeline": ("face_encoder", "face_encoder_2", "unet", "vae", "scheduler"),
+    "FaceT5FluxPipeline": ("face_encoder", "tokenizer_2", "text_encoder", "tokenizer", "transformer", "vae",
+                           "scheduler"),
+}
+
+
+def pipeline_parts(folder: str, expected: str) -> dict[str, str]:
+    """The component folders of a pipeline folder (an `export` or `convert` output) that a
+    run starts from: part name -> path."""
+    path = Path(folder)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"pipeline {folder} is not a pipeline folder (no model_index.json); give an `export` or "
+                        "`convert` output")
+    found = json.loads(index.read_text()).get("_class_name")
+    if found != expected:
+        raise UserError(f"pipeline {folder} holds a {found!r}; this task starts from a {expected}")
+    parts = {name: path / name for name in PIPELINE_PARTS[expected]}
+    missing = [name for name, p in parts.items() if not p.is_dir()]
+    if missing:
+        raise UserError(f"pipeline {folder} lacks its {', '.join(missing)} folder(s)")
+    return {name: str(p) for name, p in parts.items()}
+
+
+def refuse_with_pipeline(pipeline: str | None, given: dict, defaults: dict) -> None:
+    """A run that starts from a pipeline folder takes every component from it."""
+    clash = sorted(k for k, v in given.items() if v != defaults[k])
+    if pipeline and clash:
+        raise UserError(f"pipeline {pipeline} supplies every component; leave {', '.join(clash)} unset "
+                        "(or drop pipeline and name the components one by one)")
+
+
+def load_model_weights(folder: Path, what: str) -> dict[str, torch.Tensor]:
+    """The weights of a model directory (model.safetensors) or of our encoder component in
+    a pipeline folder (diffusion_pytorch_model.safetensors, under `encoder.`)."""
+    component = folder / "diffusion_pytorch_model.safetensors"
+    if component.is_file() and not (folder / "model.safetensors").is_file():
+        return state_under(load_weights_file(component, what), "encoder.")
+    return load_weights_file(folder / "model.safetensors", what)
 
 
 def resolve_model_spec(spec: str, config_cls, model_type: str):
-    """A named config (random init: tests, from-scratch runs) or a faceclip_zoo model
-    directory (an `export` or `convert` output) -> (config, weights dir or None)."""
+    """A named config (random init: tests, from-scratch runs), a faceclip_zoo model
+    directory (an `export` or `convert` output) or the encoder component of a pipeline
+    folder -> (config, weights dir or None)."""
     path = Path(spec)
     if (path / "config.json").exists():
+        meta = json.loads((path / "config.json").read_text())
+        if meta.get("_class_name") in PIPELINE_ENCODERS:
+            found, key = PIPELINE_ENCODERS[meta["_class_name"]]
+            if found != model_type:
+                raise UserError(f"{path} holds a {found!r} encoder; a {model_type!r} one is needed")
+            return config_cls.from_dict(meta[key]), path
         found, cfg = read_config(path)
         if found != model_type:
             raise UserError(f"{path} holds a {found!r} model; a {model_type!r} directory is needed")
@@ -58,6 +118,18 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         self._null_condition: tuple[torch.Tensor, torch.Tensor] | None = None
         self._samples: list[dict] = []
         self.skipped_samples = 0
+        hp = self.hparams
+        self._adapted = False
+        if isinstance(hp.get("lora"), LoraSettings):  # a plain dict: checkpoints load with weights_only
+            hp["lora"] = hp["lora"].to_dict()
+        if (hp.get("quantize_base") or hp.get("base_dtype")) and not hp.get("lora"):
+            raise UserError("quantize_base / base_dtype freeze the base: they apply to LoRA runs (set lora)")
+        if hp.get("lora"):
+            if not hp.get("pipeline"):
+                raise UserError("a LoRA run adapts a pipeline folder: set pipeline (an `export` or `convert` "
+                                "output), which export needs again to write or merge the adapter")
+            # its checkpoints hold only what trains; the frozen base comes from the pipeline
+            self.strict_loading = False
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -68,15 +140,52 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         if not self._weights_loaded:
             self.load_pretrained_weights()
             self._weights_loaded = True
+        if self.hparams.get("lora") and not self._adapted:
+            self.adapt_denoiser()
         if self.hparams.ema_decay and self.ema is None:
-            self.ema = EMAModel(self.denoiser.parameters(), decay=self.hparams.ema_decay)
+            self.ema = EMAModel([p for _, p in self.trained_denoiser_parameters()], decay=self.hparams.ema_decay)
+
+    def trained_denoiser_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """What of the denoiser trains (all of it, or its adapters): the EMA's parameters."""
+        return [(n, p) for n, p in self.denoiser.named_parameters() if p.requires_grad]
+
+    def adapt_denoiser(self) -> None:
+        """A LoRA run, once the base weights are in: freeze the denoiser, optionally cast
+        or quantise it (weight-only), then add the adapters (kept in float32)."""
+        from diffusers.training_utils import cast_training_params
+
+        hp = self.hparams
+        if hp.get("base_dtype") and self._trainer is not None and "mixed" not in str(self.trainer.precision):
+            raise UserError(f"base_dtype {hp.base_dtype} needs precision bf16-mixed (or 16-mixed): autocast runs "
+                            f"the float32 adapters against the {hp.base_dtype} base; got {self.trainer.precision}")
+        denoiser = self.denoiser
+        denoiser.requires_grad_(False)
+        if hp.get("base_dtype"):
+            dtype = getattr(torch, hp.base_dtype)
+            denoiser.to(dtype)
+            self.vae.to(dtype)
+            if not hp.train_encoders:
+                self.condition.to(dtype)
+        if hp.get("quantize_base"):
+            quantize_frozen(denoiser, hp.quantize_base)
+        add_lora(denoiser, LoraSettings.from_dict(hp.lora), self.DENOISER)
+        cast_training_params(denoiser, dtype=torch.float32)
+        trained, total = count_parameters(denoiser)
+        log.info("LoRA on the %s: %s of %s parameters train", self.DENOISER, f"{trained:,}", f"{total:,}")
+        self._adapted = True
 
     def load_pretrained_weights(self) -> None:
         raise NotImplementedError
 
-    def _load_vae(self) -> None:
-        hp = self.hparams
-        src = hp.vae_weights or (hp.vae if Path(hp.vae).is_dir() else None)
+    @classmethod
+    def argument_defaults(cls) -> dict:
+        """The constructor's defaults (a run from a pipeline folder leaves its component
+        arguments so)."""
+        import inspect
+
+        return {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
+
+    def _load_vae(self, src: str | None) -> None:
         if src:
             load_diffusers_weights(self.vae, src, "vae weights")
             self._adopt_latent_scale(Path(src))
@@ -124,7 +233,10 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         return {k: v for k, v in out.items() if k in names}
 
     @torch.no_grad()
-    def encode_latents(self, batch: dict) -> torch.Tensor:
+    def encode_latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled VAE latents of the batch's images (a sample of the VAE's posterior, drawn
+        from `generator`: training passes its resumable one, so a resumed run draws the
+        latents the uninterrupted one would have), or the cached ones."""
         cached = batch.get("vae_latents")
         if cached is not None:
             expected = tuple(s // self.vae_downsample for s in batch["image"].shape[-2:])
@@ -135,7 +247,7 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
             return cached.to(self.device)
         scale, shift = self.latent_scale
         image = batch["image"].to(device=self.device, dtype=self.vae.dtype) * 2 - 1
-        return (self.vae.encode(image).latent_dist.sample() - shift) * scale
+        return (self.vae.encode(image).latent_dist.sample(generator=generator) - shift) * scale
 
     def null_condition(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The unconditional embedding (zero face, empty prompt), computed once."""
@@ -177,9 +289,14 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         self.log("train/skipped_samples", float(self.skipped_samples), batch_size=bs)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # The EMA follows each optimizer step, here rather than in on_train_batch_end: that
+        # hook runs after the callbacks' (ModelCheckpoint saves there), so a checkpoint
+        # would pair step N's weights with step N-1's EMA and a resumed run would lose one
+        # EMA update; and with gradient accumulation it would update per micro-batch.
         if self.ema is not None:
-            self.ema.step(self.denoiser.parameters())
+            self.ema.step([p for _, p in self.trained_denoiser_parameters()])
 
     def on_fit_start(self) -> None:
         if self.ema is not None:
@@ -221,10 +338,18 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["faceclip_zoo"] = {"exports": {"pipeline": self.export_spec()}}
+        spec = self.export_spec()
+        if self.hparams.get("lora"):
+            hp = self.hparams
+            spec["lora"] = {"settings": dict(hp.lora), "base": str(Path(hp.pipeline).resolve()), "denoiser": self.DENOISER,
+                            "quantize_base": hp.get("quantize_base"), "base_dtype": hp.get("base_dtype")}
+            # only what trains: the frozen base is the pipeline folder's (megabytes, not gigabytes)
+            trained = {n for n, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        checkpoint["faceclip_zoo"] = {"exports": {"pipeline": spec}}
         if self.ema is not None:
             # Named, so export can swap them in without knowing parameter order.
-            names = [n for n, _ in self.denoiser.named_parameters()]
+            names = [n for n, _ in self.trained_denoiser_parameters()]
             checkpoint["faceclip_zoo"]["ema"] = {
                 "weights": {n: p.detach().cpu() for n, p in zip(names, self.ema.shadow_params)},
                 "optimization_step": self.ema.optimization_step, "decay": self.ema.decay,
@@ -232,12 +357,19 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
+        if self.hparams.get("lora"):
+            # loaded non-strictly (the base is not in it): everything that trains must be
+            missing = sorted(n for n, p in self.named_parameters() if p.requires_grad and n not in
+                             checkpoint["state_dict"])
+            if missing:
+                raise UserError(f"the checkpoint lacks {len(missing)} trained weights of this LoRA run (e.g. "
+                                f"{missing[0]}): was it written with other lora settings?")
         ema = checkpoint.get("faceclip_zoo", {}).get("ema")
         if ema is None:
             return
         if self.ema is None:
-            self.ema = EMAModel(self.denoiser.parameters(), decay=ema["decay"])
-        names = [n for n, _ in self.denoiser.named_parameters()]
+            self.ema = EMAModel([p for _, p in self.trained_denoiser_parameters()], decay=ema["decay"])
+        names = [n for n, _ in self.trained_denoiser_parameters()]
         missing = [n for n in names if n not in ema["weights"]]
         if missing:
             raise UserError(f"checkpoint EMA lacks {len(missing)} {self.DENOISER} weights (e.g. {missing[0]})")

@@ -31,7 +31,10 @@ from faceclip_zoo.models.diffusers_models import build_diffusers, load_diffusers
 from faceclip_zoo.models.facet5 import FaceT5Encoder
 from faceclip_zoo.models.flux_condition import FluxCondition
 from faceclip_zoo.models.text_encoders import build_clip_text_model, build_clip_tokenizer, clip_text_config
-from faceclip_zoo.tasks.diffusion import JointDiffusionModule, resolve_model_spec
+from faceclip_zoo.models.adapters import LoraSettings, Quantization
+from faceclip_zoo.tasks.diffusion import (
+    JointDiffusionModule, load_model_weights, pipeline_parts, refuse_with_pipeline, resolve_model_spec,
+)
 from faceclip_zoo.tasks.optim import default_optimizer
 from faceclip_zoo.tasks.sdxl import resolve_scheduler_config
 from faceclip_zoo.utils import UserError, load_strict, load_weights_file
@@ -75,6 +78,12 @@ class FluxJointModule(JointDiffusionModule):
         condition_dropout, ema_decay, gradient_checkpointing, optimizer, warmup_steps,
         lr_schedule: as SDXLJointModule.
         sample_*: the validation grid (sample_guidance = true CFG scale, release 3.5).
+        pipeline: start from a FaceT5FluxPipeline folder (an `export` or `convert` output):
+            its FaceT5 encoder and tokenizer, CLIP text model and tokenizer, transformer,
+            VAE and scheduler, instead of naming each.
+        lora, quantize_base, base_dtype: adapters on the frozen transformer, as
+            SDXLJointModule (quantize_base also applies to nothing else: FaceT5's T5 stays
+            as loaded unless base_dtype casts it).
     """
 
     DENOISER = "transformer"
@@ -110,10 +119,26 @@ class FluxJointModule(JointDiffusionModule):
         sample_steps: int = 20,
         sample_guidance: float = 3.5,
         sample_seed: int = 0,
+        pipeline: Optional[str] = None,
+        lora: Optional[LoraSettings] = None,
+        quantize_base: Optional[Quantization] = None,
+        base_dtype: Optional[Literal["bfloat16", "float16"]] = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self._init_common(optimizer)
+        if pipeline:
+            refuse_with_pipeline(pipeline, dict(
+                encoder=encoder, t5_tokenizer=t5_tokenizer, clip_text=clip_text, clip_tokenizer=clip_tokenizer,
+                transformer=transformer, transformer_weights=transformer_weights, vae=vae, vae_weights=vae_weights,
+                scheduler=scheduler), self.argument_defaults())
+            parts = pipeline_parts(pipeline, "FaceT5FluxPipeline")
+            encoder, t5_tokenizer, clip_text = parts["face_encoder"], parts["tokenizer_2"], parts["text_encoder"]
+            clip_tokenizer, transformer, vae = parts["tokenizer"], parts["transformer"], parts["vae"]
+            scheduler = parts["scheduler"]
+        self.clip_tokenizer_dir = clip_tokenizer  # recorded for export
+        self._transformer_src = transformer_weights or (transformer if Path(transformer).is_dir() else None)
+        self._vae_src = vae_weights or (vae if Path(vae).is_dir() else None)
         enc_cfg, self._encoder_dir = resolve_model_spec(encoder, FaceT5Config, "facet5")
         face_t5 = FaceT5Encoder(enc_cfg)
         if not t5_tokenizer and self._encoder_dir is not None and (self._encoder_dir / "tokenizer").is_dir():
@@ -157,17 +182,15 @@ class FluxJointModule(JointDiffusionModule):
 
     # ------------------------------------------------------------------ weights
     def load_pretrained_weights(self) -> None:
-        hp = self.hparams
         if self._encoder_dir is not None:
-            load_strict(self.condition.face_t5, load_weights_file(self._encoder_dir / "model.safetensors", "encoder"),
+            load_strict(self.condition.face_t5, load_model_weights(self._encoder_dir, "encoder"),
                         f"encoder {self._encoder_dir}")
         if self._clip_dir is not None:
             load_strict(self.condition.clip_text, load_weights_file(self._clip_dir / "model.safetensors", "clip_text"),
                         f"clip_text {self._clip_dir}")
-        src = hp.transformer_weights or (hp.transformer if Path(hp.transformer).is_dir() else None)
-        if src:
-            load_diffusers_weights(self.transformer, src, "transformer weights")
-        self._load_vae()
+        if self._transformer_src:
+            load_diffusers_weights(self.transformer, self._transformer_src, "transformer weights")
+        self._load_vae(self._vae_src)
 
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -195,7 +218,7 @@ class FluxJointModule(JointDiffusionModule):
         return shift * u / (1 + (shift - 1) * u)
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        latents = self.encode_latents(batch)
+        latents = self.encode_latents(batch, generator)
         b, c, h, w = latents.shape
         if h % 2 or w % 2:
             raise UserError(f"latents of {h}x{w} cannot be packed in 2x2 patches: image sides must be multiples "
@@ -232,7 +255,7 @@ class FluxJointModule(JointDiffusionModule):
             "model_type": "flux_pipeline",
             "encoder": self.condition.face_t5.config.to_dict(),
             "clip_text": self.clip_text_config,
-            "t5_tokenizer": self.t5_tokenizer_dir, "clip_tokenizer": self.hparams.clip_tokenizer,
+            "t5_tokenizer": self.t5_tokenizer_dir, "clip_tokenizer": self.clip_tokenizer_dir,
             "transformer": self.transformer_config, "vae": self.vae_config, "scheduler": self.scheduler_config,
             "prefixes": {"encoder": "condition.face_t5.", "clip_text": "condition.clip_text.",
                          "transformer": "transformer.", "vae": "vae."},

@@ -30,9 +30,12 @@ from faceclip_zoo.config import DIFFUSERS_CONFIGS, FaceCLIPConfig, diffusers_con
 from faceclip_zoo.models.diffusers_models import build_diffusers, load_diffusers_weights, resolve_diffusers_config
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.sdxl_condition import SDXLCondition
-from faceclip_zoo.tasks.diffusion import JointDiffusionModule, resolve_model_spec
+from faceclip_zoo.models.adapters import LoraSettings, Quantization
+from faceclip_zoo.tasks.diffusion import (
+    JointDiffusionModule, load_model_weights, pipeline_parts, refuse_with_pipeline, resolve_model_spec,
+)
 from faceclip_zoo.tasks.optim import default_optimizer
-from faceclip_zoo.utils import UserError, load_strict, load_weights_file
+from faceclip_zoo.utils import UserError, load_strict
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,16 @@ class SDXLJointModule(JointDiffusionModule):
         gradient_checkpointing: recompute UNet activations in backward.
         sample_prompts / sample_steps / sample_guidance / num_samples: the image grid
             written at every validation (fixed references from the validation set).
+        pipeline: start from a FaceCLIPSDXLPipeline folder (an `export` or `convert`
+            output): its encoders, UNet, VAE and scheduler, instead of naming each.
+        lora: train LoRA / DoRA adapters on the frozen UNet instead of the whole UNet
+            (rank, alpha, dropout, target_modules, init, use_dora); needs `pipeline`.
+            Checkpoints then hold only the adapters; `export` writes them in diffusers'
+            LoRA format, `export --merge true` a full pipeline with them folded in.
+        quantize_base: LoRA runs: the frozen UNet's Linear weights in int8 (any device) or
+            float8 (GPUs with float8), weight-only (torchao).
+        base_dtype: LoRA runs: keep the frozen UNet, VAE and encoders in bfloat16 / float16
+            (with precision bf16-mixed / 16-mixed); the adapters stay float32.
     """
 
     def __init__(
@@ -108,10 +121,23 @@ class SDXLJointModule(JointDiffusionModule):
         sample_steps: int = 20,
         sample_guidance: float = 5.0,
         sample_seed: int = 0,
+        pipeline: Optional[str] = None,
+        lora: Optional[LoraSettings] = None,
+        quantize_base: Optional[Quantization] = None,
+        base_dtype: Optional[Literal["bfloat16", "float16"]] = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self._init_common(optimizer)
+        if pipeline:
+            refuse_with_pipeline(pipeline, dict(encoder_l=encoder_l, encoder_g=encoder_g, unet=unet, vae=vae,
+                                                scheduler=scheduler, unet_weights=unet_weights,
+                                                vae_weights=vae_weights), self.argument_defaults())
+            parts = pipeline_parts(pipeline, "FaceCLIPSDXLPipeline")
+            encoder_l, encoder_g = parts["face_encoder"], parts["face_encoder_2"]
+            unet, vae, scheduler = parts["unet"], parts["vae"], parts["scheduler"]
+        self._unet_src = unet_weights or (unet if Path(unet).is_dir() else None)
+        self._vae_src = vae_weights or (vae if Path(vae).is_dir() else None)
 
         (cfg_l, self._dir_l), (cfg_g, self._dir_g) = resolve_encoder(encoder_l), resolve_encoder(encoder_g)
         self.condition = SDXLCondition(FaceCLIPEncoder(cfg_l), FaceCLIPEncoder(cfg_g))
@@ -161,15 +187,13 @@ class SDXLJointModule(JointDiffusionModule):
 
     # ------------------------------------------------------------------ weights
     def load_pretrained_weights(self) -> None:
-        hp = self.hparams
         for branch, folder, what in ((self.condition.branch_l, self._dir_l, "encoder_l"),
                                      (self.condition.branch_g, self._dir_g, "encoder_g")):
             if folder is not None:
-                load_strict(branch, load_weights_file(folder / "model.safetensors", what), f"{what} {folder}")
-        unet_src = hp.unet_weights or (hp.unet if Path(hp.unet).is_dir() else None)
-        if unet_src:
-            load_diffusers_weights(self.unet, unet_src, "unet weights")
-        self._load_vae()
+                load_strict(branch, load_model_weights(folder, what), f"{what} {folder}")
+        if self._unet_src:
+            load_diffusers_weights(self.unet, self._unet_src, "unet weights")
+        self._load_vae(self._vae_src)
 
     def time_ids(self, batch: dict, latents: torch.Tensor) -> torch.Tensor:
         """SDXL micro-conditioning: (original h, w, crop top, left, target h, w)."""
@@ -182,7 +206,7 @@ class SDXLJointModule(JointDiffusionModule):
 
     # ------------------------------------------------------------------ loss
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        latents = self.encode_latents(batch)
+        latents = self.encode_latents(batch, generator)
         b = latents.shape[0]
         kw = dict(device=self.device, generator=generator)
         noise = torch.randn(latents.shape, dtype=latents.dtype, **kw)
