@@ -145,6 +145,24 @@ def test_quantised_and_bf16_bases_give_the_float32_loss(tiny_shards, quickstart_
     assert abs(losses["bf16"] - losses["fp32"]) < 0.03 * losses["fp32"], losses
 
 
+def test_dora_export_equals_merge(tmp_path, tiny_shards, quickstart_sdxl_dir):
+    from faceclip_zoo.export import export_checkpoint
+
+    torch.manual_seed(0)
+    module = SDXLJointModule(pipeline=str(quickstart_sdxl_dir), ema_decay=0.5,
+                             lora=LoraSettings(rank=4, alpha=2, use_dora=True, init="gaussian"))
+    trainer = quick_fit(module, tiny_shards, steps=2)
+    assert any("lora_magnitude_vector" in n for n, p in module.unet.named_parameters() if p.requires_grad)
+    trainer.save_checkpoint(tmp_path / "dora.ckpt")
+    export_checkpoint(str(tmp_path / "dora.ckpt"), str(tmp_path / "adapter"))  # the EMA adapters
+    export_checkpoint(str(tmp_path / "dora.ckpt"), str(tmp_path / "merged"), merge=True)
+    loaded = load_pipeline(quickstart_sdxl_dir)
+    loaded.load_lora_weights(tmp_path / "adapter")
+    a, b = images(loaded), images(load_pipeline(tmp_path / "merged"))
+    assert (a - b).abs().max() < 1e-4
+    assert (a - images(load_pipeline(quickstart_sdxl_dir))).abs().max() > 1e-4
+
+
 def test_flux_lora_export_equals_merge(tmp_path, tiny_shards, flux_base):
     from faceclip_zoo.export import export_checkpoint
 
@@ -208,8 +226,6 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, tiny_shards, quickst
 
 
 def test_bad_settings_are_clear_errors(tmp_path, quickstart_sdxl_dir):
-    with pytest.raises(UserError, match="adapts a pipeline folder"):
-        SDXLJointModule(lora=LoraSettings())
     with pytest.raises(UserError, match="apply to LoRA runs"):
         SDXLJointModule(pipeline=str(quickstart_sdxl_dir), quantize_base="int8")
     with pytest.raises(UserError, match="leave unet unset"):

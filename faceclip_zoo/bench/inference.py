@@ -48,6 +48,7 @@ def pipeline_rows(ctx: Context) -> list[Row]:
     rows = [Row(f"SDXL inference: FaceCLIPSDXLPipeline (aligned crop) vs StableDiffusionXLPipeline, {label}",
                 a.median, b.median, unit="image", ours_mem=a.peak, peer_mem=b.peak,
                 note=f"the encoders' cost; images max |diff| {same:.1e}")]
+    rows.append(quantized_row(pipe, prompt, crop, settings, seed, ctx, kw, label))
     try:
         from skimage import data
 
@@ -60,6 +61,29 @@ def pipeline_rows(ctx: Context) -> list[Row]:
         rows.append(Row("SDXL inference with a photo (MTCNN alignment)", float("nan"), float("nan"), unit="image",
                         note=f"skipped: {exc}"))
     return rows
+
+
+def quantized_row(pipe, prompt, crop, settings, seed, ctx: Context, kw: dict, label: str) -> Row:
+    """`generate --quantize int8` (torchao weight-only on the UNet) against the unquantised
+    pipeline: time per image and how far the images move (0-1 pixel scale)."""
+    import copy
+
+    from faceclip_zoo.pipelines.components import quantize_components
+    from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
+
+    q = FaceCLIPSDXLPipeline(vae=pipe.vae, face_encoder=pipe.face_encoder, face_encoder_2=pipe.face_encoder_2,
+                             unet=copy.deepcopy(pipe.unet), scheduler=copy.deepcopy(pipe.scheduler))
+    q.set_progress_bar_config(disable=True)
+    quantize_components(q, "int8")
+
+    def run_with(p):
+        return lambda: lambda: p(prompt, face_image=crop, align="never", generator=seed(), **settings).images
+
+    diff = np.abs(run_with(q)()() - run_with(pipe)()())
+    a, b = compare(run_with(q), run_with(pipe), ctx.device, **kw)
+    return Row(f"SDXL inference: UNet int8 weight-only (`generate --quantize int8`) vs unquantised, {label}",
+               a.median, b.median, unit="image", ours_mem=a.peak, peer_mem=b.peak, goal="-",
+               note=f"images max |diff| {diff.max():.3f}, mean {diff.mean():.4f} (0-1 scale)")
 
 
 def run(ctx: Context) -> list[Row]:

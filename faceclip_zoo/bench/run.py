@@ -29,17 +29,17 @@ from faceclip_zoo.bench.harness import Row, fmt_mem, machine, markdown, release_
 from faceclip_zoo.bench.sizes import SIZES
 from faceclip_zoo.utils import UserError
 
-SECTIONS = ("encoder", "diffusion", "inference", "data")
-EXTRAS = ("align", "resume")
+SECTIONS = ("encoder", "diffusion", "lora", "inference", "data")
+EXTRAS = ("align", "resume", "memory")
 
 
 def _plan():
     """(section, runner) in the order that lets the SDXL stage be built once and freed
     before FLUX's is built."""
-    from faceclip_zoo.bench import data, diffusion, encoder, inference
+    from faceclip_zoo.bench import data, diffusion, encoder, inference, lora
 
-    return [("encoder", encoder.run), ("diffusion", diffusion.run_sdxl), ("inference", inference.run),
-            ("diffusion", diffusion.run_flux), ("data", data.run)]
+    return [("encoder", encoder.run), ("diffusion", diffusion.run_sdxl), ("lora", lora.run),
+            ("inference", inference.run), ("diffusion", diffusion.run_flux), ("data", data.run)]
 
 
 def bench(
@@ -60,7 +60,8 @@ def bench(
 
     Args:
         size: tiny (CPU, minutes), small, or real (the released sizes, one GPU).
-        only: comma-separated sections: encoder, diffusion, inference, data; extras: align, resume.
+        only: comma-separated sections: encoder, diffusion, lora, inference, data; extras: align, resume,
+            memory (the one-GPU LoRA recipes' memory, estimated from parameter counts).
         device: auto (cuda when present), cpu, cuda, cuda:1, ...
         precision: auto: bf16 (mixed) on CUDA, fp32 on CPU.
         repeats: timed repetitions per block (default: the size's).
@@ -128,10 +129,12 @@ def bench(
         print(f"\n({time.time() - started:.0f} s in all)")
     for extra in EXTRAS:
         if extra in wanted:
-            from faceclip_zoo.bench import align_accuracy, stream_resume
+            from faceclip_zoo.bench import align_accuracy, memory, stream_resume
 
             if extra == "align":
                 align_accuracy.run(faces=align_faces)
+            elif extra == "memory":
+                memory.run()
             else:
                 stream_resume.run()
     if out:

@@ -54,6 +54,10 @@ def save_adapter(pipeline_cls, denoiser, out: str | Path) -> Path:
 
 def base_pipeline(pipeline_cls, spec: dict, source: str):
     base = spec["lora"]["base"]
+    if base is None:
+        raise UserError(f"{source} is a LoRA run on named components, not on a pipeline folder: there is no "
+                        "pipeline to merge into (export the adapter alone, without --merge, and load it with "
+                        "load_lora_weights onto your pipeline)")
     if not (Path(base) / "model_index.json").is_file():
         raise UserError(f"{source} adapts the pipeline {base}, which is not there any more; export needs it "
                         "(copy it back, or export the adapter alone without --merge)")
@@ -80,4 +84,8 @@ def lora_base(folder: str | Path) -> str | None:
     own = Path(folder) / "faceclip_zoo.json"
     if not (Path(folder) / LORA_FILE).is_file() or not own.is_file():
         return None
-    return json.loads(own.read_text()).get("base")
+    base = json.loads(own.read_text()).get("base")
+    if base is None:
+        raise UserError(f"{folder} holds adapters trained on named components, not on a pipeline folder: name "
+                        f"the pipeline they belong to (--pipeline <pipeline folder> --lora {folder})")
+    return base

@@ -125,10 +125,8 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         if (hp.get("quantize_base") or hp.get("base_dtype")) and not hp.get("lora"):
             raise UserError("quantize_base / base_dtype freeze the base: they apply to LoRA runs (set lora)")
         if hp.get("lora"):
-            if not hp.get("pipeline"):
-                raise UserError("a LoRA run adapts a pipeline folder: set pipeline (an `export` or `convert` "
-                                "output), which export needs again to write or merge the adapter")
             # its checkpoints hold only what trains; the frozen base comes from the pipeline
+            # folder (or the components) it started from, loaded again on resume
             self.strict_loading = False
 
     @property
@@ -149,6 +147,11 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         """What of the denoiser trains (all of it, or its adapters): the EMA's parameters."""
         return [(n, p) for n, p in self.denoiser.named_parameters() if p.requires_grad]
 
+    def quantizable_frozen_parts(self) -> list[torch.nn.Module]:
+        """Besides the denoiser, the frozen parts `quantize_base` also quantises (large
+        enough to matter, made of plain Linear layers): none by default."""
+        return []
+
     def adapt_denoiser(self) -> None:
         """A LoRA run, once the base weights are in: freeze the denoiser, optionally cast
         or quantise it (weight-only), then add the adapters (kept in float32)."""
@@ -167,7 +170,8 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
             if not hp.train_encoders:
                 self.condition.to(dtype)
         if hp.get("quantize_base"):
-            quantize_frozen(denoiser, hp.quantize_base)
+            for part in (denoiser, *self.quantizable_frozen_parts()):
+                quantize_frozen(part, hp.quantize_base)
         add_lora(denoiser, LoraSettings.from_dict(hp.lora), self.DENOISER)
         cast_training_params(denoiser, dtype=torch.float32)
         trained, total = count_parameters(denoiser)
@@ -341,7 +345,9 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         spec = self.export_spec()
         if self.hparams.get("lora"):
             hp = self.hparams
-            spec["lora"] = {"settings": dict(hp.lora), "base": str(Path(hp.pipeline).resolve()), "denoiser": self.DENOISER,
+            spec["lora"] = {"settings": dict(hp.lora), "denoiser": self.DENOISER,
+                            # export --merge folds the adapters into this folder's pipeline
+                            "base": str(Path(hp.pipeline).resolve()) if hp.get("pipeline") else None,
                             "quantize_base": hp.get("quantize_base"), "base_dtype": hp.get("base_dtype")}
             # only what trains: the frozen base is the pipeline folder's (megabytes, not gigabytes)
             trained = {n for n, p in self.named_parameters() if p.requires_grad}

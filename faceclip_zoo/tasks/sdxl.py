@@ -87,9 +87,10 @@ class SDXLJointModule(JointDiffusionModule):
         pipeline: start from a FaceCLIPSDXLPipeline folder (an `export` or `convert`
             output): its encoders, UNet, VAE and scheduler, instead of naming each.
         lora: train LoRA / DoRA adapters on the frozen UNet instead of the whole UNet
-            (rank, alpha, dropout, target_modules, init, use_dora); needs `pipeline`.
-            Checkpoints then hold only the adapters; `export` writes them in diffusers'
-            LoRA format, `export --merge true` a full pipeline with them folded in.
+            (rank, alpha, dropout, target_modules, init, use_dora). Checkpoints then hold
+            only the adapters; `export` writes them in diffusers' LoRA format, and, for a
+            run from a `pipeline` folder, `export --merge true` that pipeline with them
+            folded in.
         quantize_base: LoRA runs: the frozen UNet's Linear weights in int8 (any device) or
             float8 (GPUs with float8), weight-only (torchao).
         base_dtype: LoRA runs: keep the frozen UNet, VAE and encoders in bfloat16 / float16
