@@ -60,3 +60,20 @@ def test_tiny_bench_measures_every_row(tmp_path):
     inference = next(r for r in report["rows"] if "aligned crop" in r["comparison"])
     assert float(inference["note"].split("max |diff| ")[1]) == 0.0
     assert (tmp_path / "results.md").read_text().count("\n| ") == 10  # header + 9 rows
+
+
+def test_memory_estimate_counts_the_released_architectures():
+    """`bench --only memory`: the parts are the released models (exact parameter counts),
+    int8 takes about half of bf16, and the adapters' state is what it says."""
+    from faceclip_zoo.bench.memory import lora_footprint
+
+    sdxl = lora_footprint("sdxl", rank=32, quantize=False, optimizer_8bit=True)
+    assert sdxl[0].params == 2_567_463_684 and sdxl[0].bytes == 2 * sdxl[0].params
+    sdxl8 = lora_footprint("sdxl", rank=32, quantize=True)
+    assert 0.5 < sdxl8[0].bytes / sdxl[0].bytes < 0.75  # Linear weights halve; convolutions stay bf16
+    adapters, adapters_adamw = sdxl[-1], sdxl8[-1]
+    assert adapters.trains and adapters.params == adapters_adamw.params
+    assert adapters.bytes == 10 * adapters.params and adapters_adamw.bytes == 16 * adapters.params
+    flux = lora_footprint("flux", rank=16, quantize=True)
+    assert flux[0].params == 11_901_408_320
+    assert 0.45 < flux[0].bytes / (2 * flux[0].params) < 0.55  # nearly all Linear

@@ -154,6 +154,14 @@ def test_targets_dropout_snr_and_cached_inputs(monkeypatch):
         full, _ = m.embed(b, torch.zeros(4, dtype=torch.bool))
     torch.testing.assert_close(embeds[0], null_e[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(embeds[1], full[1])
+    # face dropout zeroes the face and keeps the caption: row 1 becomes its face-free self
+    no_face = torch.tensor([False, True, False, False])
+    with torch.no_grad():
+        faceless, _ = m.embed(b, torch.zeros(4, dtype=torch.bool), no_face)
+        zeroed, _ = m.embed(dict(b, has_face=torch.zeros(4, dtype=torch.bool)), torch.zeros(4, dtype=torch.bool))
+    torch.testing.assert_close(faceless[1], zeroed[1])
+    torch.testing.assert_close(faceless[0], full[0])
+    assert not torch.allclose(faceless[1], full[1])
     # cached latents / encoder outputs are used as they are: no VAE, no encoder call
     cached = dict(b, vae_latents=torch.randn(4, 4, 16, 16), prompt_embeds=torch.randn(4, 77, 128),
                   pooled_prompt_embeds=torch.randn(4, 64))
@@ -161,6 +169,10 @@ def test_targets_dropout_snr_and_cached_inputs(monkeypatch):
     monkeypatch.setattr(m.condition, "forward", lambda *a, **k: pytest.fail("encoder called despite cache"))
     m.train()
     loss = m.diffusion_loss(cached)
+    m.hparams.face_dropout = 1.0  # cached embeddings cannot lose their face: said, not ignored
+    with pytest.raises(UserError, match="face_dropout"):
+        m.diffusion_loss(cached)
+    m.hparams.face_dropout = 0.0
     loss.backward()
     assert torch.isfinite(loss) and m.unet.conv_in.weight.grad is not None
     assert all(p.grad is None for p in m.condition.parameters())

@@ -112,6 +112,8 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
     def _init_common(self, optimizer) -> None:
         if not 0.0 <= self.hparams.condition_dropout < 1.0:
             raise UserError(f"condition_dropout must be in [0, 1), got {self.hparams.condition_dropout}")
+        if not 0.0 <= self.hparams.get("face_dropout", 0.0) <= 1.0:
+            raise UserError(f"face_dropout must be in [0, 1], got {self.hparams.face_dropout}")
         self.optimizer_factory = optimizer
         self.ema: EMAModel | None = None
         self._weights_loaded = False
@@ -260,13 +262,21 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         e, p = self._null_condition
         return e.expand(batch_size, -1, -1), p.expand(batch_size, -1)
 
-    def embed(self, batch: dict, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompt_embeds, pooled for the batch; rows in `drop` get the unconditional ones."""
+    def embed(self, batch: dict, drop: torch.Tensor, no_face: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompt_embeds, pooled for the batch; rows in `drop` get the unconditional ones,
+        rows in `no_face` keep their caption with the face zeroed."""
         b = len(batch["caption"])
-        if "prompt_embeds" in batch and "pooled_prompt_embeds" in batch and not self.hparams.train_encoders:
+        cached = "prompt_embeds" in batch and "pooled_prompt_embeds" in batch and not self.hparams.train_encoders
+        if cached and no_face is not None and bool(no_face.any()):
+            raise UserError("face_dropout zeroes faces per step, which cached prompt_embeds cannot show: cache "
+                            "only vae_latents for this run (`cache --features vae_latents`), or set face_dropout 0")
+        if cached:
             embeds, pooled = batch["prompt_embeds"].to(self.device), batch["pooled_prompt_embeds"].to(self.device)
         else:
             has_face = batch["has_face"].to(self.device) & ~drop
+            if no_face is not None:
+                has_face = has_face & ~no_face
             captions = [("" if d else c) for c, d in zip(batch["caption"], drop.tolist())]
             with torch.set_grad_enabled(self.hparams.train_encoders and self.training):
                 return self.condition(captions, batch["face"].to(self.device), has_face)
@@ -278,6 +288,14 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
 
     def drop_mask(self, b: int, generator: torch.Generator | None) -> torch.Tensor:
         p = self.hparams.condition_dropout if self.training else 0.0
+        return torch.rand(b, device=self.device, generator=generator) < p
+
+    def face_drop_mask(self, b: int, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Rows whose face is zeroed (caption kept): face_dropout in training; None when off
+        (no random draw, so runs without it keep their random streams)."""
+        p = self.hparams.get("face_dropout", 0.0) if self.training else 0.0
+        if p <= 0.0:
+            return None
         return torch.rand(b, device=self.device, generator=generator) < p
 
     # ------------------------------------------------------------------ steps

@@ -75,7 +75,7 @@ class FluxJointModule(JointDiffusionModule):
             sequence length, as the sampler does); a number = that fixed shift.
         loss_weighting: "none", "sigma_sqrt" or "cosmap" (SD3's schemes).
         train_guidance: the distilled-guidance input during training.
-        condition_dropout, ema_decay, gradient_checkpointing, optimizer, warmup_steps,
+        condition_dropout, face_dropout, ema_decay, gradient_checkpointing, optimizer, warmup_steps,
         lr_schedule: as SDXLJointModule.
         sample_*: the validation grid (sample_guidance = true CFG scale, release 3.5).
         pipeline: start from a FaceT5FluxPipeline folder (an `export` or `convert` output):
@@ -110,6 +110,7 @@ class FluxJointModule(JointDiffusionModule):
         loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none",
         train_guidance: float = 1.0,
         condition_dropout: float = 0.1,
+        face_dropout: float = 0.0,
         ema_decay: Optional[float] = None,
         gradient_checkpointing: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
@@ -232,7 +233,7 @@ class FluxJointModule(JointDiffusionModule):
         sigmas = self.sample_sigmas(b, (h // 2) * (w // 2), generator)
         s = sigmas.to(latents.dtype)[:, None, None, None]
         noisy = (1 - s) * latents + s * noise
-        embeds, pooled = self.embed(batch, self.drop_mask(b, generator))
+        embeds, pooled = self.embed(batch, self.drop_mask(b, generator), self.face_drop_mask(b, generator))
         dtype = self.transformer.dtype
         guidance = (torch.full((b,), self.hparams.train_guidance, device=self.device, dtype=dtype)
                     if self.transformer_config.get("guidance_embeds") else None)

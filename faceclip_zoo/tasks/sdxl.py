@@ -78,6 +78,8 @@ class SDXLJointModule(JointDiffusionModule):
             model sees pure noise, so it must take the image's colours from the condition;
             needs v_prediction).
         condition_dropout: probability of the unconditional condition per sample.
+        face_dropout: probability of zeroing only the face (the caption kept) per sample;
+            1.0 trains a text-to-image base that never sees a face (the quickstart's base).
         noise_offset: std of a per-channel constant added to the noise.
         snr_gamma: min-SNR-gamma loss weighting (5.0 is the usual value); None = plain MSE.
         ema_decay: keep an EMA of the UNet (exported instead of the raw weights).
@@ -111,6 +113,7 @@ class SDXLJointModule(JointDiffusionModule):
         prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None,
         scheduler_overrides: Optional[dict[str, Any]] = None,
         condition_dropout: float = 0.1,
+        face_dropout: float = 0.0,
         noise_offset: float = 0.0,
         snr_gamma: Optional[float] = None,
         ema_decay: Optional[float] = None,
@@ -215,7 +218,7 @@ class SDXLJointModule(JointDiffusionModule):
             noise = noise + self.hparams.noise_offset * torch.randn(b, latents.shape[1], 1, 1, **kw)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), **kw)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        embeds, pooled = self.embed(batch, self.drop_mask(b, generator))
+        embeds, pooled = self.embed(batch, self.drop_mask(b, generator), self.face_drop_mask(b, generator))
         pred = self.unet(noisy, t, embeds.to(noisy.dtype),
                          added_cond_kwargs={"text_embeds": pooled.to(noisy.dtype),
                                             "time_ids": self.time_ids(batch, latents)}).sample
