@@ -29,6 +29,8 @@ from faceclip_zoo.utils import UserError
 
 
 def _prepared(manifest: dict) -> str:
+    if not manifest:
+        return "this rank's inputs are done; rank 0 assembles the shards"
     c = manifest["counts"]
     return (f"{c['inputs']} inputs: {c['accepted']} accepted in {len(manifest['shards'])} shard(s), "
             f"{c['rejected']} rejected {c['rejected_by_reason'] or ''}")

@@ -337,3 +337,72 @@ def test_kill_9_mid_run_then_rerun_keeps_each_sample_exactly_once(tmp_path, astr
     assert not list(out.rglob("*.tmp*"))  # no debris of the killed run
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["accepted"] == n and len(manifest["shards"]) == 4
+
+
+# ---------------------------------------------------------------- on several processes
+def _manifest_facts(out: Path) -> dict:
+    m = json.loads((out / "manifest.json").read_text())
+    return {k: m[k] for k in ("counts", "references", "identities", "shards", "sources")}
+
+
+def test_two_processes_give_the_one_process_result(hostile, hostile_run, tmp_path):
+    """`--devices 2` (Lightning's DDP over gloo, its own launcher): the same accepted keys,
+    byte-identical shards, the same rejects with the same reasons as one process."""
+    one, _ = hostile_run
+    two = tmp_path / "two"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(_cli("--input", str(hostile), "--out", str(two), "--detector", "mtcnn", "--devices", "2",
+                              "--samples_per_shard", "4", "--progress", "false"),
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{len(EXPECTED_REJECTS) + len(EXPECTED_ACCEPTED)} inputs: {len(EXPECTED_ACCEPTED)} accepted" in res.stdout
+    assert _manifest_facts(two) == _manifest_facts(one)
+    assert (two / "rejects.jsonl").read_bytes() == (one / "rejects.jsonl").read_bytes()
+    shards = sorted(p.name for p in one.glob("shard-*.tar"))
+    assert shards == sorted(p.name for p in two.glob("shard-*.tar"))
+    for name in shards:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    assert not list(two.rglob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_then_rerun_keeps_each_photo_exactly_once(tmp_path, astronaut):
+    """Two ranks; rank 1 is killed (SIGKILL) mid-run, the job with it (as a scheduler ends
+    a job whose task died); the same command again finishes the work: every photo exactly
+    once, no temporary debris, the one-process result."""
+    photos = tmp_path / "photos"
+    n = 14
+    for i in range(n):
+        _write(photos / f"p{i:02d}.jpg", f"photo {i}", _photo(astronaut, i + 31), quality=90)
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = _cli("--input", str(photos), "--out", str(out), "--detector", "mtcnn", "--devices", "2",
+               "--samples_per_shard", "5", "--progress", "false")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while len(list((out / ".work").glob("*.json")) if (out / ".work").is_dir() else []) < 4:
+        assert proc.poll() is None, "prepare finished before a rank could be killed"
+        assert time.time() < deadline, "prepare made no progress"
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "Lightning started no second rank"
+    os.kill(int(children[0]), signal.SIGKILL)  # rank 1, mid-write
+    try:
+        proc.wait(timeout=120)  # rank 0 finds its peer gone at the closing barrier
+    except subprocess.TimeoutExpired:
+        pass
+    os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the job
+    proc.wait()
+    done = len(list((out / ".work").glob("*.json")))
+    assert done < n and not (out / "manifest.json").exists()
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sources = sorted(json.loads(s["json"])["source"] for s in read_shards(out))
+    assert sources == [f"p{i:02d}.jpg" for i in range(n)]  # each exactly once, none lost
+    assert not list(out.rglob("*.tmp*"))
+    single = tmp_path / "single"
+    prepare(str(photos), str(single), detector="mtcnn", samples_per_shard=5, progress=False)
+    assert _manifest_facts(out) == _manifest_facts(single)
+    for shard in sorted(single.glob("shard-*.tar")):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()

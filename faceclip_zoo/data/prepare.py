@@ -55,7 +55,8 @@ class Filters:
 _DETECTOR = None
 
 
-def _init_worker(detector: str, detector_model_dir: str | None, threads: int = 1) -> None:
+def init_detector(detector: str, detector_model_dir: str | None, threads: int = 1) -> None:
+    """The detector of this process (each worker process, each rank builds its own)."""
     global _DETECTOR
     import torch
 
@@ -138,7 +139,8 @@ def process_record(record: Record, work: str, filters: Filters, face_size: int, 
     return result
 
 
-def _pending(records: list[Record], work: str) -> list[Record]:
+def pending(records: list[Record], work: str) -> list[Record]:
+    """The records whose work item is missing or stale (its input file changed since)."""
     todo = []
     for r in records:
         path = os.path.join(work, f"{r.key}.json")
@@ -162,19 +164,40 @@ def _run_phase1(todo: list[Record], work: str, filters: Filters, face_size: int,
     if workers <= 1:
         import torch
 
-        _init_worker(detector, detector_model_dir, threads=torch.get_num_threads())  # the caller's setting
+        init_detector(detector, detector_model_dir, threads=torch.get_num_threads())  # the caller's setting
         for r in todo:
             process_record(r, *args)
             bar.update()
     else:
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_detector,
                                  initargs=(detector, detector_model_dir)) as pool:
             for fut in as_completed([pool.submit(process_record, r, *args) for r in todo]):
                 fut.result()
                 bar.update()
     bar.close()
+
+
+def _run_phase1_distributed(records: list[Record], work: str, filters: Filters, face_size: int,
+                            max_image_side: int, devices: int, num_nodes: int, detector: str,
+                            detector_model_dir: str | None, progress: bool) -> bool:
+    """Phase 1 on devices x num_nodes ranks (faceclip_zoo.tasks.prepare); True on rank 0,
+    after every rank has finished."""
+    import lightning as L
+    import torch
+
+    from faceclip_zoo.data.prepare_share import InputShare
+    from faceclip_zoo.tasks.prepare import PrepareTask
+
+    trainer = L.Trainer(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+                        use_distributed_sampler=False)
+    task = PrepareTask(work, filters, face_size, max_image_side, detector, detector_model_dir,
+                       threads=torch.get_num_threads())
+    trainer.predict(task, datamodule=InputShare(records, work), return_predictions=False)
+    trainer.strategy.barrier("prepare_phase1")  # every rank's work items are written
+    return trainer.global_rank == 0
 
 
 # ---------------------------------------------------------------- phase 2: assemble
@@ -305,6 +328,8 @@ def prepare(
     max_image_side: int = 1536,
     samples_per_shard: int = 1000,
     workers: int = 1,
+    devices: int = 1,
+    num_nodes: int = 1,
     progress: bool = True,
 ) -> dict:
     """Turn photos with captions into faceclip_zoo shards (see the module docstring).
@@ -319,7 +344,12 @@ def prepare(
         face_size: aligned reference crop size (the release uses 448).
         max_image_side: target photos larger than this are downscaled (longer side).
         samples_per_shard: samples per tar file.
-        workers: processes for detection and alignment.
+        workers: processes for detection and alignment (one machine, a process pool).
+        devices, num_nodes: run detection and alignment as Lightning's predict loop on
+            devices x num_nodes processes (DDP over gloo), launched like `fit`: directly
+            (`--devices 4`: Lightning starts the other processes), under torchrun or SLURM
+            (recipes/launch); the inputs are split deterministically over the ranks, rank 0
+            assembles the shards once all are done. A re-run redoes only unfinished inputs.
     """
     if face_size % 112:
         raise UserError(f"face_size must be a multiple of 112 (ArcFace template), got {face_size}")
@@ -329,8 +359,16 @@ def prepare(
     work = os.path.join(out, ".work")
     os.makedirs(work, exist_ok=True)
     _remove_debris(out, work)
-    todo = _pending(records, work)
-    _run_phase1(todo, work, filters, face_size, max_image_side, workers, detector, detector_model_dir, progress)
+    if devices * num_nodes > 1:
+        if workers > 1:
+            raise UserError("give either workers (a process pool on this machine) or devices / num_nodes "
+                            "(Lightning's processes, any number of machines), not both")
+        if not _run_phase1_distributed(records, work, filters, face_size, max_image_side, devices, num_nodes,
+                                       detector, detector_model_dir, progress):
+            return {}  # not rank 0: rank 0 assembles
+    else:
+        todo = pending(records, work)
+        _run_phase1(todo, work, filters, face_size, max_image_side, workers, detector, detector_model_dir, progress)
     from faceclip_zoo.data.detect import build_detector
 
     describe = build_detector(detector, model_dir=detector_model_dir).describe()

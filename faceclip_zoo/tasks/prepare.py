@@ -1,0 +1,38 @@
+"""`prepare` on many processes and nodes: phase 1 (detect, filter, align; one work item per
+input) as Lightning's predict loop, one process per rank, under Lightning's own launchers
+(its subprocess launcher for `--devices N` on one machine; SLURMEnvironment and
+TorchElasticEnvironment under recipes/launch/slurm.sbatch and torchrun.sh), so the ranks,
+their environment and the closing barrier are Lightning's, not ours.
+
+Each rank takes a deterministic share of the inputs (InputShare: every world_size-th input
+from its rank, in input order) and skips the items a previous run finished, so a re-run after
+any rank died redoes only what no rank finished (with the same number of ranks or another). Work items are written atomically by
+`process_record`, the same function the one-process run uses: the assembled shards are
+byte-identical whatever the number of processes (tested).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+
+from faceclip_zoo.data.prepare import Filters, init_detector, pending, process_record
+
+
+class PrepareTask(L.LightningModule):
+    """Phase 1 of `prepare` as a predict step: a batch of input records in, their work
+    items written, (accepted, rejected) counts out."""
+
+    def __init__(self, work: str, filters: Filters, face_size: int, max_image_side: int, detector: str,
+                 detector_model_dir: str | None, threads: int = 1):
+        super().__init__()
+        self.work, self.filters, self.face_size, self.max_image_side = work, filters, face_size, max_image_side
+        self.detector, self.detector_model_dir, self.threads = detector, detector_model_dir, threads
+
+    def setup(self, stage: str) -> None:
+        init_detector(self.detector, self.detector_model_dir, self.threads)  # one per rank
+
+    def predict_step(self, batch: list, batch_idx: int) -> dict[str, int]:
+        todo = pending([r for r in batch if r is not None], self.work)  # what no earlier run finished
+        results = [process_record(r, self.work, self.filters, self.face_size, self.max_image_side) for r in todo]
+        accepted = sum(r["status"] == "accepted" for r in results)
+        return {"accepted": accepted, "rejected": len(results) - accepted}
