@@ -346,13 +346,16 @@ def _manifest_facts(out: Path) -> dict:
 
 
 def test_two_processes_give_the_one_process_result(hostile, hostile_run, tmp_path):
-    """`--devices 2` (Lightning's DDP over gloo, its own launcher): the same accepted keys,
-    byte-identical shards, the same rejects with the same reasons as one process."""
+    """Two ranks launched as `fit` is launched (recipes/launch/torchrun.sh, COMMAND=prepare;
+    Lightning's DDP over gloo): the same accepted keys, byte-identical shards, the same
+    rejects with the same reasons as one process."""
     one, _ = hostile_run
     two = tmp_path / "two"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(_cli("--input", str(hostile), "--out", str(two), "--detector", "mtcnn", "--devices", "2",
-                              "--samples_per_shard", "4", "--progress", "false"),
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COMMAND": "prepare", "GPUS_PER_NODE": "2",
+           "NNODES": "1", "NODE_RANK": "0", "MASTER_PORT": str(30500 + os.getpid() % 1000)}
+    res = subprocess.run(["bash", "recipes/launch/torchrun.sh", "recipes/prepare/default.yaml", "--input",
+                          str(hostile), "--out", str(two), "--detector", "mtcnn", "--devices", "2",
+                          "--samples_per_shard", "4", "--progress", "false"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{len(EXPECTED_REJECTS) + len(EXPECTED_ACCEPTED)} inputs: {len(EXPECTED_ACCEPTED)} accepted" in res.stdout

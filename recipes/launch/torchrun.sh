@@ -6,6 +6,8 @@
 #   ... on node i: NODE_RANK=i; add --ckpt_path last to resume after a failure.
 #
 # NNODES must equal the recipe's trainer.num_nodes and GPUS_PER_NODE its trainer.devices.
+# COMMAND=prepare runs data preparation the same way (recipes/prepare/default.yaml with
+# --input, --out, --devices GPUS_PER_NODE, --num_nodes NNODES).
 set -euo pipefail
 RECIPE=${1:?usage: NNODES=N NODE_RANK=i MASTER_ADDR=host recipes/launch/torchrun.sh <recipe.yaml> [fit options]}
 shift
@@ -13,4 +15,4 @@ shift
 export NCCL_ASYNC_ERROR_HANDLING=1
 exec .venv/bin/torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id faceclip_zoo \
-  -m faceclip_zoo fit --config "$RECIPE" "$@"
+  -m faceclip_zoo "${COMMAND:-fit}" --config "$RECIPE" "$@"
