@@ -50,16 +50,20 @@ def test_tiny_bench_measures_every_row(tmp_path):
     rows = {r["comparison"].split(",")[0]: r for r in report["rows"]}
     failed = [r for r in report["rows"] if r["note"].startswith(("failed", "skipped"))]
     assert rc == 0 and not failed, failed
-    assert len(report["rows"]) == 9, list(rows)
+    assert len(report["rows"]) == 12, list(rows)
     for r in report["rows"]:
         assert math.isfinite(r["ours_s"]) and r["ours_s"] > 0 and math.isfinite(r["peer_s"]) and r["peer_s"] > 0, r
     assert "batch 8" in rows["encoder step: frozen features cached vs computed each step"]["comparison"]
     # the two sides of equal-work rows compute the same thing
     forward = next(r for r in report["rows"] if r["comparison"].startswith("encoder forward"))
     assert float(forward["note"].split("max |diff| ")[1]) < 1e-4
+    lora = rows["SDXL LoRA step: SDXLJointModule(lora) vs peft on a plain diffusers loop"]
+    assert "rank 16" in lora["comparison"]
+    int8 = next(r for r in report["rows"] if "int8 weight-only" in r["comparison"])
+    assert float(int8["note"].split("max |diff| ")[1].split(",")[0]) < 0.1  # int8 moves the images a little
     inference = next(r for r in report["rows"] if "aligned crop" in r["comparison"])
     assert float(inference["note"].split("max |diff| ")[1]) == 0.0
-    assert (tmp_path / "results.md").read_text().count("\n| ") == 10  # header + 9 rows
+    assert (tmp_path / "results.md").read_text().count("\n| ") == 13  # header + 12 rows
 
 
 def test_memory_estimate_counts_the_released_architectures():

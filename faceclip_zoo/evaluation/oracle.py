@@ -101,8 +101,10 @@ class OracleSDXLModule(SDXLJointModule):
         self.condition.face_id.eval()
         return self
 
-    def embed(self, batch: dict, drop: torch.Tensor):
+    def embed(self, batch: dict, drop: torch.Tensor, no_face: torch.Tensor | None = None):
         has_face = batch["has_face"].to(self.device) & ~drop
+        if no_face is not None:
+            has_face = has_face & ~no_face
         captions = [("" if d else c) for c, d in zip(batch["caption"], drop.tolist())]
         return self.condition(captions, batch["face"].to(self.device), has_face)
 
@@ -117,7 +119,7 @@ class OracleSDXLModule(SDXLJointModule):
         unet = self.unet
         if use_ema and self.ema is not None:
             unet = copy.deepcopy(self.unet)
-            self.ema.copy_to(unet.parameters())
+            self.ema.copy_to([p for p in unet.parameters() if p.requires_grad])  # the EMA's parameters
         pipe = OraclePipeline(vae=self.vae, face_encoder=FaceCLIPEncoderModel.from_encoder(self.condition.branch_l),
                               face_encoder_2=FaceCLIPEncoderModel.from_encoder(self.condition.branch_g),
                               unet=unet, scheduler=build_scheduler(self.scheduler_config))
