@@ -145,6 +145,25 @@ def test_quantised_and_bf16_bases_give_the_float32_loss(tiny_shards, quickstart_
     assert abs(losses["bf16"] - losses["fp32"]) < 0.03 * losses["fp32"], losses
 
 
+def test_8bit_adamw_trains_the_adapters_and_its_checkpoint_exports(tmp_path, tiny_shards, quickstart_sdxl_dir):
+    """The recipes' 8-bit optimizer (torchao.optim.AdamW8bit) on a LoRA run: its state is 8-bit,
+    the adapters move, and the checkpoint (which holds that state) still exports."""
+    from torchao.optim import AdamW8bit
+
+    from faceclip_zoo.export import export_checkpoint
+
+    # rank 64: torchao keeps tensors under 4096 values in full precision; these reach it
+    module = SDXLJointModule(pipeline=str(quickstart_sdxl_dir), lora=LoraSettings(rank=64),
+                             optimizer=lambda params: AdamW8bit(params, lr=1e-3))
+    trainer = quick_fit(module, tiny_shards, steps=2)
+    kinds = {type(state["exp_avg"]).__name__ for state in trainer.optimizers[0].state.values()}
+    assert "OptimState8bit" in kinds
+    assert all(p.abs().sum() > 0 for n, p in module.unet.named_parameters() if "lora_B" in n)
+    trainer.save_checkpoint(tmp_path / "a8.ckpt")
+    export_checkpoint(str(tmp_path / "a8.ckpt"), str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_dora_export_equals_merge(tmp_path, tiny_shards, quickstart_sdxl_dir):
     from faceclip_zoo.export import export_checkpoint
 
