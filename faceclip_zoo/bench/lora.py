@@ -67,8 +67,6 @@ def lora_rows(ctx: Context) -> list[Row]:
         time_block(peer, ctx.device, kw["warmup"], kw["repeats"], plain)
         lightning_block(full, batch, ctx.device, ctx.precision, kw["warmup"], kw["repeats"], full_m)
     trained, total = count_parameters(ours.unet)
-    del ours, unet
-    release_memory(ctx.device)
     what = f"{s.unet}, {s.sdxl_image} px, batch {s.sdxl_batch}, rank {RANK} ({trained:,} of {total:,} UNet parameters)"
     return [Row(f"SDXL LoRA step: SDXLJointModule(lora) vs peft on a plain diffusers loop, {what}",
                 lora.median, plain.median, ours_mem=lora.peak, peer_mem=plain.peak, goal="<= 1.05"),
@@ -77,4 +75,6 @@ def lora_rows(ctx: Context) -> list[Row]:
 
 
 def run(ctx: Context) -> list[Row]:
-    return guarded("SDXL LoRA step", lora_rows, ctx)
+    rows = guarded("SDXL LoRA step", lora_rows, ctx)
+    release_memory(ctx.device)  # the LoRA module and the peer's UNet are gone with lora_rows' frame
+    return rows

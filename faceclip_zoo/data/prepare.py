@@ -18,141 +18,19 @@ with its reason.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
-import numpy as np
-from PIL import Image
-
-from faceclip_zoo.data.align import crop_face, pick_face, sharpness
-from faceclip_zoo.data.images import ImageRejected, load_image
 from faceclip_zoo.data.prepare_inputs import Record, read_inputs
+# phase 1 lives in prepare_items (the distributed task imports it from there)
+from faceclip_zoo.data.prepare_items import Filters, init_detector, pending, process_record
 from faceclip_zoo.utils import UserError, atomic_write_bytes
 
-
-@dataclass
-class Filters:
-    """Which faces make usable training data. Defaults follow common practice for
-    identity datasets; every threshold is a recipe option."""
-
-    multiple_faces: Literal["largest", "reject"] = "largest"
-    min_face_size: int = 64  # shorter side of the detected box, pixels of the photo
-    min_score: float = 0.9  # detector confidence
-    max_yaw: float = 0.6  # align.pose_of units: about 1 at full profile
-    max_pitch: float = 0.3
-    min_sharpness: float = 15.0  # variance of the Laplacian of the 112 px grey face
-    min_image_size: int = 128  # shorter side of the photo
-    max_pixels: int = 64_000_000  # declared width x height above this is refused unread
-
-
-# ---------------------------------------------------------------- phase 1: one input
-_DETECTOR = None
-
-
-def init_detector(detector: str, detector_model_dir: str | None, threads: int = 1) -> None:
-    """The detector of this process (each worker process, each rank builds its own)."""
-    global _DETECTOR
-    import torch
-
-    torch.set_num_threads(threads)
-    from faceclip_zoo.data.detect import build_detector
-
-    _DETECTOR = build_detector(detector, model_dir=detector_model_dir)
-
-
-def _face_of(path: str, filters: Filters, face_size: int) -> tuple[np.ndarray, dict, object]:
-    """-> (rgb, facts, aligned) or ImageRejected."""
-    loaded = load_image(path, max_pixels=filters.max_pixels, min_size=filters.min_image_size)
-    faces = _DETECTOR.detect(loaded.rgb)
-    face, count = pick_face(faces, filters.multiple_faces, where=path)
-    if face.score < filters.min_score:
-        raise ImageRejected("low_score", f"{path}: detection score {face.score:.3f} < {filters.min_score}")
-    if face.size < filters.min_face_size:
-        raise ImageRejected("face_too_small", f"{path}: face {face.size:.0f} px < {filters.min_face_size} px")
-    aligned = crop_face(loaded.rgb, face, face_size)
-    pose = aligned.pose
-    if abs(pose["yaw"]) > filters.max_yaw or abs(pose["pitch"]) > filters.max_pitch:
-        raise ImageRejected("extreme_pose", f"{path}: yaw {pose['yaw']:+.2f}, pitch {pose['pitch']:+.2f} "
-                                            f"(limits {filters.max_yaw}, {filters.max_pitch})")
-    sharp = sharpness(aligned.crop)
-    if sharp < filters.min_sharpness:
-        raise ImageRejected("blurry", f"{path}: face sharpness {sharp:.1f} < {filters.min_sharpness}")
-    facts = {"sha256": loaded.sha256, "original_size": list(loaded.original_size), "num_faces": count,
-             "score": round(face.score, 4), "box": [round(float(v), 1) for v in face.box],
-             "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in face.landmarks],
-             "pose": {k: round(v, 3) for k, v in pose.items()}, "sharpness": round(sharp, 1)}
-    return loaded.rgb, facts, aligned
-
-
-def _encode(arr: np.ndarray, fmt: str, max_side: int | None = None) -> bytes:
-    img = Image.fromarray(arr)
-    if max_side and max(img.size) > max_side:
-        s = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.LANCZOS)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG" if fmt == "png" else "JPEG", **({} if fmt == "png" else {"quality": 95}))
-    return buf.getvalue()
-
-
-def _file_stamp(path: str | None) -> list | None:
-    try:
-        st = os.stat(path)
-        return [st.st_size, st.st_mtime_ns]
-    except (OSError, TypeError):
-        return None
-
-
-def process_record(record: Record, work: str, filters: Filters, face_size: int, max_image_side: int) -> dict:
-    """Phase 1 for one input; writes <work>/<key>.json last (its presence = done)."""
-    key = record.key
-    result = {"key": key, "source": record.source, "kind": record.kind,
-              "stamp": [_file_stamp(record.image), _file_stamp(record.reference)]}
-    try:
-        if record.error:
-            raise ImageRejected(*record.error)
-        if record.image is None or not os.path.isfile(record.image):
-            raise ImageRejected("missing_file", f"{record.image}: no such file")
-        rgb, facts, aligned = _face_of(record.image, filters, face_size)
-        atomic_write_bytes(os.path.join(work, f"{key}.face.png"), _encode(aligned.crop, "png"))
-        if record.kind == "sample":
-            atomic_write_bytes(os.path.join(work, f"{key}.image.jpg"), _encode(rgb, "jpg", max_image_side))
-        if record.reference:
-            try:
-                _, ref_facts, ref_aligned = _face_of(record.reference, filters, face_size)
-            except ImageRejected as exc:
-                raise ImageRejected("bad_reference", f"reference photo: {exc}") from None
-            atomic_write_bytes(os.path.join(work, f"{key}.ref.png"), _encode(ref_aligned.crop, "png"))
-            facts["reference_sha256"] = ref_facts["sha256"]
-        result.update(status="accepted", caption=record.caption, identity=record.identity, **facts)
-    except ImageRejected as exc:
-        result.update(status="rejected", reason=exc.reason, detail=exc.detail)
-    except Exception as exc:  # a library failing on a strange file must not end the run
-        result.update(status="rejected", reason="processing_error", detail=f"{record.source}: "
-                      f"{type(exc).__name__}: {exc}")
-    atomic_write_bytes(os.path.join(work, f"{key}.json"), json.dumps(result).encode("utf-8"))
-    return result
-
-
-def pending(records: list[Record], work: str) -> list[Record]:
-    """The records whose work item is missing or stale (its input file changed since)."""
-    todo = []
-    for r in records:
-        path = os.path.join(work, f"{r.key}.json")
-        try:
-            with open(path, "rb") as f:
-                done = json.load(f)
-            if done.get("stamp") == [_file_stamp(r.image), _file_stamp(r.reference)]:
-                continue
-        except (OSError, ValueError):
-            pass
-        todo.append(r)
-    return todo
+__all__ = ["Filters", "assemble", "init_detector", "pending", "prepare", "process_record"]
 
 
 def _run_phase1(todo: list[Record], work: str, filters: Filters, face_size: int, max_image_side: int,

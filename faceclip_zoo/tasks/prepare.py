@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from faceclip_zoo.data.prepare import Filters, init_detector, pending, process_record
+from faceclip_zoo.data.prepare_items import Filters, init_detector, pending, process_record
 
 
 class PrepareTask(L.LightningModule):
