@@ -44,6 +44,13 @@ def _write(path: Path, caption: bytes | str | None, image: Image.Image | bytes, 
         path.with_suffix(".txt").write_bytes(caption if isinstance(caption, bytes) else caption.encode("utf-8"))
 
 
+def _numbered_photos(folder: Path, astronaut, n: int, first_variant: int) -> Path:
+    """p00.jpg .. p<n-1>.jpg: distinct photos of one face, each with its caption."""
+    for i in range(n):
+        _write(folder / f"p{i:02d}.jpg", f"photo {i}", _photo(astronaut, i + first_variant), quality=90)
+    return folder
+
+
 def _bomb_png(width: int, height: int) -> bytes:
     from test_align import _bomb_png as bomb
 
@@ -310,10 +317,8 @@ def test_recipe_parses_and_runs_from_the_command_line(one_face, tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_keeps_each_sample_exactly_once(tmp_path, astronaut):
-    photos = tmp_path / "photos"
     n = 11
-    for i in range(n):
-        _write(photos / f"p{i:02d}.jpg", f"photo {i}", _photo(astronaut, i + 11), quality=90)
+    photos = _numbered_photos(tmp_path / "photos", astronaut, n, first_variant=11)
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = _cli("--input", str(photos), "--out", str(out), "--detector", "mtcnn", "--workers", "2",
@@ -373,10 +378,8 @@ def test_kill_9_of_one_rank_then_rerun_keeps_each_photo_exactly_once(tmp_path, a
     """Two ranks; rank 1 is killed (SIGKILL) mid-run, the job with it (as a scheduler ends
     a job whose task died); the same command again finishes the work: every photo exactly
     once, no temporary debris, the one-process result."""
-    photos = tmp_path / "photos"
     n = 10
-    for i in range(n):
-        _write(photos / f"p{i:02d}.jpg", f"photo {i}", _photo(astronaut, i + 31), quality=90)
+    photos = _numbered_photos(tmp_path / "photos", astronaut, n, first_variant=31)
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = _cli("--input", str(photos), "--out", str(out), "--detector", "mtcnn", "--devices", "2",

@@ -42,19 +42,15 @@ def sdxl_module(ctx: Context):
     return ctx.shared["sdxl"]
 
 
-def sdxl_row(ctx: Context) -> Row:
-    s = ctx.size
-    module = sdxl_module(ctx)
-    cond = module.condition
-    batch = _cached_batch(ctx, s.sdxl_batch, s.sdxl_image, module.unet.config.in_channels, module.vae_downsample,
-                          77, cond.embed_dim, cond.pooled_dim)
-    unet, sched = module.unet, module.noise_scheduler
+def plain_sdxl_step(ctx: Context, unet, sched, batch: dict, lr: float):
+    """The peer's step maker, as train_text_to_image_sdxl.py writes it: AdamW on what of the
+    UNet requires grad (all of it, or peft's adapters), noise, timesteps, MSE, backward."""
     latents, embeds, pooled = batch["vae_latents"], batch["prompt_embeds"], batch["pooled_prompt_embeds"]
     h, w = batch["image"].shape[-2:]
     time_ids = torch.tensor([h, w, 0, 0, h, w], device=ctx.device, dtype=torch.float32).expand(len(latents), 6)
 
-    def plain():
-        opt = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=0.01)
+    def make():
+        opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
 
         def step():
             noise = torch.randn_like(latents)
@@ -65,7 +61,16 @@ def sdxl_row(ctx: Context) -> Row:
                 loss = F.mse_loss(pred.float(), noise.float())
             optimizer_step(loss, opt)
         return step
+    return make
 
+
+def sdxl_row(ctx: Context) -> Row:
+    s = ctx.size
+    module = sdxl_module(ctx)
+    cond = module.condition
+    batch = _cached_batch(ctx, s.sdxl_batch, s.sdxl_image, module.unet.config.in_channels, module.vae_downsample,
+                          77, cond.embed_dim, cond.pooled_dim)
+    plain = plain_sdxl_step(ctx, module.unet, module.noise_scheduler, batch, lr=1e-5)
     ours, peer = compare_lightning(module, batch, plain, ctx.device, ctx.precision, **ctx.compare_kwargs())
     ctx.results["sdxl_step_per_sample"] = ours.median / s.sdxl_batch
     return Row(f"SDXL step: SDXLJointModule vs plain diffusers, {s.unet}, {s.sdxl_image} px, batch {s.sdxl_batch}",

@@ -9,13 +9,10 @@ LoraConfig added with `unet.add_adapter`, the adapters cast to float32, AdamW on
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from faceclip_zoo.bench.context import Context
-from faceclip_zoo.bench.diffusion import _cached_batch, sdxl_module
-from faceclip_zoo.bench.harness import (
-    Measurement, Row, autocast, guarded, lightning_block, optimizer_step, release_memory, time_block,
-)
+from faceclip_zoo.bench.diffusion import _cached_batch, plain_sdxl_step, sdxl_module
+from faceclip_zoo.bench.harness import Measurement, Row, guarded, lightning_block, release_memory, time_block
 
 RANK = 16
 
@@ -42,23 +39,7 @@ def lora_rows(ctx: Context) -> list[Row]:
     cond = ours.condition
     batch = _cached_batch(ctx, s.sdxl_batch, s.sdxl_image, unet.config.in_channels, ours.vae_downsample, 77,
                           cond.embed_dim, cond.pooled_dim)
-    sched = ours.noise_scheduler
-    latents, embeds, pooled = batch["vae_latents"], batch["prompt_embeds"], batch["pooled_prompt_embeds"]
-    h, w = batch["image"].shape[-2:]
-    time_ids = torch.tensor([h, w, 0, 0, h, w], device=ctx.device, dtype=torch.float32).expand(len(latents), 6)
-
-    def peer():
-        opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
-
-        def step():
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=ctx.device)
-            noisy = sched.add_noise(latents, noise, t)
-            with autocast(ctx.device, ctx.precision):
-                pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-                loss = F.mse_loss(pred.float(), noise.float())
-            optimizer_step(loss, opt)
-        return step
+    peer = plain_sdxl_step(ctx, unet, ours.noise_scheduler, batch, lr=1e-4)
 
     lora, full_m, plain = Measurement(), Measurement(), Measurement()
     kw = ctx.compare_kwargs()
