@@ -25,6 +25,7 @@ made them.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -77,6 +78,13 @@ def _members(raw: dict) -> dict:
     return {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
 
 
+def shard_generator(path: str, device) -> torch.Generator:
+    """The random stream of one shard's features (VAE posterior samples), seeded by the
+    shard's file name: the same whichever rank computes it."""
+    seed = int.from_bytes(hashlib.sha256(os.path.basename(path).encode("utf-8")).digest()[:8], "little")
+    return torch.Generator(device=device).manual_seed(seed & (2 ** 63 - 1))
+
+
 def cache_shard(src: str, dest: str, module, names: list[str], image_size: int, face_size: int,
                 buckets, batch_size: int, dtype: str, overwrite: bool, bar=None) -> dict:
     """Add `names` to every decodable sample of one shard; -> counts."""
@@ -95,6 +103,7 @@ def cache_shard(src: str, dest: str, module, names: list[str], image_size: int, 
 
     todo = [i for i, r in enumerate(raws) if overwrite or any(needs(r, n) and f"{n}.npy" not in r for n in names)]
     counts = {"samples": len(raws), "cached": 0, "already": len(raws) - len(todo), "undecodable": 0}
+    generator = shard_generator(src, module.device)
     by_shape: dict[tuple, list[tuple[int, dict]]] = defaultdict(list)
     for i in todo:
         try:
@@ -111,7 +120,7 @@ def cache_shard(src: str, dest: str, module, names: list[str], image_size: int, 
             batch = collate([s for _, s in chunk])
             for name in CACHED_FEATURES:
                 batch.pop(name, None)  # never feed old cached values into the computation
-            feats = module.frozen_features(batch, names)
+            feats = module.frozen_features(batch, names, generator=generator)
             for row, (i, sample) in enumerate(chunk):
                 for name, value in feats.items():
                     if needs(raws[i], name) and (name not in FACE_FEATURES or sample["has_face"]):
@@ -150,6 +159,8 @@ def cache(
     dtype: str = "float16",
     overwrite: bool = False,
     device: str = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
     progress: bool = True,
 ) -> dict:
     """Precompute frozen-model outputs into shards (see the module docstring).
@@ -163,6 +174,10 @@ def cache(
         dtype: storage dtype of the .npy members (float16 or float32).
         overwrite: recompute features a shard already holds.
         device: auto (CUDA when available), cpu, cuda, cuda:1, ...
+        devices, num_nodes: run as Lightning's predict loop on devices x num_nodes processes
+            (DDP; launched like `fit`: directly, or under recipes/launch with COMMAND=cache),
+            each rank rewriting every world_size-th shard; rank 0 writes cache.json. The
+            features equal a one-process run's (per-shard random streams).
     """
     from tqdm import tqdm
 
@@ -183,23 +198,32 @@ def cache(
     buckets = getattr(data, "buckets", None)
     paths = [p for spec in (shards or _default_shards(data)) for p in resolve_shards(spec, "input")]
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    module.setup("fit")
-    module.to(dev).eval()
+    jobs = []
+    for i, path in enumerate(paths):
+        folder = os.path.dirname(os.path.abspath(path))
+        dest_dir = folder if out is None else os.path.join(out, os.path.basename(folder))
+        os.makedirs(dest_dir, exist_ok=True)
+        jobs.append((i, path, os.path.join(dest_dir, os.path.basename(path))))
+    options = dict(image_size=image_size, face_size=face_size, buckets=buckets, batch_size=batch_size, dtype=dtype,
+                   overwrite=overwrite)
+    t0 = time.time()
+    if devices * num_nodes > 1:
+        results = _cache_distributed(module, names, jobs, options, device, devices, num_nodes, progress)
+        if results is None:
+            return {}  # not rank 0: rank 0 writes cache.json
+    else:
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+        module.setup("fit")
+        module.to(dev).eval()
+        with tqdm(unit="sample", desc="cache " + ",".join(names), disable=not progress) as bar:
+            results = [cache_shard(src, dest, module, names, bar=bar, **options) for _, src, dest in jobs]
     total = {"samples": 0, "cached": 0, "already": 0, "undecodable": 0}
     per_folder: dict[str, dict] = defaultdict(dict)
-    t0 = time.time()
-    with tqdm(unit="sample", desc="cache " + ",".join(names), disable=not progress) as bar:
-        for path in paths:
-            folder = os.path.dirname(os.path.abspath(path))
-            dest_dir = folder if out is None else os.path.join(out, os.path.basename(folder))
-            os.makedirs(dest_dir, exist_ok=True)
-            counts = cache_shard(path, os.path.join(dest_dir, os.path.basename(path)), module, names,
-                                 image_size, face_size, buckets, batch_size, dtype, overwrite, bar)
-            per_folder[dest_dir][os.path.basename(path)] = counts
-            for k in total:
-                total[k] += counts[k]
+    for (_, _, dest), counts in zip(jobs, results):
+        per_folder[os.path.dirname(dest)][os.path.basename(dest)] = counts
+        for k in total:
+            total[k] += counts[k]
     for dest_dir, shard_counts in per_folder.items():
         record = {"features": names, "dtype": dtype, "recipe": os.path.abspath(recipe),
                   "model": type(module).__name__, "hparams": _jsonable(dict(module.hparams)),
@@ -209,6 +233,34 @@ def cache(
     total["seconds"] = round(time.time() - t0, 1)
     total["features"] = names
     return total
+
+
+def _cache_distributed(module, names: list[str], jobs: list[tuple], options: dict, device: str, devices: int,
+                       num_nodes: int, progress: bool) -> list[dict] | None:
+    """The jobs over devices x num_nodes ranks (faceclip_zoo.tasks.cache); every shard's
+    counts on rank 0 (in job order), None on the other ranks."""
+    import lightning as L
+    import torch.distributed as dist
+
+    from faceclip_zoo.data.prepare_share import InputShare
+    from faceclip_zoo.tasks.cache import CacheTask
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"with devices / num_nodes, device is auto, cpu or cuda (each rank takes its own), "
+                        f"not {device!r}")
+    accelerator = "cpu" if device == "cpu" or not torch.cuda.is_available() else "cuda"
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=progress,
+                        enable_model_summary=False, use_distributed_sampler=False)
+    batches = trainer.predict(CacheTask(module, names, options), datamodule=InputShare(jobs, batch_size=1),
+                              return_predictions=True)
+    mine = [done for batch in batches for done in batch]
+    gathered: list = [None] * trainer.world_size
+    dist.all_gather_object(gathered, mine)
+    if trainer.global_rank != 0:
+        return None
+    by_index = dict(done for part in gathered for done in part)
+    return [by_index[i] for i, _, _ in jobs]
 
 
 def _jsonable(value):

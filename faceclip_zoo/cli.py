@@ -32,11 +32,16 @@ def _prepared(manifest: dict) -> str:
     if not manifest:
         return "this rank's inputs are done; rank 0 assembles the shards"
     c = manifest["counts"]
+    missing = manifest.get("not_downloaded", {}).get("total")
     return (f"{c['inputs']} inputs: {c['accepted']} accepted in {len(manifest['shards'])} shard(s), "
-            f"{c['rejected']} rejected {c['rejected_by_reason'] or ''}")
+            f"{c['rejected']} rejected {c['rejected_by_reason'] or ''}"
+            + (f"; {missing} rows img2dataset could not download {manifest['not_downloaded']['by_status']}"
+               if missing else ""))
 
 
 def _cached(total: dict) -> str:
+    if not total:
+        return "this rank's shards are done; rank 0 writes cache.json"
     return (f"cached {','.join(total['features'])} for {total['cached']} samples ({total['already']} already "
             f"cached, {total['undecodable']} undecodable kept as they are) in {total['seconds']} s")
 

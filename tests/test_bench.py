@@ -50,7 +50,7 @@ def test_tiny_bench_measures_every_row(tmp_path):
     rows = {r["comparison"].split(",")[0]: r for r in report["rows"]}
     failed = [r for r in report["rows"] if r["note"].startswith(("failed", "skipped"))]
     assert rc == 0 and not failed, failed
-    assert len(report["rows"]) == 12, list(rows)
+    assert len(report["rows"]) == 13, list(rows)
     for r in report["rows"]:
         assert math.isfinite(r["ours_s"]) and r["ours_s"] > 0 and math.isfinite(r["peer_s"]) and r["peer_s"] > 0, r
     assert "batch 8" in rows["encoder step: frozen features cached vs computed each step"]["comparison"]
@@ -63,7 +63,7 @@ def test_tiny_bench_measures_every_row(tmp_path):
     assert float(int8["note"].split("max |diff| ")[1].split(",")[0]) < 0.1  # int8 moves the images a little
     inference = next(r for r in report["rows"] if "aligned crop" in r["comparison"])
     assert float(inference["note"].split("max |diff| ")[1]) == 0.0
-    assert (tmp_path / "results.md").read_text().count("\n| ") == 13  # header + 12 rows
+    assert (tmp_path / "results.md").read_text().count("\n| ") == 14  # header + 13 rows
 
 
 def test_memory_estimate_counts_the_released_architectures():

@@ -128,3 +128,41 @@ def test_bad_requests_are_clear(tmp_path, tiny_shards, corrupt_shard):  # noqa: 
         cache(str(tmp_path / "nope.yaml"), progress=False)
     with pytest.raises(UserError, match="no train shards|no input shards"):
         cache(str(recipe), shards=[str(tmp_path / "empty")], progress=False)
+
+
+def _npy_members(path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".npy")}
+
+
+def test_two_ranks_cache_what_one_process_caches(tmp_path, tiny_shards):
+    """`cache --devices 2` (Lightning's launcher, DDP over gloo; every other shard per rank)
+    stores the one-process features, VAE posterior samples included, bit for bit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    encoder_dir = save_model_dir(sdxl_branches()[0], tmp_path / "encoder")
+    recipe = sdxl_recipe(tmp_path, tiny_shards, encoder_dir)
+    shards = [str(tiny_shards / "train"), str(tiny_shards / "val")]
+    one = tmp_path / "one"
+    total = cache(str(recipe), shards=shards, out=str(one), dtype="float32", progress=False)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "cache", "--recipe", str(recipe), "--shards",
+                          json.dumps(shards), "--out", str(tmp_path / "two"), "--dtype", "float32", "--devices", "2",
+                          "--progress", "false"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"for {total['cached']} samples" in res.stdout
+    tars = sorted(p.relative_to(one) for p in one.rglob("*.tar"))
+    assert len(tars) == 5 and tars == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.tar"))
+    for rel in tars:
+        a, b = _npy_members(one / rel), _npy_members(tmp_path / "two" / rel)
+        assert a.keys() == b.keys() and any(k.endswith("vae_latents.npy") for k in a)
+        for name in a:
+            assert a[name] == b[name], f"{rel}: {name}"
+    for split in ("train", "val"):
+        info = [json.loads((root / split / "cache.json").read_text()) for root in (one, tmp_path / "two")]
+        assert info[0]["shards"] == info[1]["shards"]

@@ -12,8 +12,9 @@ from faceclip_zoo.train import CLI_KWARGS
 REPO = Path(__file__).resolve().parents[1]
 ALL_RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 PREPARE = [r for r in ALL_RECIPES if "prepare" in r.parts]  # options of `prepare`, not fit recipes
+CACHE = [r for r in ALL_RECIPES if "cache" in r.parts]  # options of `cache`
 ABLATION = [r for r in ALL_RECIPES if "ablation" in r.stem]  # drives `fit` on other recipes
-RECIPES = [r for r in ALL_RECIPES if r not in PREPARE and r not in ABLATION]
+RECIPES = [r for r in ALL_RECIPES if r not in PREPARE + CACHE and r not in ABLATION]
 PRODUCTION = [r for r in RECIPES if "quickstart" not in r.parts]
 ENCODER_PRODUCTION = [r for r in PRODUCTION if r.parent.name.startswith("faceclip-") and "sdxl" not in r.parent.name]
 
@@ -47,6 +48,19 @@ def test_prepare_recipe_parses(recipe):
     parser.add_function_arguments(prepare)
     cfg = parser.parse_args(["--config", str(recipe), "--input", "photos", "--out", "shards"])
     assert cfg.filters.multiple_faces in ("largest", "reject") and cfg.face_size == 448
+
+
+@pytest.mark.parametrize("recipe", CACHE, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_cache_options_parse(recipe):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from faceclip_zoo.cache import cache
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(cache)
+    cfg = parser.parse_args(["--config", str(recipe), "--recipe", "fit.yaml", "--devices", "2"])
+    assert cfg.recipe == "fit.yaml" and cfg.devices == 2 and cfg.shards is None
 
 
 @pytest.mark.parametrize("recipe", ABLATION, ids=lambda p: str(p.relative_to(REPO / "recipes")))

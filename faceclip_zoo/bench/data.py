@@ -7,6 +7,10 @@ add to its face detector?
   below 1 means the loader keeps the step fed.
 - prepare: seconds per photo of `prepare` (read, checks, detection, alignment, encode,
   atomic writes, shard assembly) against its MTCNN detector alone on decoded arrays.
+- prepare on 2 ranks vs 1 process: the detect+align phase's wall clock (manifest
+  `this_run`; the ranks' start included) of `prepare --devices 2` (Lightning's DDP over
+  gloo, one thread per rank) against one process with one thread, same photos; the note
+  gives photos/s of both and the projection for the paper's 43M photos.
 """
 
 from __future__ import annotations
@@ -95,7 +99,54 @@ def prepare_row(ctx: Context) -> Row:
                note="read + detect + align + write + assemble; the ratio is the pipeline's overhead")
 
 
+PAPER_PHOTOS = 43_000_000  # the paper's training set
+
+
+def scale_row(ctx: Context) -> Row:
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from faceclip_zoo.bench.prepare_photos import write_photos
+    from faceclip_zoo.data.prepare import prepare
+
+    s = ctx.size
+    n = 2 * s.prepare_photos
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "in")
+        os.makedirs(src)
+        write_photos(src, n, s.prepare_side)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            one = prepare(src, os.path.join(tmp, "one"), detector="mtcnn", progress=False)
+        finally:
+            torch.set_num_threads(threads)
+        # Lightning's launcher re-runs the command line in each rank: a command of its own
+        res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "prepare", "--input", src, "--out",
+                              os.path.join(tmp, "two"), "--detector", "mtcnn", "--devices", "2", "--progress", "false"],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=3600)
+        if res.returncode:
+            raise RuntimeError(f"prepare --devices 2 failed: {res.stderr[-1000:]}")
+        with open(os.path.join(tmp, "two", "manifest.json")) as f:
+            two = json.load(f)
+    for m in (one, two):
+        if m["counts"]["accepted"] != n:
+            raise RuntimeError(f"prepare accepted {m['counts']} of {n} photos")
+    t1, t2 = one["this_run"]["detect_align_seconds"], two["this_run"]["detect_align_seconds"]
+    rate1, rate2 = n / t1, n / t2
+    days = PAPER_PHOTOS / rate1 / 86400
+    ctx.results["prepare_photos_per_second"] = {"1": rate1, "2": rate2}
+    return Row(f"data: prepare on 2 ranks (DDP, gloo) vs 1 process, {n} photos of {s.prepare_side} px",
+               t2 / n, t1 / n, unit="photo", goal="0.5 = linear scaling",
+               note=f"{rate1:.2f} vs {rate2:.2f} photos/s; projection, 43M photos at the 1-process rate: "
+                    f"{days:.0f} process-days (divide by the number of processes at linear scaling)")
+
+
 def run(ctx: Context) -> list[Row]:
     return (guarded("data: loader vs step consumption", loader_row, ctx)
-            + guarded("data: prepare vs its detector", prepare_row, ctx))
+            + guarded("data: prepare vs its detector", prepare_row, ctx)
+            + guarded("data: prepare on 2 ranks vs 1", scale_row, ctx))
 

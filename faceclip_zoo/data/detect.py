@@ -43,6 +43,10 @@ class Detector(Protocol):
         """rgb: [H, W, 3] uint8 -> faces, highest score first."""
         ...
 
+    def detect_batch(self, rgbs: list[np.ndarray]) -> list[list[Face]]:
+        """Several photos in one call (what an accelerator wants): detect's answer for each."""
+        ...
+
     def describe(self) -> dict:
         """What produced the landmarks (name, package versions, settings): goes into manifests."""
         ...
@@ -98,29 +102,56 @@ class MTCNNDetector:
         self.model = MTCNN(keep_all=True, min_face_size=min_face_size, thresholds=list(thresholds),
                            device=device)
 
-    def _detect_once(self, rgb: np.ndarray) -> list[Face]:
+    def _detect_many(self, rgbs: list[np.ndarray]) -> list[list[Face]]:
+        """One cascade pass over photos of one size (facenet-pytorch batches equal sizes)."""
         import torch
 
-        p = int(round(max(rgb.shape[:2]) * self.settings["pad"]))
-        padded = np.pad(rgb, ((p, p), (p, p), (0, 0))) if p else np.ascontiguousarray(rgb)
+        p = int(round(max(rgbs[0].shape[:2]) * self.settings["pad"]))
+        padded = [np.pad(x, ((p, p), (p, p), (0, 0))) if p else np.ascontiguousarray(x) for x in rgbs]
         with torch.inference_mode():
-            boxes, probs, points = self.model.detect(padded, landmarks=True)
-        if boxes is None:
-            return []
-        return [Face(np.asarray(b, dtype=np.float32) - p, float(s), np.asarray(k, dtype=np.float32) - p)
-                for b, s, k in zip(boxes, probs, points)]
+            if len(padded) == 1:  # one image: facenet-pytorch answers without the batch level
+                boxes, probs, points = ([v] for v in self.model.detect(padded[0], landmarks=True))
+            else:
+                boxes, probs, points = self.model.detect(np.stack(padded), landmarks=True)
+        return [[] if b is None else [Face(np.asarray(bb, dtype=np.float32) - p, float(s),
+                                           np.asarray(k, dtype=np.float32) - p) for bb, s, k in zip(b, pr, pt)]
+                for b, pr, pt in zip(boxes, probs, points)]
+
+    def _detect_once(self, rgb: np.ndarray) -> list[Face]:
+        return self._detect_many([rgb])[0]
+
+    def _average_with_mirror(self, faces: list[Face], mirrored: list[Face]) -> list[Face]:
+        for f in faces:
+            match = max(mirrored, key=lambda m: _box_iou(f.box, m.box), default=None)
+            if match is not None and _box_iou(f.box, match.box) > 0.5:
+                f.box = (f.box + match.box) / 2
+                f.landmarks = (f.landmarks + match.landmarks) / 2
+        return sorted(faces, key=lambda f: -f.score)
 
     def detect(self, rgb: np.ndarray) -> list[Face]:
         faces = self._detect_once(rgb)
         if faces and self.settings["flip_average"]:
             w = rgb.shape[1]
             mirrored = [_unflip(f, w) for f in self._detect_once(np.ascontiguousarray(rgb[:, ::-1]))]
-            for f in faces:
-                match = max(mirrored, key=lambda m: _box_iou(f.box, m.box), default=None)
-                if match is not None and _box_iou(f.box, match.box) > 0.5:
-                    f.box = (f.box + match.box) / 2
-                    f.landmarks = (f.landmarks + match.landmarks) / 2
+            return self._average_with_mirror(faces, mirrored)
         return sorted(faces, key=lambda f: -f.score)
+
+    def detect_batch(self, rgbs: list[np.ndarray]) -> list[list[Face]]:
+        """Photos of equal size share each cascade pass (and their mirrored copies another);
+        the rest go one by one. Equal to `detect` up to float rounding of batched kernels."""
+        out: list[list[Face]] = [[] for _ in rgbs]
+        groups: dict[tuple, list[int]] = {}
+        for i, x in enumerate(rgbs):
+            groups.setdefault(x.shape, []).append(i)
+        for shape, idx in groups.items():
+            found = self._detect_many([rgbs[i] for i in idx])
+            need = [j for j, faces in enumerate(found) if faces] if self.settings["flip_average"] else []
+            mirrored = self._detect_many([np.ascontiguousarray(rgbs[idx[j]][:, ::-1]) for j in need]) if need else []
+            for j, faces in enumerate(found):
+                out[idx[j]] = sorted(faces, key=lambda f: -f.score)
+            for j, m in zip(need, mirrored):
+                out[idx[j]] = self._average_with_mirror(found[j], [_unflip(f, shape[1]) for f in m])
+        return out
 
     def describe(self) -> dict:
         return {"name": self.name, "package": f"facenet-pytorch {package_version('facenet-pytorch')}", **self.settings}
@@ -132,19 +163,23 @@ class InsightFaceDetector:
 
     name = "insightface"
 
-    def __init__(self, model_dir: str, det_size: int = 640, det_thresh: float = 0.5, providers=None):
+    def __init__(self, model_dir: str, det_size: int = 640, det_thresh: float = 0.5, providers=None,
+                 device: str = "cpu"):
         if not model_dir or not os.path.isdir(model_dir):
             raise UserError(f"insightface model pack folder not found: {model_dir!r}; pass the folder "
                             "holding the detection .onnx (e.g. buffalo_l/det_10g.onnx) as model_dir, "
                             "or use detector: mtcnn")
         from insightface.app import FaceAnalysis
 
+        if providers is None and device.startswith("cuda"):  # onnxruntime-gpu's CUDA provider, CPU as fallback
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         kwargs = {"providers": providers} if providers else {}
         try:
             self.app = FaceAnalysis(name=os.path.abspath(model_dir), allowed_modules=["detection"], **kwargs)
         except AssertionError:
             raise UserError(f"{model_dir}: no face detection model (.onnx) found in this folder") from None
-        self.app.prepare(ctx_id=-1 if not providers or "CUDA" not in str(providers) else 0,
+        gpu = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        self.app.prepare(ctx_id=-1 if not providers or "CUDA" not in str(providers) else gpu,
                          det_thresh=det_thresh, det_size=(det_size, det_size))
         self.settings = {"model_dir": os.path.abspath(model_dir), "det_size": det_size, "det_thresh": det_thresh}
 
@@ -153,6 +188,11 @@ class InsightFaceDetector:
         faces = [Face(np.asarray(f.bbox, dtype=np.float32), float(f.det_score),
                       np.asarray(f.kps, dtype=np.float32)) for f in self.app.get(bgr)]
         return sorted(faces, key=lambda f: -f.score)
+
+    def detect_batch(self, rgbs: list[np.ndarray]) -> list[list[Face]]:
+        # insightface's FaceAnalysis runs one image per ONNX call; its session uses the
+        # accelerator (onnxruntime-gpu) for each
+        return [self.detect(x) for x in rgbs]
 
     def describe(self) -> dict:
         return {"name": self.name, "package": f"insightface {package_version('insightface')}", **self.settings}

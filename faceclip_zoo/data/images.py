@@ -10,6 +10,7 @@ images (scaled to 8 bit, not clipped), grayscale, palette and alpha (composited 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -39,14 +40,6 @@ class LoadedImage:
     sha256: str  # of the file's bytes
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _to_8bit_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -71,53 +64,58 @@ def _to_8bit_rgb(img: Image.Image) -> Image.Image:
 _IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 
-def _has_image_signature(path: str) -> bool:
-    """Whether the file starts like an image, so that a failure to open it means damage
+def _has_image_signature(head: bytes) -> bool:
+    """Whether a file starts like an image, so that a failure to open it means damage
     (corrupt_image) rather than another kind of file (not_an_image), whatever PIL version
     decides which of its errors to raise."""
-    with open(path, "rb") as f:
-        head = f.read(12)
     return head.startswith(_IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1) -> LoadedImage:
     """Read `path` as an upright 8-bit RGB array, or raise ImageRejected."""
     try:
-        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise ImageRejected("unreadable_file", f"{path}: {exc.strerror or exc}") from None
-    if size == 0:
-        raise ImageRejected("empty_file", f"{path}: zero bytes")
-    digest = file_sha256(path)
+    return decode_image(data, path, max_pixels, min_size)
+
+
+def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 1) -> LoadedImage:
+    """The bytes of an image file (named `where` in messages: a path, or a tar member) as an
+    upright 8-bit RGB array, or raise ImageRejected."""
+    if not data:
+        raise ImageRejected("empty_file", f"{where}: zero bytes")
+    digest = hashlib.sha256(data).hexdigest()
     with warnings.catch_warnings():
         # PIL warns between MAX_IMAGE_PIXELS and 2x; we check the declared size ourselves.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
-            raise ImageRejected("too_many_pixels", f"{path}: {exc} Refused from its header; not decoded.") from None
+            raise ImageRejected("too_many_pixels", f"{where}: {exc} Refused from its header; not decoded.") from None
         except UnidentifiedImageError:
-            if _has_image_signature(path):  # an image whose header PIL cannot parse: damaged
-                raise ImageRejected("corrupt_image", f"{path}: starts like an image file but its header "
+            if _has_image_signature(data[:12]):  # an image whose header PIL cannot parse: damaged
+                raise ImageRejected("corrupt_image", f"{where}: starts like an image file but its header "
                                                      "cannot be read") from None
-            raise ImageRejected("not_an_image", f"{path}: not a readable image file "
+            raise ImageRejected("not_an_image", f"{where}: not a readable image file "
                                                 "(the extension says image, the bytes do not)") from None
         except OSError as exc:
-            raise ImageRejected("corrupt_image", f"{path}: {exc}") from None
+            raise ImageRejected("corrupt_image", f"{where}: {exc}") from None
         with img:
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageRejected("too_many_pixels", f"{path}: declares {w}x{h} = {w * h} pixels "
+                raise ImageRejected("too_many_pixels", f"{where}: declares {w}x{h} = {w * h} pixels "
                                                        f"(limit {max_pixels}); not decoded")
             try:
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 rgb = _to_8bit_rgb(img)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                raise ImageRejected("corrupt_image", f"{path}: cannot decode ({type(exc).__name__}: {exc})") from None
+                raise ImageRejected("corrupt_image", f"{where}: cannot decode ({type(exc).__name__}: {exc})") from None
     arr = np.asarray(rgb, dtype=np.uint8)
     if min(arr.shape[:2]) < min_size:
-        raise ImageRejected("image_too_small", f"{path}: {arr.shape[1]}x{arr.shape[0]} pixels, "
+        raise ImageRejected("image_too_small", f"{where}: {arr.shape[1]}x{arr.shape[0]} pixels, "
                                                f"shorter side below {min_size}")
     return LoadedImage(rgb=arr, original_size=(arr.shape[0], arr.shape[1]), sha256=digest)
 

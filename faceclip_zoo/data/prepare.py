@@ -14,6 +14,10 @@ Two phases, so that a run can be killed at any moment and re-run:
    through a temporary file and a rename. manifest.json is written last.
 accepted + rejected = inputs, always; every rejected input is a line of rejects.jsonl
 with its reason.
+
+WebDataset shards as input (img2dataset's output, the input at web scale) take another
+road with the same per-photo code: one output shard per input shard, resumable per shard,
+ranks writing their own shards, a merged manifest (faceclip_zoo.data.prepare_shards).
 """
 
 from __future__ import annotations
@@ -23,18 +27,20 @@ import os
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Optional
+from typing import Literal, Optional
 
 from faceclip_zoo.data.prepare_inputs import Record, read_inputs
 # phase 1 lives in prepare_items (the distributed task imports it from there)
 from faceclip_zoo.data.prepare_items import Filters, init_detector, pending, process_record
+from faceclip_zoo.data.prepare_shards import input_shards, is_shard_input
 from faceclip_zoo.utils import UserError, atomic_write_bytes
 
 __all__ = ["Filters", "assemble", "init_detector", "pending", "prepare", "process_record"]
 
 
 def _run_phase1(todo: list[Record], work: str, filters: Filters, face_size: int, max_image_side: int,
-                workers: int, detector: str, detector_model_dir: str | None, progress: bool) -> None:
+                workers: int, detector: str, detector_model_dir: str | None, progress: bool,
+                device: str = "cpu") -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="img", desc="detect+align", disable=not progress, smoothing=0.1)
@@ -42,7 +48,7 @@ def _run_phase1(todo: list[Record], work: str, filters: Filters, face_size: int,
     if workers <= 1:
         import torch
 
-        init_detector(detector, detector_model_dir, threads=torch.get_num_threads())  # the caller's setting
+        init_detector(detector, detector_model_dir, threads=torch.get_num_threads(), device=device)  # caller's threads
         for r in todo:
             process_record(r, *args)
             bar.update()
@@ -50,31 +56,26 @@ def _run_phase1(todo: list[Record], work: str, filters: Filters, face_size: int,
         import multiprocessing as mp
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=init_detector,
-                                 initargs=(detector, detector_model_dir)) as pool:
+                                 initargs=(detector, detector_model_dir, 1, device)) as pool:
             for fut in as_completed([pool.submit(process_record, r, *args) for r in todo]):
                 fut.result()
                 bar.update()
     bar.close()
 
 
-def _run_phase1_distributed(records: list[Record], work: str, filters: Filters, face_size: int,
-                            max_image_side: int, devices: int, num_nodes: int, detector: str,
-                            detector_model_dir: str | None, progress: bool) -> bool:
-    """Phase 1 on devices x num_nodes ranks (faceclip_zoo.tasks.prepare); True on rank 0,
-    after every rank has finished."""
+def run_distributed(task, items: list, devices: int, num_nodes: int, progress: bool, batch_size: int,
+                    accelerator: str = "cpu") -> bool:
+    """A predict task over `items` split across devices x num_nodes ranks (DDP; gloo on CPU,
+    Lightning's launchers); True on rank 0, after every rank has finished."""
     import lightning as L
-    import torch
 
     from faceclip_zoo.data.prepare_share import InputShare
-    from faceclip_zoo.tasks.prepare import PrepareTask
 
-    trainer = L.Trainer(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy="ddp", logger=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp", logger=False,
                         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
                         use_distributed_sampler=False)
-    task = PrepareTask(work, filters, face_size, max_image_side, detector, detector_model_dir,
-                       threads=torch.get_num_threads())
-    trainer.predict(task, datamodule=InputShare(records, work), return_predictions=False)
-    trainer.strategy.barrier("prepare_phase1")  # every rank's work items are written
+    trainer.predict(task, datamodule=InputShare(items, batch_size), return_predictions=False)
+    trainer.strategy.barrier("prepare_phase1")  # every rank's outputs are written
     return trainer.global_rank == 0
 
 
@@ -208,12 +209,18 @@ def prepare(
     workers: int = 1,
     devices: int = 1,
     num_nodes: int = 1,
+    detector_device: Literal["cpu", "cuda"] = "cpu",
+    detect_batch_size: int = 1,
+    decode_workers: int = 0,
     progress: bool = True,
 ) -> dict:
     """Turn photos with captions into faceclip_zoo shards (see the module docstring).
 
     Args:
-        input: a folder of photos with same-name .txt captions, or a .jsonl/.csv/.parquet table.
+        input: a folder of photos with same-name .txt captions, a .jsonl/.csv/.parquet table,
+            or WebDataset shards as img2dataset writes them (a folder of .tar files, one .tar,
+            or a brace pattern "dl/{00000..00999}.tar"): each input shard becomes one output
+            shard, read as a stream (faceclip_zoo.data.prepare_shards).
         out: output folder (shards, rejects.jsonl, manifest.json; .work/ holds resumable state).
         references: optional folder <identity>/<photo> of extra reference photos per person.
         identity_from_folder: a photo's parent folder names its person (folder input).
@@ -221,37 +228,100 @@ def prepare(
         detector_model_dir: insightface model pack folder (e.g. a copy of buffalo_l).
         face_size: aligned reference crop size (the release uses 448).
         max_image_side: target photos larger than this are downscaled (longer side).
-        samples_per_shard: samples per tar file.
+        samples_per_shard: samples per tar file (folder and table input; shard input keeps
+            its shards' sizes).
         workers: processes for detection and alignment (one machine, a process pool).
         devices, num_nodes: run detection and alignment as Lightning's predict loop on
             devices x num_nodes processes (DDP over gloo), launched like `fit`: directly
             (`--devices 4`: Lightning starts the other processes), under torchrun or SLURM
-            (recipes/launch); the inputs are split deterministically over the ranks, rank 0
-            assembles the shards once all are done. A re-run redoes only unfinished inputs.
+            (recipes/launch); the inputs are split deterministically over the ranks (photos for
+            folders and tables, whole shards for shard input). Folder / table input: rank 0
+            assembles the shards once all are done; shard input: each rank writes the output
+            shards and rejects of its input shards, rank 0 merges the manifests. A re-run
+            redoes only unfinished inputs.
+        detector_device: where the face detector runs: cpu (default), or cuda (each rank on
+            its own GPU: Lightning's cuda:<local rank>; insightface needs onnxruntime-gpu).
+        detect_batch_size: shard input: photos per detector call (> 1 batches same-size
+            photos: what a GPU wants; 1 detects photo by photo, as for folders).
+        decode_workers: shard input: DataLoader worker processes that read and decode the
+            photos beside the detector (0: in the detecting process).
     """
     if face_size % 112:
         raise UserError(f"face_size must be a multiple of 112 (ArcFace template), got {face_size}")
+    if devices * num_nodes > 1 and workers > 1:
+        raise UserError("give either workers (a process pool on this machine) or devices / num_nodes "
+                        "(Lightning's processes, any number of machines), not both")
+    options = {"filters": vars(filters), "face_size": face_size, "max_image_side": max_image_side,
+               "identity_from_folder": identity_from_folder, "input": os.path.abspath(input),
+               "references": os.path.abspath(references) if references else None}
+    if is_shard_input(input):
+        if references or identity_from_folder:
+            raise UserError(f"{input}: shard input names identities in each sample's json (`identity`); "
+                            "references / identity_from_folder apply to folders and tables")
+        return _prepare_shards(input, out, filters, face_size, max_image_side, workers, devices, num_nodes,
+                               detector, detector_model_dir, progress, options,
+                               dict(detect_batch_size=detect_batch_size, decode_workers=decode_workers),
+                               detector_device)
     records = read_inputs(input, references, identity_from_folder, image_column=image_column,
                           caption_column=caption_column, identity_column=identity_column,
                           reference_column=reference_column)
     work = os.path.join(out, ".work")
     os.makedirs(work, exist_ok=True)
     _remove_debris(out, work)
+    started = time.perf_counter()
     if devices * num_nodes > 1:
-        if workers > 1:
-            raise UserError("give either workers (a process pool on this machine) or devices / num_nodes "
-                            "(Lightning's processes, any number of machines), not both")
-        if not _run_phase1_distributed(records, work, filters, face_size, max_image_side, devices, num_nodes,
-                                       detector, detector_model_dir, progress):
+        import torch
+
+        from faceclip_zoo.tasks.prepare import PrepareTask
+
+        task = PrepareTask(work, filters, face_size, max_image_side, detector, detector_model_dir,
+                           threads=torch.get_num_threads())
+        if not run_distributed(task, records, devices, num_nodes, progress, batch_size=8,
+                               accelerator=detector_device):
             return {}  # not rank 0: rank 0 assembles
     else:
         todo = pending(records, work)
-        _run_phase1(todo, work, filters, face_size, max_image_side, workers, detector, detector_model_dir, progress)
+        _run_phase1(todo, work, filters, face_size, max_image_side, workers, detector, detector_model_dir, progress,
+                    detector_device)
+    run = _this_run(started, devices * num_nodes if devices * num_nodes > 1 else workers)
+    return assemble(records, out, work, samples_per_shard, _manifest_extra(detector, detector_model_dir, options, run))
+
+
+def _this_run(started: float, processes: int) -> dict:
+    """What this run (not the collection) cost: its detect+align phase, wall clock on rank 0
+    (the ranks' start included), for `bench` and for sizing a cluster job."""
+    return {"processes": processes, "detect_align_seconds": round(time.perf_counter() - started, 3)}
+
+
+def _manifest_extra(detector: str, detector_model_dir: str | None, options: dict, run: dict) -> dict:
     from faceclip_zoo.data.detect import build_detector
 
     describe = build_detector(detector, model_dir=detector_model_dir).describe()
-    options = {"filters": vars(filters), "face_size": face_size, "max_image_side": max_image_side,
-               "identity_from_folder": identity_from_folder, "input": os.path.abspath(input),
-               "references": os.path.abspath(references) if references else None}
-    return assemble(records, out, work, samples_per_shard,
-                    {"detector": describe, "versions": _versions(), "options": options})
+    return {"detector": describe, "versions": _versions(), "options": options, "this_run": run}
+
+
+def _prepare_shards(input: str, out: str, filters: Filters, face_size: int, max_image_side: int, workers: int,
+                    devices: int, num_nodes: int, detector: str, detector_model_dir: str | None, progress: bool,
+                    options: dict, pipeline: dict, detector_device: str) -> dict:
+    """WebDataset / img2dataset shards in: one output shard per input shard, per-shard
+    parts, then the merged manifest (faceclip_zoo.data.prepare_shards)."""
+    from faceclip_zoo.data.prepare_shards import PARTS, merge_parts, run_shards
+
+    inputs = input_shards(input)
+    os.makedirs(os.path.join(out, PARTS), exist_ok=True)
+    _remove_debris(out, os.path.join(out, PARTS))
+    started = time.perf_counter()
+    if devices * num_nodes > 1:
+        import torch
+
+        from faceclip_zoo.tasks.prepare import PrepareShardsTask
+
+        task = PrepareShardsTask(out, filters, face_size, max_image_side, detector, detector_model_dir,
+                                 threads=torch.get_num_threads(), **pipeline)
+        if not run_distributed(task, inputs, devices, num_nodes, progress, batch_size=1, accelerator=detector_device):
+            return {}  # not rank 0: rank 0 merges
+    else:
+        run_shards(inputs, out, filters, face_size, max_image_side, workers, detector, detector_model_dir, progress,
+                   device="cuda" if detector_device == "cuda" else "cpu", **pipeline)
+    run = _this_run(started, devices * num_nodes if devices * num_nodes > 1 else workers)
+    return merge_parts(inputs, out, _manifest_extra(detector, detector_model_dir, options, run))

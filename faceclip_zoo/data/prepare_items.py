@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from faceclip_zoo.data.align import crop_face, pick_face, sharpness
-from faceclip_zoo.data.images import ImageRejected, load_image
+from faceclip_zoo.data.images import ImageRejected, LoadedImage, load_image
 from faceclip_zoo.data.prepare_inputs import Record
 from faceclip_zoo.utils import atomic_write_bytes
 
@@ -40,21 +40,36 @@ class Filters:
 _DETECTOR = None
 
 
-def init_detector(detector: str, detector_model_dir: str | None, threads: int = 1) -> None:
-    """The detector of this process (each worker process, each rank builds its own)."""
+def detector():
+    """This process's detector (init_detector builds it)."""
+    return _DETECTOR
+
+
+def init_detector(detector: str, detector_model_dir: str | None, threads: int = 1, device: str = "cpu") -> None:
+    """The detector of this process (each worker process, each rank builds its own), on
+    `device` (cpu, or a rank's cuda:k)."""
     global _DETECTOR
     import torch
 
     torch.set_num_threads(threads)
     from faceclip_zoo.data.detect import build_detector
 
-    _DETECTOR = build_detector(detector, model_dir=detector_model_dir)
+    _DETECTOR = build_detector(detector, model_dir=detector_model_dir, **({} if device == "cpu" else
+                                                                         {"device": device}))
 
 
 def _face_of(path: str, filters: Filters, face_size: int) -> tuple[np.ndarray, dict, object]:
     """-> (rgb, facts, aligned) or ImageRejected."""
-    loaded = load_image(path, max_pixels=filters.max_pixels, min_size=filters.min_image_size)
-    faces = _DETECTOR.detect(loaded.rgb)
+    return face_of_image(load_image(path, max_pixels=filters.max_pixels, min_size=filters.min_image_size),
+                         path, filters, face_size)
+
+
+def face_of_image(loaded: LoadedImage, path: str, filters: Filters, face_size: int, faces: list | None = None
+                  ) -> tuple[np.ndarray, dict, object]:
+    """A decoded photo (named `path` in messages) -> (rgb, facts, aligned) or ImageRejected:
+    detect (unless the faces are given: batched detection), pick the face, filter, align."""
+    if faces is None:
+        faces = _DETECTOR.detect(loaded.rgb)
     face, count = pick_face(faces, filters.multiple_faces, where=path)
     if face.score < filters.min_score:
         raise ImageRejected("low_score", f"{path}: detection score {face.score:.3f} < {filters.min_score}")
@@ -75,7 +90,7 @@ def _face_of(path: str, filters: Filters, face_size: int) -> tuple[np.ndarray, d
     return loaded.rgb, facts, aligned
 
 
-def _encode(arr: np.ndarray, fmt: str, max_side: int | None = None) -> bytes:
+def encode_image_bytes(arr: np.ndarray, fmt: str, max_side: int | None = None) -> bytes:
     img = Image.fromarray(arr)
     if max_side and max(img.size) > max_side:
         s = max_side / max(img.size)
@@ -104,15 +119,15 @@ def process_record(record: Record, work: str, filters: Filters, face_size: int, 
         if record.image is None or not os.path.isfile(record.image):
             raise ImageRejected("missing_file", f"{record.image}: no such file")
         rgb, facts, aligned = _face_of(record.image, filters, face_size)
-        atomic_write_bytes(os.path.join(work, f"{key}.face.png"), _encode(aligned.crop, "png"))
+        atomic_write_bytes(os.path.join(work, f"{key}.face.png"), encode_image_bytes(aligned.crop, "png"))
         if record.kind == "sample":
-            atomic_write_bytes(os.path.join(work, f"{key}.image.jpg"), _encode(rgb, "jpg", max_image_side))
+            atomic_write_bytes(os.path.join(work, f"{key}.image.jpg"), encode_image_bytes(rgb, "jpg", max_image_side))
         if record.reference:
             try:
                 _, ref_facts, ref_aligned = _face_of(record.reference, filters, face_size)
             except ImageRejected as exc:
                 raise ImageRejected("bad_reference", f"reference photo: {exc}") from None
-            atomic_write_bytes(os.path.join(work, f"{key}.ref.png"), _encode(ref_aligned.crop, "png"))
+            atomic_write_bytes(os.path.join(work, f"{key}.ref.png"), encode_image_bytes(ref_aligned.crop, "png"))
             facts["reference_sha256"] = ref_facts["sha256"]
         result.update(status="accepted", caption=record.caption, identity=record.identity, **facts)
     except ImageRejected as exc:

@@ -224,14 +224,18 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         return float(self.vae_config.get("scaling_factor", 1.0)), float(self.vae_config.get("shift_factor") or 0.0)
 
     @torch.no_grad()
-    def frozen_features(self, batch: dict, names) -> dict[str, torch.Tensor]:
-        """The frozen VAE's latents and the frozen encoders' embeddings (no dropout)."""
+    def frozen_features(self, batch: dict, names, generator: torch.Generator | None = None
+                        ) -> dict[str, torch.Tensor]:
+        """The frozen VAE's latents (a posterior sample drawn from `generator`: `cache` seeds
+        one per shard, so any rank computes the same) and the frozen encoders' embeddings
+        (no dropout)."""
         if self.hparams.train_encoders and {"prompt_embeds", "pooled_prompt_embeds"} & set(names):
             raise UserError("train_encoders is on: the encoders change during training, so their outputs "
                             "cannot be cached; cache only vae_latents")
         out = {}
         if "vae_latents" in names:
-            out["vae_latents"] = self.encode_latents({k: v for k, v in batch.items() if k != "vae_latents"})
+            out["vae_latents"] = self.encode_latents({k: v for k, v in batch.items() if k != "vae_latents"},
+                                                     generator)
         if {"prompt_embeds", "pooled_prompt_embeds"} & set(names):
             embeds, pooled = self.condition(batch["caption"], batch["face"].to(self.device),
                                             batch["has_face"].to(self.device))

@@ -283,8 +283,10 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
         return cached
 
     @torch.no_grad()
-    def frozen_features(self, batch: dict, names) -> dict[str, torch.Tensor]:
-        """The frozen models' outputs for `names` (a subset of CACHEABLE), computed."""
+    def frozen_features(self, batch: dict, names, generator: torch.Generator | None = None
+                        ) -> dict[str, torch.Tensor]:
+        """The frozen models' outputs for `names` (a subset of CACHEABLE), computed (all
+        deterministic: `generator` is unused, for the diffusion modules' interface)."""
         out = {}
         if "face_identity" in names or "face_patches" in names:
             has_face = batch["has_face"].to(self.device)

@@ -29,10 +29,36 @@ class PrepareTask(L.LightningModule):
         self.detector, self.detector_model_dir, self.threads = detector, detector_model_dir, threads
 
     def setup(self, stage: str) -> None:
-        init_detector(self.detector, self.detector_model_dir, self.threads)  # one per rank
+        # one per rank, on the rank's device (Lightning's: cuda:<local rank> under accelerator cuda)
+        device = "cpu" if self.device.type == "cpu" else str(self.device)
+        init_detector(self.detector, self.detector_model_dir, self.threads, device)
 
     def predict_step(self, batch: list, batch_idx: int) -> dict[str, int]:
         todo = pending([r for r in batch if r is not None], self.work)  # what no earlier run finished
         results = [process_record(r, self.work, self.filters, self.face_size, self.max_image_side) for r in todo]
         accepted = sum(r["status"] == "accepted" for r in results)
         return {"accepted": accepted, "rejected": len(results) - accepted}
+
+
+class PrepareShardsTask(PrepareTask):
+    """`prepare` over input shards (img2dataset's layout, faceclip_zoo.data.prepare_shards):
+    a batch of input shard paths in, each one's output shard and part written (skipped when
+    an earlier run finished it), counts out."""
+
+    def __init__(self, out: str, filters: Filters, face_size: int, max_image_side: int, detector: str,
+                 detector_model_dir: str | None, threads: int = 1, detect_batch_size: int = 1,
+                 decode_workers: int = 0):
+        super().__init__(out, filters, face_size, max_image_side, detector, detector_model_dir, threads)
+        self.detect_batch_size, self.decode_workers = detect_batch_size, decode_workers
+
+    def predict_step(self, batch: list, batch_idx: int) -> dict[str, int]:
+        from faceclip_zoo.data.prepare_shards import prepare_shard, shard_done
+
+        totals = {"accepted": 0, "rejected": 0}
+        for src in batch:
+            if src is not None and not shard_done(src, self.work):
+                counts = prepare_shard(src, self.work, self.filters, self.face_size, self.max_image_side,
+                                       self.detect_batch_size, self.decode_workers)
+                totals["accepted"] += counts["accepted"]
+                totals["rejected"] += counts["rejected"]
+        return totals

@@ -7,7 +7,8 @@
 #
 # NNODES must equal the recipe's trainer.num_nodes and GPUS_PER_NODE its trainer.devices.
 # COMMAND=prepare runs data preparation the same way (recipes/prepare/default.yaml with
-# --input, --out, --devices GPUS_PER_NODE, --num_nodes NNODES).
+# --input, --out, --devices GPUS_PER_NODE, --num_nodes NNODES); COMMAND=cache the feature cache
+# (recipes/cache/default.yaml with --recipe <fit recipe> and the same --devices / --num_nodes).
 set -euo pipefail
 RECIPE=${1:?usage: NNODES=N NODE_RANK=i MASTER_ADDR=host recipes/launch/torchrun.sh <recipe.yaml> [fit options]}
 shift
