@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,11 +39,21 @@ class Filters:
 
 # ---------------------------------------------------------------- phase 1: one input
 _DETECTOR = None
+_READY_AT = 0.0  # perf_counter when this process (and, distributed, every rank) could start work
 
 
 def detector():
     """This process's detector (init_detector builds it)."""
     return _DETECTOR
+
+
+def mark_ready() -> None:
+    global _READY_AT
+    _READY_AT = time.perf_counter()
+
+
+def ready_at() -> float:
+    return _READY_AT
 
 
 def init_detector(detector: str, detector_model_dir: str | None, threads: int = 1, device: str = "cpu") -> None:
@@ -56,6 +67,7 @@ def init_detector(detector: str, detector_model_dir: str | None, threads: int = 
 
     _DETECTOR = build_detector(detector, model_dir=detector_model_dir, **({} if device == "cpu" else
                                                                          {"device": device}))
+    mark_ready()
 
 
 def _face_of(path: str, filters: Filters, face_size: int) -> tuple[np.ndarray, dict, object]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from faceclip_zoo.data.prepare_items import Filters, init_detector, pending, process_record
+from faceclip_zoo.data.prepare_items import Filters, init_detector, mark_ready, pending, process_record
 
 
 class PrepareTask(L.LightningModule):
@@ -32,6 +32,10 @@ class PrepareTask(L.LightningModule):
         # one per rank, on the rank's device (Lightning's: cuda:<local rank> under accelerator cuda)
         device = "cpu" if self.device.type == "cpu" else str(self.device)
         init_detector(self.detector, self.detector_model_dir, self.threads, device)
+
+    def on_predict_start(self) -> None:
+        self.trainer.strategy.barrier("prepare_ready")  # every rank has its detector: the work starts
+        mark_ready()
 
     def predict_step(self, batch: list, batch_idx: int) -> dict[str, int]:
         todo = pending([r for r in batch if r is not None], self.work)  # what no earlier run finished
