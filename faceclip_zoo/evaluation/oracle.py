@@ -95,6 +95,15 @@ class OracleSDXLModule(SDXLJointModule):
             self.condition = oracle
         path = f"{self.hparams.face_id}/model.safetensors"
         load_strict(self.condition.face_id.vit, load_weights_file(path, "oracle face_id"), path)
+        # The token starts as loud as the caption's tokens: a default-initialised map gives a
+        # token of norm ~1 among tokens of norm ~11, which cross-attention then never looks
+        # at (measured: the oracle ignored it, paired Face Sim gain 0.000 +- 0.001).
+        with torch.no_grad():
+            embeds, _ = self.condition.base.unconditional(["a photo of a person"], self.device)
+            norm = embeds.float().norm(dim=-1).mean().item()
+            proj = self.condition.proj
+            torch.nn.init.normal_(proj.weight, std=norm / proj.in_features ** 0.5)
+            torch.nn.init.zeros_(proj.bias)
 
     def train(self, mode: bool = True):
         super().train(mode)
