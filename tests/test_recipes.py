@@ -37,29 +37,29 @@ def test_there_are_recipes():
             "quickstart/facet5.yaml", "facet5-flux/finetune.yaml", "facet5-xxl/pretrain.yaml"} <= names
 
 
-@pytest.mark.parametrize("recipe", PREPARE, ids=lambda p: str(p.relative_to(REPO / "recipes")))
-def test_prepare_recipe_parses(recipe):
+def _parse_options(function, recipe: Path, *args: str):
+    """A command's options file (`--config`) parsed against the command's signature."""
     from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from faceclip_zoo.data.prepare import prepare
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(prepare)
-    cfg = parser.parse_args(["--config", str(recipe), "--input", "photos", "--out", "shards"])
+    parser.add_function_arguments(function)
+    return parser.parse_args(["--config", str(recipe), *args])
+
+
+@pytest.mark.parametrize("recipe", PREPARE, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_prepare_recipe_parses(recipe):
+    from faceclip_zoo.data.prepare import prepare
+
+    cfg = _parse_options(prepare, recipe, "--input", "photos", "--out", "shards")
     assert cfg.filters.multiple_faces in ("largest", "reject") and cfg.face_size == 448
 
 
 @pytest.mark.parametrize("recipe", CACHE, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_cache_options_parse(recipe):
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     from faceclip_zoo.cache import cache
 
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(cache)
-    cfg = parser.parse_args(["--config", str(recipe), "--recipe", "fit.yaml", "--devices", "2"])
+    cfg = _parse_options(cache, recipe, "--recipe", "fit.yaml", "--devices", "2")
     assert cfg.recipe == "fit.yaml" and cfg.devices == 2 and cfg.shards is None
 
 
