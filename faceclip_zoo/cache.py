@@ -252,7 +252,7 @@ def _cache_distributed(module, names: list[str], jobs: list[tuple], options: dic
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp",
                         logger=False, enable_checkpointing=False, enable_progress_bar=progress,
                         enable_model_summary=False, use_distributed_sampler=False)
-    batches = trainer.predict(CacheTask(module, names, options), datamodule=InputShare(jobs, batch_size=1),
+    batches = trainer.predict(CacheTask(module, names, options, cache_shard), datamodule=InputShare(jobs, batch_size=1),
                               return_predictions=True)
     mine = [done for batch in batches for done in batch]
     gathered: list = [None] * trainer.world_size
