@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -38,8 +39,11 @@ import numpy as np
 import torch
 import yaml
 
+from faceclip_zoo.cache_fingerprint import feature_fingerprints, recorded_fingerprints
 from faceclip_zoo.data.schema import CACHED_FEATURES, FACE_FEATURES
 from faceclip_zoo.utils import UserError, atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 
 def build_from_recipe(recipe: str):
@@ -204,8 +208,14 @@ def cache(
         dest_dir = folder if out is None else os.path.join(out, os.path.basename(folder))
         os.makedirs(dest_dir, exist_ok=True)
         jobs.append((i, path, os.path.join(dest_dir, os.path.basename(path))))
+    module.setup("fit")  # the weights, loaded once: their fingerprints go into cache.json
+    fingerprints = feature_fingerprints(module, names)
+    stale = {d: s for d in dict.fromkeys(os.path.dirname(dest) for _, _, dest in jobs)
+             if (s := [n for n in names if recorded_fingerprints(d).get(n, fingerprints.get(n)) != fingerprints.get(n)])}
+    for folder, what in stale.items():
+        log.warning("%s: %s were cached by other frozen weights; recomputing them", folder, ", ".join(what))
     options = dict(image_size=image_size, face_size=face_size, buckets=buckets, batch_size=batch_size, dtype=dtype,
-                   overwrite=overwrite)
+                   overwrite=overwrite or bool(stale))
     t0 = time.time()
     if devices * num_nodes > 1:
         results = _cache_distributed(module, names, jobs, options, device, devices, num_nodes, progress)
@@ -214,7 +224,6 @@ def cache(
     else:
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))
-        module.setup("fit")
         module.to(dev).eval()
         with tqdm(unit="sample", desc="cache " + ",".join(names), disable=not progress) as bar:
             results = [cache_shard(src, dest, module, names, bar=bar, **options) for _, src, dest in jobs]
@@ -227,6 +236,7 @@ def cache(
     for dest_dir, shard_counts in per_folder.items():
         record = {"features": names, "dtype": dtype, "recipe": os.path.abspath(recipe),
                   "model": type(module).__name__, "hparams": _jsonable(dict(module.hparams)),
+                  "fingerprints": {**recorded_fingerprints(dest_dir), **fingerprints},
                   "image_size": image_size, "face_size": face_size, "buckets": buckets,
                   "shards": shard_counts, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         atomic_write_bytes(os.path.join(dest_dir, "cache.json"), json.dumps(record, indent=1).encode("utf-8"))

@@ -156,6 +156,7 @@ def quickstart_diffusion_recipe(tmp_path: Path, shards: Path, name: str, model_a
                              limit_val_batches=1)
     redirect_loggers(recipe["trainer"], root)
     recipe["trainer"]["callbacks"][1]["init_args"]["dirpath"] = str(tmp_path / "pipeline")
+    recipe["model"]["init_args"].pop("unet_weights", None)  # the SDXL quickstart's base: from scratch here
     recipe["model"]["init_args"].update(vae_weights=None, num_samples=2, sample_steps=2, warmup_steps=1, **model_args)
     recipe["data"] = {"class_path": "faceclip_zoo.data.ShardDataModule", "init_args": {
         "train": str(shards / "train"), "val": str(shards / "val"), "guided": str(shards / "guided"),

@@ -1,6 +1,7 @@
 """`cache`: frozen-model outputs stored in the shards equal what training computes, are
 read back by the DataModule, keep every original member, and a re-run does no work."""
 
+import json
 import tarfile
 
 import pytest
@@ -44,7 +45,9 @@ def test_encoder_features_equal_the_computed_targets(tmp_path, tiny_shards, corr
     corrupt = members(out / tmp_path.name / "corrupt.tar")
     assert corrupt == {k: v | ({"clip_image.npy", "clip_text.npy"} | face_feats if k.startswith("good") else set())
                        for k, v in members(tmp_path / "corrupt.tar").items()}
-    assert (out / "train" / "cache.json").is_file()
+    prints = json.loads((out / "train" / "cache.json").read_text())["fingerprints"]
+    assert set(prints) == set(total["features"])  # which frozen weights made each feature
+    assert prints["face_identity"] == prints["face_patches"] == prints["arcface"] != prints["clip_image"]
 
     module, _ = build_from_recipe(str(recipe))  # the same seed: the same frozen weights
     module.setup("fit")
@@ -118,6 +121,49 @@ def test_sdxl_latents_and_embeddings_equal_the_computed_ones(tmp_path, tiny_shar
     wrong["image"] = torch.nn.functional.interpolate(wrong["image"], size=32)
     with pytest.raises(UserError, match="cached at another resolution"):
         module.encode_latents(wrong)
+
+
+def test_features_of_other_frozen_weights_are_refused_then_recomputed(tmp_path, tiny_shards, capsys):
+    """Retraining the encoder after `cache` leaves stale embeddings in the shards: fit refuses
+    them (naming the features and the command), `cache` recomputes them, then fit runs."""
+    import shutil
+
+    import yaml
+
+    from faceclip_zoo.cli import main
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    encoder_dir = tmp_path / "encoder"
+    save_model_dir(sdxl_branches(seed=0)[0], encoder_dir)
+    recipe = sdxl_recipe(tmp_path, shards, encoder_dir, steps=2)
+    first = cache(str(recipe), dtype="float32", progress=False)
+    assert first["cached"] == first["samples"] > 0
+    recorded = json.loads((shards / "train" / "cache.json").read_text())["fingerprints"]
+    assert set(recorded) == {"vae_latents", "prompt_embeds", "pooled_prompt_embeds"}
+
+    save_model_dir(sdxl_branches(seed=1)[0], encoder_dir)  # "retrained" encoder, same folder
+    assert main(["fit", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "the cached pooled_prompt_embeds, prompt_embeds were computed by other frozen weights" in err
+    assert "vae_latents" not in err.split("error:")[-1] and "--overwrite true" in err
+
+    again = cache(str(recipe), dtype="float32", progress=False)  # no --overwrite needed
+    assert again["cached"] == again["samples"] == first["samples"]
+    updated = json.loads((shards / "train" / "cache.json").read_text())["fingerprints"]
+    assert updated["vae_latents"] == recorded["vae_latents"] and updated["prompt_embeds"] != recorded["prompt_embeds"]
+    module, _ = build_from_recipe(str(recipe))
+    module.setup("fit")
+    batch = first_val_batch(shards / "val")
+    e, _ = module.condition(batch["caption"], batch["face"], batch["has_face"])
+    torch.testing.assert_close(batch["prompt_embeds"], e, atol=1e-5, rtol=1e-5)  # the new encoder's
+    assert main(["fit", "--config", str(recipe)]) == 0
+    # a fit that trains the encoders ignores cached embeddings, so they are not checked
+    cfg = yaml.safe_load(recipe.read_text())
+    save_model_dir(sdxl_branches(seed=2)[0], encoder_dir)
+    cfg["model"]["init_args"]["train_encoders"] = True
+    recipe.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(recipe)]) == 0
 
 
 def test_bad_requests_are_clear(tmp_path, tiny_shards, corrupt_shard):  # noqa: F811

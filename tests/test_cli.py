@@ -83,6 +83,20 @@ def test_quickstart_needing_an_encoder_names_the_command_to_run_first(tmp_path, 
                    f"`python -m faceclip_zoo fit --config recipes/quickstart/{maker}`"]
 
 
+def test_sdxl_quickstart_without_its_base_names_the_base_recipe(tmp_path, monkeypatch, capsys):
+    """With the encoder made but not the text-to-image base, the next step is named."""
+    from faceclip_zoo.models.faceclip import FaceCLIPEncoder
+    from faceclip_zoo.models.io import save_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    save_model_dir(FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")), tmp_path / "checkpoints" /
+                   "quickstart-encoder")
+    assert main(["fit", "--config", str(REPO / "recipes" / "quickstart" / "sdxl.yaml")]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.endswith("Seed set to 0")]
+    assert err == ["error: checkpoints/quickstart-sdxl-base/unet does not exist yet; make it first with "
+                   "`python -m faceclip_zoo fit --config recipes/quickstart/sdxl-base.yaml`"]
+
+
 def test_missing_weights_file_is_one_clear_line(tmp_path, tiny_shards, corrupt_shard):
     recipe = tiny_recipe(tmp_path, tiny_shards, face_encoder_weights=str(tmp_path / "nope.safetensors"))
     res = run_cli("fit", "--config", str(recipe))

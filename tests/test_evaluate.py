@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from faceclip_zoo.config import CLIPConfig, FaceCLIPConfig, FaceViTConfig, diffusers_config
+from faceclip_zoo.config import CLIPConfig, FaceCLIPConfig, FaceViTConfig
 from faceclip_zoo.evaluation.benchmark import image_path, score
 from faceclip_zoo.evaluation.models import ClipModel, build_fid
 from faceclip_zoo.evaluation.spec import load_spec
@@ -200,10 +200,16 @@ def test_evaluate_pipeline_writes_results_and_sheets_and_resumes(tmp_path, quick
     records = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
     assert len(records) == n
     assert m["clip_t"] == pytest.approx(np.mean([r["clip_t"] for r in records]))
+    # standard errors over the images, and each image's identity hit behind identity top-1
+    assert m["clip_t_se"] == pytest.approx(np.std([r["clip_t"] for r in records], ddof=1) / np.sqrt(n))
+    assert m["face_sim_se"] == pytest.approx(np.std([r["face_sim"] for r in records], ddof=1) / np.sqrt(n))
+    hits = [float(r["identity_hit"]) for r in records]
+    assert m["identity_top1"] == pytest.approx(np.mean(hits))
+    assert m["identity_top1_se"] == pytest.approx(np.std(hits, ddof=1) / np.sqrt(n))
     for name in identities:
         sheet = Image.open(out / "sheets" / f"{name}.png")
         assert sheet.width > sheet.height  # reference + 4 generations in one row
-    assert "| Face Sim |" in (out / "results.md").read_text()
+    assert f"| Face Sim | {m['face_sim']:.4f} +- {m['face_sim_se']:.4f} |" in (out / "results.md").read_text()
 
     # resume: a lost image is generated again, identical (seeded by what it shows, batched differently)
     victim = out / records[3]["image"]
@@ -219,6 +225,16 @@ def test_evaluate_pipeline_writes_results_and_sheets_and_resumes(tmp_path, quick
     spec["generation"]["steps"] = 3
     bench.write_text(yaml.safe_dump(spec))
     assert main(["evaluate", "--pipeline", str(quickstart_sdxl_dir), "--benchmark", str(bench), "--out", str(out)]) == 2
+
+    # the no-identity control: the same prompts and seeds with the face input zeroed
+    spec["generation"].update(steps=2, face="zeroed")
+    bench.write_text(yaml.safe_dump(spec))
+    assert main(["evaluate", "--pipeline", str(quickstart_sdxl_dir), "--benchmark", str(bench), "--out",
+                 str(tmp_path / "zeroed")]) == 0
+    zeroed = json.loads((tmp_path / "zeroed" / "generation.json").read_text())
+    assert zeroed["generation"]["face"] == "zeroed" and "face" not in json.loads((out / "generation.json").read_text())
+    first = np.array(Image.open(tmp_path / "zeroed" / records[0]["image"]), dtype=np.float32)
+    assert np.abs(first - np.array(Image.open(out / records[0]["image"]), dtype=np.float32)).mean() > 0.5  # face off
 
 
 def test_encoder_zero_shot_follows_the_papers_protocol(tmp_path, zoo_clip, tiny_data):
@@ -385,3 +401,59 @@ def test_identity_oracle_trains_only_its_token_map_and_is_scored_from_its_checkp
     assert main(["evaluate", "--pipeline", str(ckpt), "--benchmark", "synthetic", "--out", str(out),
                  "--synthetic_val", str(tiny_shards / "val"), "--face_id", str(face_vit), "--steps", "1"]) == 0
     assert json.loads((out / "results.json").read_text())["results"]["generated"]["images"] == 12
+
+
+def test_probes_read_identity_from_the_condition_and_the_loss_gap_by_timestep(tmp_path, quickstart_sdxl_dir,
+                                                                              tiny_shards):
+    from faceclip_zoo.cli import main
+    from faceclip_zoo.synthetic.faces import render, sample_identity, sample_variation
+    from faceclip_zoo.synthetic.probes import TIMESTEPS, head_mask, identity_in_embeddings
+
+    # the head's box, in latent pixels, is where a rendered scene differs from its background
+    rng = np.random.default_rng(0)
+    ident, var = sample_identity(rng), sample_variation(rng, max_angle=0)
+    var.background, var.light, var.exposure = "green", "front", 1.0
+    scene = np.asarray(render(ident, var, 64, 64 / 112 * 0.8), dtype=np.float32)
+    is_bg = (np.abs(scene - np.array([40, 160, 60], dtype=np.float32)).sum(-1) < 30).reshape(16, 4, 16, 4)
+    bg_share = torch.from_numpy(is_bg.mean((1, 3)))
+    mask = head_mask(64, 4, 0.8).bool()
+    assert 40 < mask.sum() < 160 and bg_share[mask].mean() < 0.25 and bg_share[:4][~mask[:4]].mean() > 0.9
+
+    # the identity probe: a ridge map fitted on training identities reads held-out ones from
+    # what embed() returns; an identity is a vector the face crop carries in its first row
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(8, 3 * 40, generator=gen)
+
+    class Stub:
+        def embed(self, batch, drop, no_face):
+            ident = batch["face"][:, 0, 0, :8]
+            e = (ident @ mix) * (~no_face).float()[:, None] + 0.05 * torch.randn(len(ident), 120, generator=gen)
+            return e.view(-1, 3, 40), None
+
+    def world(prefix, count):
+        vectors = F.normalize(torch.randn(count, 8, generator=gen), dim=-1)
+        out = []
+        for i in range(count * 4):
+            face = torch.zeros(3, 8, 8)
+            face[:, 0, :8] = vectors[i % count] + 0.05 * torch.randn(8, generator=gen)
+            out.append({"key": f"{prefix}{i}", "identity": f"{prefix}{i % count}", "caption": "x", "face": face,
+                        "image": torch.zeros(3, 8, 8), "has_face": True})
+        return out
+
+    got = identity_in_embeddings(Stub(), lambda faces: faces[:, 0, 0, :8], world("train", 40), world("held", 10))
+    assert got["chance"] == 0.1 and got["train_samples"] == 160
+    assert got["identity_top1_face"] > 0.9 and got["identity_top1_face_zeroed"] < 0.4, got
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pipeline", str(quickstart_sdxl_dir), "--benchmark", "synthetic", "--out", str(out),
+                 "--synthetic_val", str(tiny_shards / "val"), "--steps", "2", "--probes", "true",
+                 "--face_id", str(save_model_dir(FaceViT(FaceViTConfig.from_name("face-vit-tiny")), tmp_path / "v"))]) == 0
+    probes = json.loads((out / "results.json").read_text())["probes"]
+    rows = probes["loss_by_timestep"]
+    assert [r["timestep"] for r in rows] == list(TIMESTEPS)
+    for r in rows:
+        assert r["head_gap"] == pytest.approx(r["head_zeroed"] - r["head_face"], abs=1e-6) and r["head_gap_se"] > 0
+        assert r["head_face"] > 0 and r["image_face"] > 0
+    assert 0 <= probes["identity_in_embeddings"]["identity_top1_face"] <= 1
+    assert probes["identity_in_embeddings"]["train_samples"] > 0
+    assert "| 999 |" in (out / "results.md").read_text()

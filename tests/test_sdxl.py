@@ -194,6 +194,21 @@ def test_min_snr_weights_match_formula():
                                             torch.tensor(1.0)]))
 
 
+def test_timestep_sampling_densities():
+    n = 20000
+    uniform = SDXLJointModule().sample_timesteps(n, torch.Generator().manual_seed(0))
+    assert uniform.dtype == torch.long and 0 <= uniform.min() and uniform.max() <= 999
+    torch.testing.assert_close(uniform, torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(0)))
+    mid = SDXLJointModule(timestep_sampling="logit_normal").sample_timesteps(n, torch.Generator().manual_seed(0))
+    late = SDXLJointModule(timestep_sampling="logit_normal", logit_mean=1.0).sample_timesteps(
+        n, torch.Generator().manual_seed(0))
+    assert 0 <= mid.min() and late.max() <= 999
+    # logit-normal(0, 1): 68 % of the steps within t 270..730 (uniform: 46 %); mean 1.0 moves them to higher noise
+    inner = ((mid > 269) & (mid < 731)).float().mean()
+    assert 0.58 < inner < 0.70 and abs(mid.float().mean() - 500) < 10, inner
+    assert late.float().median() > 700 > mid.float().median()
+
+
 def test_zero_terminal_snr_schedule_reaches_the_sampler():
     overrides = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     m = SDXLJointModule(prediction_type="v_prediction", scheduler_overrides=overrides)

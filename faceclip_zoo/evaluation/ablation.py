@@ -13,8 +13,12 @@ encoder, fine-tunes the quickstart's tiny SDXL stage on it, and evaluates:
     one prompt, and the pre-training's text retrieval (val/text_top1).
 A diffusion-only encoder (the same starting point, trained only through the SDXL loss,
 `train_encoders: true`) gives Fig. 2's contrast: t-SNE of its joint embeddings next to the
-pre-trained L3 encoder's. Every stage is skipped when its output exists, so an
-interrupted ablation continues where it stopped. Results: <out>/results.{json,md}.
+pre-trained L3 encoder's. L3's pipeline is scored once more with its face input zeroed
+(the same prompts and seeds): the floor identity is read against. Every generated-image
+score comes with its standard error over the images. Each SDXL stage runs on its own copy
+of the synthetic world (`<out>/<variant>/world`) whose frozen features `cache` stores first
+(`cache_features`). Every stage is skipped when its output exists, so an interrupted
+ablation continues where it stopped. Results: <out>/results.{json,md}.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ DEFAULTS = {
     "diffusion_steps": 200,
     "variants": {"L1": ["image"], "L2": ["image", "identity"], "L3": ["image", "identity", "text"]},
     "diffusion_only": True,
+    "face_zeroed_control": True,
+    "cache_features": True,
     "eval": {"samples_per_identity": 2, "steps": 20, "guidance": 5.0, "batch_size": 8},
 }
 
@@ -82,8 +88,9 @@ def _recipe(path: str, steps: int, run_dir: Path, export_dir: Path, model_args: 
     return recipe
 
 
-def _fit(recipe: dict, where: Path) -> float:
-    """Run `fit` on a recipe (written beside its outputs); returns seconds."""
+def _fit(recipe: dict, where: Path, cache_features: str | None = None) -> float:
+    """Run `fit` on a recipe (written beside its outputs), after `cache` of `cache_features`
+    (comma-separated; "" = all the model can cache) when given; returns seconds."""
     from faceclip_zoo.train import fit
 
     run_dir = Path(recipe["trainer"]["default_root_dir"])
@@ -91,8 +98,19 @@ def _fit(recipe: dict, where: Path) -> float:
     where.parent.mkdir(parents=True, exist_ok=True)
     where.write_text(yaml.safe_dump(recipe, sort_keys=False))
     start = time.perf_counter()
+    if cache_features is not None:
+        from faceclip_zoo.cache import cache
+
+        cache(str(where), features=cache_features or None, progress=False)
     fit(where)
     return time.perf_counter() - start
+
+
+def _own_world(recipe: dict, folder: Path) -> dict:
+    """The recipe on its own copy of the synthetic world (rendered there by the DataModule),
+    whose shards `cache` fills with this variant's frozen features."""
+    recipe["data"]["init_args"].update(root=str(folder), num_workers=0)
+    return recipe
 
 
 def _last_metric(run_dir: Path, name: str) -> float | None:
@@ -170,8 +188,18 @@ def write_benchmark(folder: Path, per_identity: int, eval_cfg: dict, world: tupl
     return spec_path
 
 
-def background_accuracy(eval_dir: Path) -> float:
-    """How often the generated scene's background is the colour its caption names."""
+def zeroed_benchmark(spec_path: Path) -> Path:
+    """The benchmark with `generation.face: zeroed` (the no-identity control), beside it."""
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["generation"]["face"] = "zeroed"
+    path = spec_path.with_name("benchmark-face-zeroed.yaml")
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def background_accuracy(eval_dir: Path) -> tuple[float, float]:
+    """How often the generated scene's background is the colour its caption names (with its
+    standard error over the images)."""
     import torch
 
     from faceclip_zoo.synthetic.benchmark import background_of, caption_background
@@ -179,8 +207,10 @@ def background_accuracy(eval_dir: Path) -> float:
     rows = [json.loads(line) for line in (eval_dir / "per_image.jsonl").read_text().splitlines()]
     images = torch.stack([torch.from_numpy(np.asarray(Image.open(eval_dir / r["image"]).convert("RGB"),
                                                       dtype=np.float32) / 255).permute(2, 0, 1) for r in rows])
-    found = background_of(images)
-    return sum(f == caption_background(r["prompt"]) for f, r in zip(found, rows)) / len(rows)
+    from faceclip_zoo.evaluation.benchmark import standard_error
+
+    hits = [float(f == caption_background(r["prompt"])) for f, r in zip(background_of(images), rows)]
+    return sum(hits) / len(hits), standard_error(hits)
 
 
 def run_ablation(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -204,43 +234,59 @@ def run_ablation(cfg: dict[str, Any]) -> dict[str, Any]:
                                                       d / "encoder", {"losses": list(losses)}), d / "encoder.yaml")
         if not (d / "pipeline" / "model_index.json").exists():
             enc = str(d / "encoder")
-            timings[f"{name} diffusion"] = _fit(_recipe(cfg["diffusion_recipe"], cfg["diffusion_steps"],
-                                                        d / "diffusion-run", d / "pipeline",
-                                                        {"encoder_l": enc, "encoder_g": enc, "num_samples": 4}),
-                                                d / "diffusion.yaml")
+            recipe = _recipe(cfg["diffusion_recipe"], cfg["diffusion_steps"], d / "diffusion-run", d / "pipeline",
+                             {"encoder_l": enc, "encoder_g": enc, "num_samples": 4})
+            if cfg["cache_features"]:
+                recipe = _own_world(recipe, d / "world")
+            timings[f"{name} diffusion"] = _fit(recipe, d / "diffusion.yaml", "" if cfg["cache_features"] else None)
         runs[name] = {"losses": list(losses), "pipeline": d / "pipeline", "encoder_dir": d / "encoder",
                       "text_top1": _last_metric(d / "encoder-run", "val/text_top1")}
     if cfg["diffusion_only"]:
         d = out / "diffusion-only"
         if not (d / "pipeline" / "model_index.json").exists():
             init = str(initial_encoder(cfg["encoder_recipe"], d / "encoder-init"))
-            timings["diffusion-only"] = _fit(_recipe(cfg["diffusion_recipe"], cfg["diffusion_steps"], d / "diffusion-run",
-                                                     d / "pipeline", {"encoder_l": init, "encoder_g": init,
-                                                                      "train_encoders": True, "num_samples": 4}),
-                                             d / "diffusion.yaml")
+            recipe = _recipe(cfg["diffusion_recipe"], cfg["diffusion_steps"], d / "diffusion-run", d / "pipeline",
+                             {"encoder_l": init, "encoder_g": init, "train_encoders": True, "num_samples": 4})
+            if cfg["cache_features"]:  # the encoders train: only the VAE latents can be cached
+                recipe = _own_world(recipe, d / "world")
+            timings["diffusion-only"] = _fit(recipe, d / "diffusion.yaml",
+                                             "vae_latents" if cfg["cache_features"] else None)
         runs["diffusion-only"] = {"losses": ["diffusion only"], "pipeline": d / "pipeline", "encoder_dir": None,
                                   "text_top1": None}
 
     world = synthetic_world(cfg["diffusion_recipe"])
+    if cfg["cache_features"] and cfg["variants"]:  # the recipe's own world may never have been rendered
+        world = (out / next(iter(cfg["variants"])) / "world", world[1])
     bench = write_benchmark(out / "benchmark", cfg["eval"]["samples_per_identity"], cfg["eval"], world)
     samples = load_validation_samples(str(world[0] / "val"))
     faces = torch.stack([s["face"] for s in samples])
     identities = [s["identity"] for s in samples]
+    if cfg["face_zeroed_control"] and "L3" in runs:
+        # L3's pipeline with its face input zeroed: the same prompts and seeds, no identity
+        runs["L3, face zeroed"] = {**runs["L3"], "losses": ["L3, face input zeroed"], "face": "zeroed", "text_top1": None}
     rows = {}
     for name, run in runs.items():
         t0 = time.perf_counter()
-        results = evaluate_pipeline(str(run["pipeline"]), str(bench), out / name / "eval")
+        eval_dir = out / name.replace(", ", "-").replace(" ", "-") / "eval"
+        spec = bench if run.get("face") != "zeroed" else zeroed_benchmark(bench)
+        results = evaluate_pipeline(str(run["pipeline"]), str(spec), eval_dir)
         if results["generation"]["generated_now"]:  # a re-run only rescores: keep the first timing
             timings[f"{name} evaluate"] = time.perf_counter() - t0
         m = results["metrics"]
-        encoder = (load_model_dir(run["encoder_dir"]) if run["encoder_dir"] else
-                   load_pipeline(run["pipeline"]).face_encoder.encoder).eval()
-        title = f"{name}: " + ("trained only through the diffusion loss" if run["encoder_dir"] is None
-                               else f"pre-trained with {run['losses']}")
-        joint = identity_structure(encoder, faces, identities, out / name / "tsne_identity.png", title)
-        rows[name] = {"losses": run["losses"], "face_sim": m["face_sim"], "identity_top1": m["identity_top1"],
+        if run.get("face") == "zeroed":
+            joint = {"identity_top1": None, "chance": rows.get("L3", {}).get("joint_identity_chance")}
+        else:
+            encoder = (load_model_dir(run["encoder_dir"]) if run["encoder_dir"] else
+                       load_pipeline(run["pipeline"]).face_encoder.encoder).eval()
+            title = f"{name}: " + ("trained only through the diffusion loss" if run["encoder_dir"] is None
+                                   else f"pre-trained with {run['losses']}")
+            joint = identity_structure(encoder, faces, identities, out / name / "tsne_identity.png", title)
+        background, background_se = background_accuracy(eval_dir)
+        rows[name] = {"losses": run["losses"], "face_sim": m["face_sim"], "face_sim_se": m.get("face_sim_se"),
+                      "identity_top1": m["identity_top1"], "identity_top1_se": m.get("identity_top1_se"),
                       "identity_top1_chance": m["identity_top1_chance"], "clip_t": m["clip_t"],
-                      "background_accuracy": background_accuracy(out / name / "eval"), "fid_clip": m["fid"],
+                      "clip_t_se": m.get("clip_t_se"), "background_accuracy": background,
+                      "background_accuracy_se": background_se, "fid_clip": m["fid"],
                       "joint_identity_top1": joint["identity_top1"], "joint_identity_chance": joint["chance"],
                       "encoder_text_top1": run["text_top1"]}
     if "L3" in rows and "diffusion-only" in rows:  # Fig. 2: pre-trained next to diffusion-only
@@ -272,7 +318,8 @@ def markdown(results: dict[str, Any]) -> str:
              "|---" * (len(COLUMNS) + 4) + "|"]
     for name, r in rows.items():
         paper = results["paper_table3"].get(name, {})
-        cells = ["-" if r[k] is None else f"{r[k]:.3f}" for k, _ in COLUMNS]
+        cells = ["-" if r[k] is None else f"{r[k]:.3f}" + (f" +- {r[k + '_se']:.3f}" if r.get(k + "_se") else "")
+                 for k, _ in COLUMNS]
         lines.append(f"| {name} | {', '.join(r['losses'])} | " + " | ".join(cells) +
                      f" | {paper.get('face_sim') or '-'} | {paper.get('clip_t') or '-'} |")
     lines.append("")

@@ -33,6 +33,13 @@ from faceclip_zoo.utils import UserError
 log = logging.getLogger(__name__)
 
 
+def standard_error(values: list[float]) -> float | None:
+    """Standard error of the mean over the images (None for fewer than two)."""
+    if len(values) < 2:
+        return None
+    return float(np.std(values, ddof=1) / np.sqrt(len(values)))
+
+
 def image_path(out: Path, job: Job) -> Path:
     return out / "images" / f"{job.name}.png"
 
@@ -60,6 +67,8 @@ def generate(pipe, spec: BenchmarkSpec, out: Path, pipeline_dir: str) -> dict[st
     jobs = spec.jobs()
     todo = [j for j in jobs if not image_path(out, j).exists()]
     g = spec.generation
+    if g.face not in ("reference", "zeroed"):
+        raise UserError(f"generation.face must be reference or zeroed, got {g.face!r}")
     groups: dict[tuple, list[Job]] = defaultdict(list)
     for job in todo:
         groups[(job.identity, job.references)].append(job)
@@ -67,7 +76,8 @@ def generate(pipe, spec: BenchmarkSpec, out: Path, pipeline_dir: str) -> dict[st
     start = time.perf_counter()
     done = 0
     for (identity, refs), group in groups.items():
-        faces = list(pipe.prepare_faces(list(refs), g.align))  # aligned once per identity
+        # aligned once per identity; None = the face input zeroed (the control)
+        faces = list(pipe.prepare_faces(list(refs), g.align)) if g.face == "reference" else None
         for i in range(0, len(group), spec.batch_size):
             batch = group[i:i + spec.batch_size]
             generators = [torch.Generator().manual_seed(j.seed) for j in batch]
@@ -126,6 +136,7 @@ def face_similarity(spec: BenchmarkSpec, jobs: list[Job], images: list[Image.Ima
     sims = [r["face_sim"] for r in records]
     detected = [s for s in sims if s is not None]
     result = {"face_sim": sum(detected) / len(sims),  # a missing face counts as 0
+              "face_sim_se": standard_error([s or 0.0 for s in sims]),
               "face_sim_detected": sum(detected) / len(detected) if detected else None,
               "faces_missing": len(sims) - len(detected), "face_id_model": fs.model, "locator": fs.locator}
     # Which benchmark identity is the generated face nearest to (chance 1 / identities).
@@ -136,8 +147,11 @@ def face_similarity(spec: BenchmarkSpec, jobs: list[Job], images: list[Image.Ima
         names = sorted(by_identity)
         table = torch.stack([identity_vector(sorted(set(by_identity[n]))) for n in names])
         nearest = (emb[found] @ table.T).argmax(1).tolist()
-        hits = [names[n] == jobs[i].identity for n, i in zip(nearest, found)]
+        for n, i in zip(nearest, found):
+            records[i]["identity_hit"] = names[n] == jobs[i].identity
+        hits = [bool(r.get("identity_hit")) for r in records]  # no face found: a miss
         result["identity_top1"] = sum(hits) / len(images)
+        result["identity_top1_se"] = standard_error([float(h) for h in hits])
         result["identity_top1_chance"] = 1 / len(names)
     return result
 
@@ -149,7 +163,8 @@ def clip_t(clip, jobs: list[Job], images: list[Image.Image], records: list[dict]
         txt = clip.text_features([j.prompt for j in jobs[k:k + batch]])
         for rec, score in zip(records[k:k + batch], (img * txt).sum(-1).tolist()):
             rec["clip_t"] = score
-    return {"clip_t": sum(r["clip_t"] for r in records) / len(records), "clip_model": clip.spec}
+    return {"clip_t": sum(r["clip_t"] for r in records) / len(records),
+            "clip_t_se": standard_error([r["clip_t"] for r in records]), "clip_model": clip.spec}
 
 
 def _as_uint8(image: Image.Image) -> torch.Tensor:

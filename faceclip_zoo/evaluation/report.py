@@ -23,7 +23,7 @@ def markdown(results: dict[str, Any]) -> str:
     m = results["metrics"]
     lines = [f"# {results['benchmark']}", "",
              f"pipeline `{results['pipeline']}`, {results['generation']['images']} images", "",
-             "| metric | value |", "|---|---|"]
+             "| metric | value (+- standard error over the images) |", "|---|---|"]
     for key, name in HEADLINE:
         if key in m:
             extra = ""
@@ -31,7 +31,8 @@ def markdown(results: dict[str, Any]) -> str:
                 extra = f" (chance {m['identity_top1_chance']:.3f})"
             if key == "fid":
                 extra = f" ({m['fid_features']}, {m['fid_real_images']} real images)"
-            lines.append(f"| {name} | {_fmt(m[key])}{extra} |")
+            se = f" +- {_fmt(m[key + '_se'])}" if m.get(key + "_se") is not None else ""
+            lines.append(f"| {name} | {_fmt(m[key])}{se}{extra} |")
     for key, label in (("face_id_model", "face-ID model"), ("clip_model", "CLIP model")):
         if key in m:
             lines.append(f"| {label} | `{m[key]}` |")

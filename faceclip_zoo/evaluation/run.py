@@ -57,12 +57,13 @@ def evaluate(
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     score_only: bool = False,
-    synthetic_val: str = "runs/synthetic/val",
-    face_id: str = "checkpoints/synthetic/face-vit",
+    synthetic_val: Optional[str] = None,
+    face_id: Optional[str] = None,
     steps: int = 25,
     guidance: Optional[float] = None,
     seed: int = 0,
     images_per_sample: int = 1,
+    probes: bool = False,
     encoder: Optional[str] = None,
     clip: Optional[str] = None,
     zero_shot: Optional[str] = None,
@@ -83,12 +84,16 @@ def evaluate(
         device: cpu, cuda, cuda:1, ... (auto: cuda when present).
         dtype: auto: bfloat16 on CUDA, float32 on CPU.
         score_only: score the images in --out without generating.
-        synthetic_val: (--benchmark synthetic) the held-out synthetic shards.
-        face_id: (--benchmark synthetic) the synthetic face-ID ViT folder.
+        synthetic_val: (--benchmark synthetic) the held-out synthetic shards (default: `val/`
+            under the data root of the pipeline's recipe, else runs/synthetic/val).
+        face_id: (--benchmark synthetic) the synthetic face-ID ViT folder (default: the
+            recipe's priors_dir/face-vit, else checkpoints/synthetic/face-vit).
         steps: (--benchmark synthetic) sampler steps.
         guidance: (--benchmark synthetic) guidance scale (default: the pipeline's).
         seed: (--benchmark synthetic) first seed.
         images_per_sample: (--benchmark synthetic) seeds per held-out sample.
+        probes: (--benchmark synthetic, SDXL) also probe identity along the path: in the
+            prompt_embeds, and the training loss by timestep with and without the face.
         encoder: an encoder model directory, or its fit checkpoint (which has the heads).
         clip: CLIP model for the images: open_clip:<arch>:<weights> | transformers:<dir> | zoo:<dir>.
         zero_shot: image folder, one sub-folder per class.
@@ -107,7 +112,7 @@ def evaluate(
 
             device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
             results = run_synthetic_benchmark(pipeline, out, synthetic_val, face_id, steps, guidance, seed,
-                                              images_per_sample, device)
+                                              images_per_sample, device, probes)
             print(Path(out, "results.md").read_text())
             print(f"wrote {Path(out) / 'results.json'} and {Path(out) / 'contact_sheet.png'}")
             return results

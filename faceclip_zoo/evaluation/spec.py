@@ -18,7 +18,8 @@ A spec is a YAML file; relative paths are relative to the file. Two shapes, comb
     seed: 0
     batch_size: 4
     generation: {steps: 50, guidance: null, distilled_guidance: null, height: null, width: null,
-                 negative_prompt: null, align: auto}   # null: the release's negative text
+                 negative_prompt: null, align: auto,   # null: the release's negative text
+                 face: reference}                      # zeroed: the no-identity control
     face_sim: {model: "onnx:/models/w600k_r50.onnx", locator: detect, detector: auto,
                detector_model_dir: null, reference_locator: null}
     clip_t: {model: "open_clip:ViT-L-14:/models/open_clip_model.safetensors"}
@@ -55,6 +56,9 @@ class Generation:
     width: int | None = None
     negative_prompt: str | None = None
     align: str = "auto"  # how the pipeline aligns the references: auto | always | never
+    # reference: condition on the identity's references; zeroed: the face input zeroed, the
+    # same prompts and seeds (the control a Face Sim is read against)
+    face: str = "reference"
 
 
 @dataclass
@@ -132,7 +136,10 @@ class BenchmarkSpec:
 
     def generation_settings(self) -> dict[str, Any]:
         """What the images depend on (checked when a run is resumed)."""
-        return {"generation": dataclasses.asdict(self.generation), "seed": self.seed}
+        generation = dataclasses.asdict(self.generation)
+        if generation["face"] == "reference":
+            del generation["face"]  # folders generated before the option existed stay valid
+        return {"generation": generation, "seed": self.seed}
 
 
 SECTIONS = {"generation": Generation, "face_sim": FaceSim, "clip_t": ClipT, "fid": Fid, "sheets": Sheets}

@@ -246,22 +246,42 @@ def pipeline_of_fit_checkpoint(ckpt: str):
     return module.pipeline(use_ema=True)
 
 
-def run_synthetic_benchmark(pipeline: str, out, val: str = "runs/synthetic/val",
-                            face_id: str = "checkpoints/synthetic/face-vit", steps: int = 25,
+def world_of_pipeline(pipeline: str) -> tuple[str, str]:
+    """(held-out shards, face-ID ViT folder) of the synthetic world the pipeline was trained
+    on, from the recipe its folder records (the quickstarts each train on their own copy of
+    the world); the default world's when it records none."""
+    from pathlib import Path
+
+    from faceclip_zoo.evaluation.ablation import synthetic_world
+    from faceclip_zoo.utils import UserError
+
+    recipe = Path(pipeline) / "recipe.yaml"
+    try:
+        root, priors = synthetic_world(str(recipe))
+    except (OSError, UserError, ValueError, AttributeError):
+        return "runs/synthetic/val", "checkpoints/synthetic/face-vit"
+    return str(root / "val"), str(priors / "face-vit")
+
+
+def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
+                            face_id: str | None = None, steps: int = 25,
                             guidance: float | None = None, seed: int = 0, images_per_sample: int = 1,
-                            device: str = "cpu") -> dict:
+                            device: str = "cpu", probes: bool = False) -> dict:
     """`evaluate --benchmark synthetic`: scores a pipeline (an exported folder, or a diffusion
     fit checkpoint `.ckpt`) on the held-out synthetic identities and writes results.json,
-    results.md and contact_sheet.png into `out`."""
+    results.md and contact_sheet.png into `out`. `val` and `face_id` default to the world
+    of the pipeline's recipe (world_of_pipeline)."""
     import json
     from pathlib import Path
 
     from faceclip_zoo.models.face_vit import FaceViTIdentity
     from faceclip_zoo.models.io import load_model_dir
     from faceclip_zoo.pipelines.export import load_pipeline
-    from faceclip_zoo.utils import require_file
+    from faceclip_zoo.utils import UserError, require_file
 
-    require_file(val, "held-out synthetic shards (any quickstart fit writes them to runs/synthetic/val)")
+    world_val, world_face_id = world_of_pipeline(pipeline)
+    val, face_id = val or world_val, face_id or world_face_id
+    require_file(val, "held-out synthetic shards (the quickstart fits write them to <data root>/val)")
     if str(pipeline).endswith(".ckpt"):
         pipe = pipeline_of_fit_checkpoint(pipeline).to(device)
     else:
@@ -279,7 +299,19 @@ def run_synthetic_benchmark(pipeline: str, out, val: str = "runs/synthetic/val",
               "generation": {"steps": steps, "guidance": guidance, "seed": seed,
                              "images_per_sample": images_per_sample, "negative_prompt": ""},
               "results": results}
+    text = markdown(results)
+    if probes:
+        from faceclip_zoo.synthetic import probes as probe
+
+        if type(pipe).__name__ != "FaceCLIPSDXLPipeline" or str(pipeline).endswith(".ckpt"):
+            raise UserError("--probes runs the SDXL training code on the pipeline: it needs an SDXL pipeline folder")
+        module = probe.module_of_pipeline(pipeline).to(device)
+        train = load_validation_samples(str(Path(val).parent / "train"), image_size=size)
+        report["probes"] = {"identity_in_embeddings": probe.identity_in_embeddings(module, model, train, samples),
+                            "loss_by_timestep": probe.loss_by_timestep(module, samples, seed=seed,
+                                                                       scene_scale=scene_scale_of(val))}
+        text += probe.markdown(report["probes"])
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    (out / "results.md").write_text(text)
     contact_sheet(samples, sets, out / "contact_sheet.png")
     return report

@@ -140,6 +140,11 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         if not self._weights_loaded:
             self.load_pretrained_weights()
             self._weights_loaded = True
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            if datamodule is not None:
+                from faceclip_zoo.cache_fingerprint import check_cached_features
+
+                check_cached_features(self, datamodule)  # before the base is quantized / cast
         if self.hparams.get("lora") and not self._adapted:
             self.adapt_denoiser()
         if self.hparams.ema_decay and self.ema is None:
@@ -222,6 +227,15 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
     @property
     def latent_scale(self) -> tuple[float, float]:
         return float(self.vae_config.get("scaling_factor", 1.0)), float(self.vae_config.get("shift_factor") or 0.0)
+
+    def cache_sources(self) -> dict[str, tuple[list[torch.nn.Module], str]]:
+        """{cacheable feature: (the frozen modules computing it, other settings it depends
+        on)}: what `cache` fingerprints (cache_fingerprint.py)."""
+        scale, shift = self.latent_scale
+        out = {"vae_latents": ([self.vae], f"scale={scale},shift={shift}")}
+        if not self.hparams.train_encoders:  # trained encoders ignore cached embeddings
+            out.update(prompt_embeds=([self.condition], ""), pooled_prompt_embeds=([self.condition], ""))
+        return out
 
     @torch.no_grad()
     def frozen_features(self, batch: dict, names, generator: torch.Generator | None = None

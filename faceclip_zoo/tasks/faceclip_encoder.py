@@ -197,9 +197,14 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
     def setup(self, stage: str) -> None:
         for term in self.loss_terms.values():
             term.set_distributed(self.global_rank, self.trainer.world_size if self._trainer else 1)
-        if not self._weights_loaded:
+        first = not self._weights_loaded
+        if first:
             self.load_pretrained_weights()
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if first and datamodule is not None:
+            from faceclip_zoo.cache_fingerprint import check_cached_features
+
+            check_cached_features(self, datamodule)
         if datamodule is not None and hasattr(datamodule, "batch_transform"):
             # Lightning builds the loaders after this hook: their workers tokenise from now on.
             datamodule.batch_transform = self.loader_transform()
@@ -281,6 +286,14 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
             identity, patches = self.encoder.encode_face(torch.zeros(1, 3, size, size, device=self.device))
             self._blank_face = cached = (identity.float(), patches.float())
         return cached
+
+    def cache_sources(self) -> dict[str, tuple[list[nn.Module], str]]:
+        """{cacheable feature: (the frozen modules computing it, other settings it depends
+        on)}: what `cache` fingerprints (cache_fingerprint.py)."""
+        face = ([self.encoder.face_encoder], "")
+        arcface = ([], f"onnx:{self.hparams.identity_model}") if self.identity_model is not None else face
+        return {"face_identity": face, "face_patches": face, "clip_image": ([self.clip], ""),
+                "clip_text": ([self.clip], ""), "arcface": arcface}
 
     @torch.no_grad()
     def frozen_features(self, batch: dict, names, generator: torch.Generator | None = None

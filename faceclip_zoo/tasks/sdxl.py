@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 from lightning.pytorch.cli import OptimizerCallable
 
 from faceclip_zoo.config import DIFFUSERS_CONFIGS, FaceCLIPConfig, diffusers_config
@@ -35,7 +35,7 @@ from faceclip_zoo.tasks.diffusion import (
     JointDiffusionModule, load_model_weights, pipeline_parts, refuse_with_pipeline, resolve_model_spec,
 )
 from faceclip_zoo.tasks.optim import default_optimizer
-from faceclip_zoo.utils import UserError, load_strict
+from faceclip_zoo.utils import UserError, load_strict, recipe_that_exports
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ class SDXLJointModule(JointDiffusionModule):
             timestep_spacing: trailing} (zero terminal SNR, Lin et al. 2024: at t=T the
             model sees pure noise, so it must take the image's colours from the condition;
             needs v_prediction).
+        timestep_sampling: density of the training timestep: "uniform" (SDXL's own),
+            "logit_normal" (logit_mean, logit_std; SD3's, more weight on mid noise) or "mode"
+            (mode_scale), as FluxJointModule's sigma.
         condition_dropout: probability of the unconditional condition per sample.
         face_dropout: probability of zeroing only the face (the caption kept) per sample;
             1.0 trains a text-to-image base that never sees a face (the quickstart's base).
@@ -112,6 +115,10 @@ class SDXLJointModule(JointDiffusionModule):
         scheduler: str = "sdxl-scheduler",
         prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None,
         scheduler_overrides: Optional[dict[str, Any]] = None,
+        timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
         condition_dropout: float = 0.1,
         face_dropout: float = 0.0,
         noise_offset: float = 0.0,
@@ -144,6 +151,12 @@ class SDXLJointModule(JointDiffusionModule):
         self._vae_src = vae_weights or (vae if Path(vae).is_dir() else None)
 
         (cfg_l, self._dir_l), (cfg_g, self._dir_g) = resolve_encoder(encoder_l), resolve_encoder(encoder_g)
+        if unet_weights and not Path(unet_weights).exists():
+            # e.g. the SDXL quickstart's text-to-image base, made by its own recipe
+            maker = recipe_that_exports(Path(unet_weights).parent)
+            if maker:
+                raise UserError(f"{unet_weights} does not exist yet; make it first with "
+                                f"`python -m faceclip_zoo fit --config {maker}`")
         self.condition = SDXLCondition(FaceCLIPEncoder(cfg_l), FaceCLIPEncoder(cfg_g))
         self.unet_config = {**resolve_diffusers_config(unet, "unet"), **(unet_overrides or {})}
         self.unet = build_diffusers(self.unet_config)
@@ -209,6 +222,15 @@ class SDXLJointModule(JointDiffusionModule):
         return torch.cat([original, crop, target], dim=1).to(latents.dtype)
 
     # ------------------------------------------------------------------ loss
+    def sample_timesteps(self, b: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training timesteps (integers in [0, num_train_timesteps)) from timestep_sampling."""
+        hp, n = self.hparams, self.noise_scheduler.config.num_train_timesteps
+        if hp.timestep_sampling == "uniform":
+            return torch.randint(0, n, (b,), device=self.device, generator=generator)
+        u = compute_density_for_timestep_sampling(hp.timestep_sampling, b, hp.logit_mean, hp.logit_std,
+                                                  hp.mode_scale, device=self.device, generator=generator)
+        return (u * n).long().clamp_(0, n - 1).to(self.device)
+
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         latents = self.encode_latents(batch, generator)
         b = latents.shape[0]
@@ -216,7 +238,7 @@ class SDXLJointModule(JointDiffusionModule):
         noise = torch.randn(latents.shape, dtype=latents.dtype, **kw)
         if self.hparams.noise_offset:
             noise = noise + self.hparams.noise_offset * torch.randn(b, latents.shape[1], 1, 1, **kw)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), **kw)
+        t = self.sample_timesteps(b, generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         embeds, pooled = self.embed(batch, self.drop_mask(b, generator), self.face_drop_mask(b, generator))
         pred = self.unet(noisy, t, embeds.to(noisy.dtype),

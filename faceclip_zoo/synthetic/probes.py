@@ -1,0 +1,160 @@
+"""Probes along the path from the face to the image, on the held-out synthetic identities
+(`evaluate --benchmark synthetic --probes true`, SDXL pipelines):
+
+- identity in the condition: is the held-out identity linearly readable from the
+  `prompt_embeds` the UNet receives (a ridge map fitted on the training identities; with the
+  face zeroed it must fall to what the captions alone give);
+- where along the noise schedule the face helps: the training loss of the pipeline's UNet
+  on held-out scenes at fixed timesteps, on the head's region and on the whole image, with
+  the face input and with it zeroed (the same latents, noise and captions). The gap is
+  what the UNet takes from the identity at that noise level.
+
+Both run the training code itself (SDXLJointModule built from the pipeline folder: its
+embed, encode_latents and noise schedule), so they measure what training optimises.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+TIMESTEPS = (999, 900, 800, 700, 600, 500, 400, 300, 200, 100)
+
+
+def head_mask(size: int, vae_factor: int, scene_scale: float = 0.8) -> torch.Tensor:
+    """[n, n] latent pixels whose centres fall inside the head's box (template x 20..92,
+    y 18..110: face, ears and hair) of a synthetic scene of side `size`."""
+    k = scene_scale * size / 112
+    x0, x1 = size / 2 + (20 - 56) * k, size / 2 + (92 - 56) * k
+    y0, y1 = size / 2 + 8 * k + (18 - 64) * k, size / 2 + 8 * k + (110 - 64) * k
+    n = size // vae_factor
+    centres = (torch.arange(n, dtype=torch.float32) + 0.5) * vae_factor
+    mx, my = (centres >= x0) & (centres <= x1), (centres >= y0) & (centres <= y1)
+    return (my[:, None] & mx[None, :]).float()
+
+
+def _mean_se(values: torch.Tensor) -> tuple[float, float]:
+    v = values.double()
+    return v.mean().item(), (v.std(unbiased=True) / math.sqrt(len(v))).item() if len(v) > 1 else float("nan")
+
+
+def _batches(samples: list[dict], batch_size: int):
+    """Collated batches without any cached features (the probes compute them)."""
+    from faceclip_zoo.data.datamodule import collate
+    from faceclip_zoo.data.schema import CACHED_FEATURES
+
+    for i in range(0, len(samples), batch_size):
+        yield collate([{k: v for k, v in s.items() if k not in CACHED_FEATURES} for s in samples[i:i + batch_size]])
+
+
+@torch.no_grad()
+def _embeddings(module, samples: list[dict], zeroed: bool, batch_size: int) -> torch.Tensor:
+    rows = []
+    for batch in _batches(samples, batch_size):
+        b = len(batch["caption"])
+        embeds, _ = module.embed(batch, torch.zeros(b, dtype=torch.bool), torch.full((b,), zeroed))
+        rows.append(embeds.flatten(1).float().cpu())
+    return torch.cat(rows)
+
+
+def ridge(x: torch.Tensor, y: torch.Tensor, alpha: float = 0.1):
+    """Ridge regression x -> y (centred; solved in the dual, for more features than samples),
+    the penalty `alpha` times the mean squared row norm. Returns a predict function."""
+    x, y = x.double(), y.double()
+    mx, my = x.mean(0), y.mean(0)
+    xc = x - mx
+    gram = xc @ xc.T
+    coef = torch.linalg.solve(gram + alpha * gram.diagonal().mean() * torch.eye(len(x), dtype=x.dtype), y - my)
+    weights = xc.T @ coef
+    return lambda z: ((z.double() - mx) @ weights + my).float()
+
+
+@torch.no_grad()
+def identity_in_embeddings(module, face_id, train: list[dict], held_out: list[dict],
+                           batch_size: int = 64) -> dict[str, float]:
+    """Is the identity linearly readable from the prompt_embeds the UNet receives? A ridge
+    map from the training samples' prompt_embeds to the face-ID vector of their reference
+    crop, applied to the held-out samples: identity top-1 of the prediction among the
+    held-out identities (chance 1 / identities). The control fits and reads the same map
+    on embeddings with the face zeroed (what the captions alone say about identity)."""
+    def face_vectors(samples):
+        faces = torch.stack([s["face"] for s in samples])
+        return torch.cat([F.normalize(face_id(faces[i:i + 64]).float(), dim=-1) for i in range(0, len(faces), 64)])
+
+    names = sorted({s["identity"] for s in held_out})
+    held_vectors = face_vectors(held_out)
+    means = torch.stack([F.normalize(held_vectors[[i for i, s in enumerate(held_out) if s["identity"] == n]].mean(0),
+                                     dim=-1) for n in names])
+    own = torch.tensor([names.index(s["identity"]) for s in held_out])
+    target = face_vectors(train)
+    out = {"chance": 1 / len(names), "train_samples": len(train)}
+    for name, zeroed in (("face", False), ("face_zeroed", True)):
+        predict = ridge(_embeddings(module, train, zeroed, batch_size), target)
+        guess = F.normalize(predict(_embeddings(module, held_out, zeroed, batch_size)), dim=-1)
+        hits = ((guess @ means.T).argmax(1) == own).float()
+        out[f"identity_top1_{name}"], out[f"identity_top1_{name}_se"] = _mean_se(hits)
+    return out
+
+
+@torch.no_grad()
+def loss_by_timestep(module, samples: list[dict], timesteps=TIMESTEPS, batch_size: int = 32, seed: int = 0,
+                     scene_scale: float = 0.8) -> list[dict[str, float]]:
+    """Per timestep: the diffusion loss (the module's target: epsilon or v) on the head's
+    region and on the whole image, with the face and zeroed; `head_gap` = zeroed - face
+    (paired over the samples, with its standard error)."""
+    scheduler = module.noise_scheduler
+    kind = scheduler.config.prediction_type
+    generator = torch.Generator().manual_seed(seed)
+    batches = list(_batches(samples, batch_size))
+    mask = None
+    rows = []
+    for t in timesteps:
+        per = {k: [] for k in ("head_face", "head_zeroed", "image_face", "image_zeroed")}
+        for batch in batches:
+            latents = module.encode_latents(batch, generator)
+            b = latents.shape[0]
+            if mask is None:
+                mask = head_mask(batch["image"].shape[-1], module.vae_downsample, scene_scale)
+            noise = torch.randn(latents.shape, generator=generator)
+            steps = torch.full((b,), int(t), dtype=torch.long)
+            noisy = scheduler.add_noise(latents, noise, steps)
+            target = noise if kind == "epsilon" else scheduler.get_velocity(latents, noise, steps)
+            for name, zeroed in (("face", False), ("zeroed", True)):
+                embeds, pooled = module.embed(batch, torch.zeros(b, dtype=torch.bool), torch.full((b,), zeroed))
+                pred = module.unet(noisy, steps, embeds, added_cond_kwargs={
+                    "text_embeds": pooled, "time_ids": module.time_ids(batch, latents)}).sample
+                err = (pred.float() - target.float()).pow(2).mean(1)  # [b, n, n]
+                per[f"head_{name}"].append((err * mask).sum((1, 2)) / mask.sum())
+                per[f"image_{name}"].append(err.mean((1, 2)))
+        cat = {k: torch.cat(v) for k, v in per.items()}
+        gap, gap_se = _mean_se(cat["head_zeroed"] - cat["head_face"])
+        rows.append({"timestep": int(t), **{k: v.mean().item() for k, v in cat.items()},
+                     "head_gap": gap, "head_gap_se": gap_se,
+                     "image_gap": (cat["image_zeroed"] - cat["image_face"]).mean().item()})
+    return rows
+
+
+def module_of_pipeline(pipeline: str):
+    """The SDXLJointModule over a pipeline folder's encoders, UNet, VAE and scheduler."""
+    from faceclip_zoo.tasks import SDXLJointModule
+
+    module = SDXLJointModule(pipeline=pipeline)
+    module.setup("fit")
+    return module.eval()
+
+
+def markdown(probes: dict) -> str:
+    emb = probes["identity_in_embeddings"]
+    lines = ["", "## Probes", "",
+             f"Identity linearly readable from the prompt_embeds the UNet receives (ridge map fitted on "
+             f"{emb['train_samples']} training samples, held-out top-1, chance {emb['chance']:.3f}): with the face {emb['identity_top1_face']:.3f} +- "
+             f"{emb['identity_top1_face_se']:.3f}, face zeroed {emb['identity_top1_face_zeroed']:.3f} +- "
+             f"{emb['identity_top1_face_zeroed_se']:.3f}.", "",
+             "Training loss on held-out scenes by timestep (head region / whole image), face vs zeroed:", "",
+             "| t | head, face | head, zeroed | head gap | image, face | image, zeroed |", "|---|---|---|---|---|---|"]
+    for r in probes["loss_by_timestep"]:
+        lines.append(f"| {r['timestep']} | {r['head_face']:.4f} | {r['head_zeroed']:.4f} | {r['head_gap']:+.4f} +- "
+                     f"{r['head_gap_se']:.4f} | {r['image_face']:.4f} | {r['image_zeroed']:.4f} |")
+    return "\n".join(lines) + "\n"
