@@ -202,13 +202,12 @@ def background_accuracy(eval_dir: Path) -> tuple[float, float]:
     standard error over the images)."""
     import torch
 
+    from faceclip_zoo.evaluation.benchmark import standard_error
     from faceclip_zoo.synthetic.benchmark import background_of, caption_background
 
     rows = [json.loads(line) for line in (eval_dir / "per_image.jsonl").read_text().splitlines()]
     images = torch.stack([torch.from_numpy(np.asarray(Image.open(eval_dir / r["image"]).convert("RGB"),
                                                       dtype=np.float32) / 255).permute(2, 0, 1) for r in rows])
-    from faceclip_zoo.evaluation.benchmark import standard_error
-
     hits = [float(f == caption_background(r["prompt"])) for f, r in zip(background_of(images), rows)]
     return sum(hits) / len(hits), standard_error(hits)
 
