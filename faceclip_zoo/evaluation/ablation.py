@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from faceclip_zoo.synthetic.benchmark import synthetic_world
 from faceclip_zoo.utils import UserError, redirect_loggers
 
 log = logging.getLogger(__name__)
@@ -134,22 +135,6 @@ def initial_encoder(recipe_path: str, out: Path) -> Path:
     module = FaceCLIPEncoderModule(**args)
     module.load_pretrained_weights()
     return save_model_dir(module.encoder, out, config=module.encoder_config)
-
-
-def synthetic_world(recipe_path: str) -> tuple[Path, Path]:
-    """(shard root, priors folder) of the synthetic world a quickstart recipe trains on."""
-    import inspect
-
-    from faceclip_zoo.synthetic import SyntheticIdentities
-
-    data = yaml.safe_load(Path(recipe_path).read_text()).get("data") or {}
-    if not str(data.get("class_path", "")).endswith("SyntheticIdentities"):
-        raise UserError(f"{recipe_path}: the ablation scores held-out synthetic identities, so its recipes must "
-                        f"train on faceclip_zoo.synthetic.SyntheticIdentities (this one has {data.get('class_path')})")
-    defaults = inspect.signature(SyntheticIdentities).parameters
-    args = data.get("init_args") or {}
-    return (Path(args.get("root", defaults["root"].default)),
-            Path(args.get("priors_dir", defaults["priors_dir"].default)))
 
 
 def write_benchmark(folder: Path, per_identity: int, eval_cfg: dict, world: tuple[Path, Path]) -> Path:

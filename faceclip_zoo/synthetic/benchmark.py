@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -167,7 +168,6 @@ def evaluate_synthetic(pipe, samples: list[dict], face_id, steps: int = 25, guid
 def scene_scale_of(shards: str) -> float:
     """The framing the held-out scenes were rendered with (their dataset's manifest)."""
     import json
-    from pathlib import Path
 
     manifest = Path(shards).parent / "manifest.json"
     try:
@@ -246,13 +246,31 @@ def pipeline_of_fit_checkpoint(ckpt: str):
     return module.pipeline(use_ema=True)
 
 
+def synthetic_world(recipe_path: str) -> tuple[Path, Path]:
+    """(shard root, priors folder) of the synthetic world a recipe trains on (its
+    SyntheticIdentities data section; the DataModule's defaults where it names none)."""
+    import inspect
+
+    import yaml
+
+    from faceclip_zoo.synthetic.datamodule import SyntheticIdentities
+    from faceclip_zoo.utils import UserError
+
+    data = yaml.safe_load(Path(recipe_path).read_text()).get("data") or {}
+    if not str(data.get("class_path", "")).endswith("SyntheticIdentities"):
+        raise UserError(f"{recipe_path}: held-out synthetic identities are scored against the world a recipe "
+                        f"trains on, so it must train on faceclip_zoo.synthetic.SyntheticIdentities (this one has "
+                        f"{data.get('class_path')})")
+    defaults = inspect.signature(SyntheticIdentities).parameters
+    args = data.get("init_args") or {}
+    return (Path(args.get("root", defaults["root"].default)),
+            Path(args.get("priors_dir", defaults["priors_dir"].default)))
+
+
 def world_of_pipeline(pipeline: str) -> tuple[str, str]:
     """(held-out shards, face-ID ViT folder) of the synthetic world the pipeline was trained
     on, from the recipe its folder records (the quickstarts each train on their own copy of
     the world); the default world's when it records none."""
-    from pathlib import Path
-
-    from faceclip_zoo.evaluation.ablation import synthetic_world
     from faceclip_zoo.utils import UserError
 
     recipe = Path(pipeline) / "recipe.yaml"
@@ -272,7 +290,6 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
     results.md and contact_sheet.png into `out`. `val` and `face_id` default to the world
     of the pipeline's recipe (world_of_pipeline)."""
     import json
-    from pathlib import Path
 
     from faceclip_zoo.models.face_vit import FaceViTIdentity
     from faceclip_zoo.models.io import load_model_dir
