@@ -100,6 +100,7 @@ def refuse_repeated_options(argv: list[str]) -> None:
 def run_zoo_command(name: str, argv: list[str]) -> Any:
     """Parse `argv` into the command's function (jsonargparse), call it, report its result."""
     import importlib
+    import inspect
 
     from jsonargparse import CLI
 
@@ -107,7 +108,16 @@ def run_zoo_command(name: str, argv: list[str]) -> Any:
     module, function = command.function.split(":")
     fn = getattr(importlib.import_module(module), function)
     refuse_repeated_options(argv)
-    result = CLI(fn, args=argv, as_positional=False, prog=f"python -m faceclip_zoo {name}")
+    if "config" in inspect.signature(fn).parameters:
+        # CLI() reserves --config for jsonargparse's own config-file action, which would
+        # shadow the function's `config` and silently run its default instead
+        from jsonargparse import ArgumentParser
+
+        parser = ArgumentParser(prog=f"python -m faceclip_zoo {name}", description=inspect.getdoc(fn))
+        parser.add_function_arguments(fn, as_positional=False)
+        result = fn(**parser.parse_args(argv).as_dict())
+    else:
+        result = CLI(fn, args=argv, as_positional=False, prog=f"python -m faceclip_zoo {name}")
     if command.report is not None:
         print(command.report(result))
     return result

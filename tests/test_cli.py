@@ -143,3 +143,12 @@ def test_export_errors_are_clear(tmp_path):
     res = run_cli("export", "--ckpt", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and res.stderr.strip() == (
         f"error: checkpoint not found: {tmp_path / 'none.ckpt'} (check the path in your recipe or command)")
+
+
+def test_ablation_reads_the_config_it_is_given(tmp_path, capsys):
+    """jsonargparse's CLI() keeps --config for itself; the ablation's own --config must win
+    (it was once silently replaced by the default file)."""
+    bad = tmp_path / "ablation.yaml"
+    bad.write_text("ablation:\n  diffusion_steps: 1\n  nonsense_key: 3\n")
+    assert main(["ablation", "--config", str(bad)]) == 2
+    assert f"{bad}: unknown ablation key(s) ['nonsense_key']" in capsys.readouterr().err
