@@ -7,7 +7,7 @@ import webdataset as wds
 from PIL import Image
 
 from faceclip_zoo.data.datamodule import ShardDataModule, collate, resolve_shards
-from faceclip_zoo.data.schema import CorruptSample, decode_sample, make_sample
+from faceclip_zoo.data.schema import CorruptSample, decode_sample, make_sample, strip_face
 from faceclip_zoo.utils import UserError
 
 
@@ -40,6 +40,20 @@ def test_guided_pairs_have_no_face():
     raw = {k: v for k, v in raw.items()}
     s = decode_sample(raw, 16, 8)
     assert s["has_face"] is False and s["face"].abs().sum() == 0 and s["identity"] == ""
+
+
+def test_strip_face_keeps_embeddings_cached_without_a_face():
+    """A guided shard's pair was cached with the face zeroed: its embeddings stay valid (a
+    batch that lost them would re-run the encoders on every row); a tuple's do not."""
+    embeds = {"prompt_embeds": np.ones((77, 4), np.float32), "pooled_prompt_embeds": np.ones(4, np.float32)}
+    pair = decode_sample(make_sample("g", _img((0, 0, 255)), "a blue square", features=embeds), 16, 8)
+    tuple_ = decode_sample(make_sample("t", _img((0, 0, 255)), "a person", _img((9, 9, 9)), identity="p",
+                                       features=embeds), 16, 8)
+    assert "prompt_embeds" in strip_face(pair) and "pooled_prompt_embeds" in strip_face(pair)
+    stripped = strip_face(tuple_)
+    assert stripped["has_face"] is False and stripped["face"].abs().sum() == 0
+    assert "prompt_embeds" not in stripped and "pooled_prompt_embeds" not in stripped
+    assert "prompt_embeds" in collate([strip_face(pair), strip_face(pair)])
 
 
 @pytest.mark.parametrize("breakage,reason", [

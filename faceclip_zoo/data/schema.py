@@ -187,7 +187,11 @@ def decode_sample(raw: dict[str, Any], image_size: int, face_size: int,
 
 
 def strip_face(sample: dict[str, Any]) -> dict[str, Any]:
-    """Turn a tuple into a guided image-text pair: the face input is zeroed."""
+    """Turn a tuple into a guided image-text pair: the face input is zeroed. A sample that
+    had no face (a guided shard's image-text pair) keeps its cached embeddings: they were
+    computed with the face zeroed, as it is now."""
+    if not sample["has_face"]:
+        return sample
     sample = dict(sample)
     sample["face"] = torch.zeros_like(sample["face"])
     sample["has_face"] = False
