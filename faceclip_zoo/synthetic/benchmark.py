@@ -325,6 +325,8 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
         module = probe.module_of_pipeline(pipeline).to(device)
         train = load_validation_samples(str(Path(val).parent / "train"), image_size=size)
         report["probes"] = {"identity_in_embeddings": probe.identity_in_embeddings(module, model, train, samples),
+                            "linear_generator": probe.linear_generator(module, model, train, samples,
+                                                                       scene_scale_of(val), seed=seed),
                             "loss_by_timestep": probe.loss_by_timestep(module, samples, seed=seed,
                                                                        scene_scale=scene_scale_of(val))}
         text += probe.markdown(report["probes"])

@@ -4,6 +4,11 @@
 - identity in the condition: is the held-out identity linearly readable from the
   `prompt_embeds` the UNet receives (a ridge map fitted on the training identities; with the
   face zeroed it must fall to what the captions alone give);
+- what a linear map of that condition can draw: a ridge map from the training scenes'
+  `prompt_embeds` + pooled to their clean VAE latents, applied to the held-out conditions
+  and decoded by the pipeline's VAE (the conditional mean a UNet approximates at the
+  zero-SNR step, limited to linear functions), scored like generated images: when it clears
+  a target the UNet misses, the information is there and the UNet is slow to use it;
 - where along the noise schedule the face helps: the training loss of the pipeline's UNet
   on held-out scenes at fixed timesteps, on the head's region and on the whole image, with
   the face input and with it zeroed (the same latents, noise and captions). The gap is
@@ -99,6 +104,47 @@ def identity_in_embeddings(module, face_id, train: list[dict], held_out: list[di
 
 
 @torch.no_grad()
+def _conditions(module, samples: list[dict], zeroed: bool, batch_size: int) -> torch.Tensor:
+    """[N, 77 x W + pooled W] the UNet's whole condition per sample."""
+    rows = []
+    for batch in _batches(samples, batch_size):
+        b = len(batch["caption"])
+        embeds, pooled = module.embed(batch, torch.zeros(b, dtype=torch.bool), torch.full((b,), zeroed))
+        rows.append(torch.cat([embeds.flatten(1), pooled], dim=1).float().cpu())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def linear_generator(module, face_id, train: list[dict], held_out: list[dict], scene_scale: float = 0.8,
+                     batch_size: int = 64, alpha: float = 0.1, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Images drawn by a ridge map from the condition to the clean latents (fitted on the
+    training scenes), decoded by the module's VAE and scored as generated images are (with
+    the face, and with the face zeroed in fit and read alike)."""
+    from faceclip_zoo.synthetic.benchmark import background_scores, identity_scores
+
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.cat([module.encode_latents(b, generator).float().cpu() for b in _batches(train, batch_size)])
+    shape = latents.shape[1:]
+    faces = torch.stack([s["face"] for s in held_out])
+    vectors = torch.cat([F.normalize(face_id(faces[i:i + 64]).float(), dim=-1) for i in range(0, len(faces), 64)])
+    refs: dict[str, list[torch.Tensor]] = {}
+    for s, v in zip(held_out, vectors):
+        refs.setdefault(s["identity"], []).append(v)
+    references = {n: F.normalize(torch.stack(v).mean(0), dim=-1) for n, v in refs.items()}
+    scale, shift = module.latent_scale
+    out = {}
+    for name, zeroed in (("face", False), ("face_zeroed", True)):
+        predict = ridge(_conditions(module, train, zeroed, batch_size), latents.flatten(1), alpha)
+        z = predict(_conditions(module, held_out, zeroed, batch_size)).view(-1, *shape)
+        vae = module.vae
+        images = torch.cat([((vae.decode((z[i:i + batch_size] / scale + shift).to(module.device, vae.dtype)).sample
+                              .float().cpu() + 1) / 2).clamp(0, 1) for i in range(0, len(z), batch_size)])
+        out[name] = {**identity_scores(face_id, images, [s["identity"] for s in held_out], references, scene_scale),
+                     **background_scores(images, [s["caption"] for s in held_out])}
+    return out
+
+
+@torch.no_grad()
 def loss_by_timestep(module, samples: list[dict], timesteps=TIMESTEPS, batch_size: int = 32, seed: int = 0,
                      scene_scale: float = 0.8) -> list[dict[str, float]]:
     """Per timestep: the diffusion loss (the module's target: epsilon or v) on the head's
@@ -152,6 +198,12 @@ def markdown(probes: dict) -> str:
              f"{emb['train_samples']} training samples, held-out top-1, chance {emb['chance']:.3f}): with the face {emb['identity_top1_face']:.3f} +- "
              f"{emb['identity_top1_face_se']:.3f}, face zeroed {emb['identity_top1_face_zeroed']:.3f} +- "
              f"{emb['identity_top1_face_zeroed_se']:.3f}.", "",
+             "A linear map of the condition (ridge, condition -> clean latents, fitted on the training scenes), "
+             "its held-out images decoded and scored like generated ones:", "",
+             "| condition | identity top-1 | Face Sim | background |", "|---|---|---|---|",
+             *[f"| {name} | {r['identity_top1']:.3f} +- {r['identity_top1_se']:.3f} | {r['face_sim']:.3f} +- "
+               f"{r['face_sim_se']:.3f} | {r['background_accuracy']:.3f} +- {r['background_accuracy_se']:.3f} |"
+               for name, r in probes["linear_generator"].items()], "",
              "Training loss on held-out scenes by timestep (head region / whole image), face vs zeroed:", "",
              "| t | head, face | head, zeroed | head gap | image, face | image, zeroed |", "|---|---|---|---|---|---|"]
     for r in probes["loss_by_timestep"]:
