@@ -226,6 +226,13 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
         SDXLJointModule(unet_overrides={"cross_attention_dim": 96})
     with pytest.raises(UserError, match="neither a faceclip model directory"):
         SDXLJointModule(encoder_l=str(tmp_path / "nope"))
+    # UNet weights made for other GroupNorm groups have the same shapes: the folder's config
+    # says so, and the run refuses them instead of loading them into another architecture
+    build_diffusers(diffusers_config("sdxl-unet-tiny")).save_pretrained(tmp_path / "base")
+    SDXLJointModule(unet_weights=str(tmp_path / "base")).load_pretrained_weights()
+    with pytest.raises(UserError, match="another architecture .norm_num_groups: 32 there, 8 here"):
+        SDXLJointModule(unet_weights=str(tmp_path / "base"), unet_overrides={"norm_num_groups": 8}
+                        ).load_pretrained_weights()
 
 
 def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):

@@ -42,6 +42,22 @@ def load_diffusers_weights(model: torch.nn.Module, source: str | os.PathLike, wh
     load_strict(model, state, f"{what} {p}")
 
 
+def check_same_architecture(model: torch.nn.Module, folder: str | os.PathLike, what: str) -> None:
+    """A diffusers folder's config.json must describe the model its weights go into: some
+    settings (GroupNorm groups, attention heads) change no weight shape, so a strict load
+    alone would accept weights made for another architecture."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    ours = json.loads(json.dumps(dict(model.config), default=list))
+    differ = sorted(k for k in saved.keys() & ours.keys() if not k.startswith("_") and saved[k] != ours[k])
+    if differ:
+        detail = ", ".join(f"{k}: {saved[k]} there, {ours[k]} here" for k in differ)
+        raise UserError(f"{what} {folder} were made for another architecture ({detail}); remake them with the "
+                        "recipe that made them, or set this recipe's config (e.g. unet_overrides) to match")
+
+
 def build_diffusers_on_meta(config: dict[str, Any]) -> torch.nn.Module:
     with torch.device("meta"):
         return build_diffusers(config)

@@ -27,7 +27,9 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from lightning.pytorch.cli import OptimizerCallable
 
 from faceclip_zoo.config import DIFFUSERS_CONFIGS, FaceCLIPConfig, diffusers_config
-from faceclip_zoo.models.diffusers_models import build_diffusers, load_diffusers_weights, resolve_diffusers_config
+from faceclip_zoo.models.diffusers_models import (
+    build_diffusers, check_same_architecture, load_diffusers_weights, resolve_diffusers_config,
+)
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.sdxl_condition import SDXLCondition
 from faceclip_zoo.models.adapters import LoraSettings, Quantization
@@ -209,6 +211,8 @@ class SDXLJointModule(JointDiffusionModule):
             if folder is not None:
                 load_strict(branch, load_model_weights(folder, what), f"{what} {folder}")
         if self._unet_src:
+            if Path(self._unet_src).is_dir():
+                check_same_architecture(self.unet, self._unet_src, "unet weights")
             load_diffusers_weights(self.unet, self._unet_src, "unet weights")
         self._load_vae(self._vae_src)
 
