@@ -55,13 +55,27 @@ def _batches(samples: list[dict], batch_size: int):
 
 
 @torch.no_grad()
-def _embeddings(module, samples: list[dict], zeroed: bool, batch_size: int) -> torch.Tensor:
+def _conditions(module, samples: list[dict], zeroed: bool, batch_size: int, pooled: bool = False) -> torch.Tensor:
+    """[N, 77 x W] the prompt_embeds the UNet receives per sample (+ the pooled vector)."""
     rows = []
     for batch in _batches(samples, batch_size):
         b = len(batch["caption"])
-        embeds, _ = module.embed(batch, torch.zeros(b, dtype=torch.bool), torch.full((b,), zeroed))
-        rows.append(embeds.flatten(1).float().cpu())
+        embeds, pool = module.embed(batch, torch.zeros(b, dtype=torch.bool), torch.full((b,), zeroed))
+        rows.append(torch.cat([embeds.flatten(1)] + ([pool] if pooled else []), dim=1).float().cpu())
     return torch.cat(rows)
+
+
+@torch.no_grad()
+def _face_vectors(face_id, samples: list[dict]) -> torch.Tensor:
+    faces = torch.stack([s["face"] for s in samples])
+    return torch.cat([F.normalize(face_id(faces[i:i + 64]).float(), dim=-1) for i in range(0, len(faces), 64)])
+
+
+def _identity_means(vectors: torch.Tensor, samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Each identity's mean normalised face-ID vector, identities in sorted order."""
+    names = sorted({s["identity"] for s in samples})
+    return {n: F.normalize(vectors[[i for i, s in enumerate(samples) if s["identity"] == n]].mean(0), dim=-1)
+            for n in names}
 
 
 def ridge(x: torch.Tensor, y: torch.Tensor, alpha: float = 0.1):
@@ -84,34 +98,18 @@ def identity_in_embeddings(module, face_id, train: list[dict], held_out: list[di
     crop, applied to the held-out samples: identity top-1 of the prediction among the
     held-out identities (chance 1 / identities). The control fits and reads the same map
     on embeddings with the face zeroed (what the captions alone say about identity)."""
-    def face_vectors(samples):
-        faces = torch.stack([s["face"] for s in samples])
-        return torch.cat([F.normalize(face_id(faces[i:i + 64]).float(), dim=-1) for i in range(0, len(faces), 64)])
-
-    names = sorted({s["identity"] for s in held_out})
-    held_vectors = face_vectors(held_out)
-    means = torch.stack([F.normalize(held_vectors[[i for i, s in enumerate(held_out) if s["identity"] == n]].mean(0),
-                                     dim=-1) for n in names])
+    references = _identity_means(_face_vectors(face_id, held_out), held_out)
+    names = list(references)
+    means = torch.stack(list(references.values()))
     own = torch.tensor([names.index(s["identity"]) for s in held_out])
-    target = face_vectors(train)
+    target = _face_vectors(face_id, train)
     out = {"chance": 1 / len(names), "train_samples": len(train)}
     for name, zeroed in (("face", False), ("face_zeroed", True)):
-        predict = ridge(_embeddings(module, train, zeroed, batch_size), target)
-        guess = F.normalize(predict(_embeddings(module, held_out, zeroed, batch_size)), dim=-1)
+        predict = ridge(_conditions(module, train, zeroed, batch_size), target)
+        guess = F.normalize(predict(_conditions(module, held_out, zeroed, batch_size)), dim=-1)
         hits = ((guess @ means.T).argmax(1) == own).float()
         out[f"identity_top1_{name}"], out[f"identity_top1_{name}_se"] = _mean_se(hits)
     return out
-
-
-@torch.no_grad()
-def _conditions(module, samples: list[dict], zeroed: bool, batch_size: int) -> torch.Tensor:
-    """[N, 77 x W + pooled W] the UNet's whole condition per sample."""
-    rows = []
-    for batch in _batches(samples, batch_size):
-        b = len(batch["caption"])
-        embeds, pooled = module.embed(batch, torch.zeros(b, dtype=torch.bool), torch.full((b,), zeroed))
-        rows.append(torch.cat([embeds.flatten(1), pooled], dim=1).float().cpu())
-    return torch.cat(rows)
 
 
 @torch.no_grad()
@@ -125,17 +123,12 @@ def linear_generator(module, face_id, train: list[dict], held_out: list[dict], s
     generator = torch.Generator().manual_seed(seed)
     latents = torch.cat([module.encode_latents(b, generator).float().cpu() for b in _batches(train, batch_size)])
     shape = latents.shape[1:]
-    faces = torch.stack([s["face"] for s in held_out])
-    vectors = torch.cat([F.normalize(face_id(faces[i:i + 64]).float(), dim=-1) for i in range(0, len(faces), 64)])
-    refs: dict[str, list[torch.Tensor]] = {}
-    for s, v in zip(held_out, vectors):
-        refs.setdefault(s["identity"], []).append(v)
-    references = {n: F.normalize(torch.stack(v).mean(0), dim=-1) for n, v in refs.items()}
+    references = _identity_means(_face_vectors(face_id, held_out), held_out)
     scale, shift = module.latent_scale
     out = {}
     for name, zeroed in (("face", False), ("face_zeroed", True)):
-        predict = ridge(_conditions(module, train, zeroed, batch_size), latents.flatten(1), alpha)
-        z = predict(_conditions(module, held_out, zeroed, batch_size)).view(-1, *shape)
+        predict = ridge(_conditions(module, train, zeroed, batch_size, pooled=True), latents.flatten(1), alpha)
+        z = predict(_conditions(module, held_out, zeroed, batch_size, pooled=True)).view(-1, *shape)
         vae = module.vae
         images = torch.cat([((vae.decode((z[i:i + batch_size] / scale + shift).to(module.device, vae.dtype)).sample
                               .float().cpu() + 1) / 2).clamp(0, 1) for i in range(0, len(z), batch_size)])
