@@ -468,6 +468,7 @@ def test_linear_generator_draws_what_the_condition_determines():
     background word, its held-out images show both; with the face zeroed, the background only."""
     from types import SimpleNamespace
 
+    from faceclip_zoo.synthetic.benchmark import image_scores, reference_vectors
     from faceclip_zoo.synthetic.faces import BACKGROUNDS
     from faceclip_zoo.synthetic.probes import linear_generator
 
@@ -496,6 +497,9 @@ def test_linear_generator_draws_what_the_condition_determines():
     module = SimpleNamespace(embed=embed, encode_latents=lambda batch, generator: batch["image"], vae=vae,
                              latent_scale=(1.0, 0.0), device=torch.device("cpu"))
     judge = lambda crops: crops[:, :, 40:72, 40:72].mean((2, 3)) - 0.5  # noqa: E731 (the face's colour)
-    got = linear_generator(module, judge, world("train", 40), world("held", 10))
+    held = world("held", 10)
+    images = linear_generator(module, world("train", 40), held)
+    assert images["face"].shape == (40, 3, 16, 16)
+    got = {name: image_scores(judge, x, held, reference_vectors(judge, held)) for name, x in images.items()}
     assert got["face"]["identity_top1"] > 0.9 and got["face"]["background_accuracy"] > 0.9, got
     assert got["face_zeroed"]["identity_top1"] < 0.4 and got["face_zeroed"]["background_accuracy"] > 0.9, got

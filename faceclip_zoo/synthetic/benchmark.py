@@ -109,6 +109,23 @@ def vae_round_trip(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Ten
 
 
 @torch.no_grad()
+def reference_vectors(face_id, samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Each identity's mean normalised identity vector over its samples' reference crops."""
+    refs: dict[str, list[torch.Tensor]] = defaultdict(list)
+    emb = F.normalize(face_id(torch.stack([s["face"] for s in samples])).float(), dim=-1)
+    for s, e in zip(samples, emb):
+        refs[s["identity"]].append(e)
+    return {n: F.normalize(torch.stack(v).mean(0), dim=-1) for n, v in refs.items()}
+
+
+def image_scores(face_id, images: torch.Tensor, samples: list[dict], references: dict[str, torch.Tensor],
+                 scene_scale: float = 0.8) -> dict[str, float]:
+    """Identity and background scores of one image per sample (in sample order)."""
+    return {**identity_scores(face_id, images, [s["identity"] for s in samples], references, scene_scale),
+            **background_scores(images, [s["caption"] for s in samples])}
+
+
+@torch.no_grad()
 def evaluate_synthetic(pipe, samples: list[dict], face_id, steps: int = 25, guidance: float | None = None,
                        seed: int = 0, batch_size: int = 16, images_per_sample: int = 1, controls: bool = True,
                        scene_scale: float = 0.8) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
@@ -119,12 +136,8 @@ def evaluate_synthetic(pipe, samples: list[dict], face_id, steps: int = 25, guid
     `images_per_sample` seeds per sample; negative branch: zero face + "" (the synthetic
     world's unconditional condition); guidance None = the pipeline's default (SDXL CFG
     5.0, FLUX true CFG 3.5). controls=False scores the generated set alone (sweeps)."""
-    refs: dict[str, list[torch.Tensor]] = defaultdict(list)
     faces = torch.stack([s["face"] for s in samples])
-    ref_emb = F.normalize(face_id(faces).float(), dim=-1)
-    for s, e in zip(samples, ref_emb):
-        refs[s["identity"]].append(e)
-    references = {n: F.normalize(torch.stack(v).mean(0), dim=-1) for n, v in refs.items()}
+    references = reference_vectors(face_id, samples)
     identities = [s["identity"] for s in samples]
     captions = [s["caption"] for s in samples]
     real = torch.stack([s["image"] for s in samples])
@@ -325,8 +338,10 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
         module = probe.module_of_pipeline(pipeline).to(device)
         train = load_validation_samples(str(Path(val).parent / "train"), image_size=size)
         report["probes"] = {"identity_in_embeddings": probe.identity_in_embeddings(module, model, train, samples),
-                            "linear_generator": probe.linear_generator(module, model, train, samples,
-                                                                       scene_scale_of(val), seed=seed),
+                            "linear_generator": {
+                                name: image_scores(model, images, samples, reference_vectors(model, samples),
+                                                   scene_scale_of(val))
+                                for name, images in probe.linear_generator(module, train, samples, seed=seed).items()},
                             "loss_by_timestep": probe.loss_by_timestep(module, samples, seed=seed,
                                                                        scene_scale=scene_scale_of(val))}
         text += probe.markdown(report["probes"])
