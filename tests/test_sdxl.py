@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from huggingface_hub import ModelCard
 
@@ -278,7 +279,9 @@ def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):
     ckpt_state = torch.load(ckpt, weights_only=True, map_location="cpu")
     ema = ckpt_state["faceclip_zoo"]["ema"]
     assert ema["optimization_step"] == 4
-    m = SDXLJointModule(encoder_l=str(encoder_dir), encoder_g=str(encoder_dir), ema_decay=0.99)
+    shipped = yaml.safe_load(recipe.read_text())["model"]["init_args"]  # the same UNet as the run's
+    m = SDXLJointModule(encoder_l=str(encoder_dir), encoder_g=str(encoder_dir), ema_decay=0.99,
+                        unet_overrides=shipped.get("unet_overrides"))
     m.on_load_checkpoint(ckpt_state)
     name, shadow = next(iter(ema["weights"].items()))
     assert m.ema.optimization_step == 4
