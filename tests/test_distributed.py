@@ -3,6 +3,7 @@ those of one process on the concatenated global batch; and a 2-process fit runs.
 
 import csv
 import os
+import signal
 import subprocess
 
 import pytest
@@ -80,3 +81,32 @@ def test_two_process_ddp_fit_via_the_torchrun_launcher(tmp_path, tiny_shards):
 def test_slurm_script_is_valid_bash():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run(["bash", "-n", os.path.join(repo, "recipes", "launch", "slurm.sbatch")]).returncode == 0
+
+
+def test_two_process_sdxl_fit_writes_sample_grids_and_exports(tmp_path, tiny_shards):
+    """Rank 0 alone draws the validation sample grid: nothing it calls may be a collective
+    (Trainer.log_dir broadcasts; the 2-process fit hung at its first validation)."""
+    import sys
+
+    from conftest import sdxl_branches, sdxl_recipe
+
+    from faceclip_zoo.models.io import save_model_dir
+
+    encoder_dir = save_model_dir(sdxl_branches()[0], tmp_path / "encoder")
+    recipe_path = sdxl_recipe(tmp_path, tiny_shards, encoder_dir)
+    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe["trainer"].update(devices=2, strategy="ddp")
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(31500 + os.getpid() % 1000)}
+    proc = subprocess.Popen([sys.executable, "-m", "faceclip_zoo", "fit", "--config", str(recipe_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # both ranks
+        proc.communicate()
+        pytest.fail("the 2-process fit did not finish in 300 s (a collective on one rank alone?)")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert len(list((tmp_path / "run").rglob("samples/step-*.png"))) == 2  # validation at steps 2 and 4
+    assert (tmp_path / "pipeline" / "model_index.json").is_file()

@@ -50,11 +50,12 @@ class IdentityTSNE(Callback):
         if not trainer.is_global_zero or stored is None:
             return
         emb, labels = stored
-        out = Path(trainer.log_dir or trainer.default_root_dir) / self.filename
-        tsne_plot(emb, labels, out, "joint embeddings of held-out identities (same prompt)")
         from PIL import Image
 
-        from faceclip_zoo.tasks.sample_grid import log_image
+        from faceclip_zoo.tasks.sample_grid import log_image, run_dir
+
+        out = run_dir(trainer) / self.filename  # rank 0 alone: no collective (run_dir)
+        tsne_plot(emb, labels, out, "joint embeddings of held-out identities (same prompt)")
 
         with Image.open(out) as image:
             log_image(trainer, "tsne_identity", image.copy(), trainer.global_step)

@@ -34,8 +34,22 @@ def log_image(trainer, key: str, image: Image.Image, step: int) -> None:
             logger.experiment.add_image(key, np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
 
+def run_dir(trainer) -> Path:
+    """The run's log folder as `Trainer.log_dir` finds it, without the broadcast that
+    property ends with: that broadcast is a collective, and the sample grid, the t-SNE plot
+    and their callers run on rank 0 alone, so under DDP rank 0 waited in it for ranks that
+    never came (the fit hung at its first validation)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    first = trainer.loggers[0]
+    found = first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
+    return Path(found or trainer.default_root_dir)
+
+
 def samples_dir(trainer) -> Path:
-    return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+    return run_dir(trainer) / "samples"
 
 
 @torch.no_grad()
