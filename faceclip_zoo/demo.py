@@ -45,7 +45,7 @@ class Request:
     prompt: str
     negative_prompt: str | None = None  # None: the release's negative text for the model
     steps: int = DEMO_STEPS
-    guidance: float | None = None  # None: the release's (SDXL CFG 5.0, FLUX true CFG 3.5)
+    guidance: float | None = None  # None: the pipeline's (SDXL: stored, else 5.0; FLUX true CFG 3.5)
     seed: int = 0
     height: int | None = None  # None: the model's native size
     width: int | None = None
@@ -68,11 +68,12 @@ class DemoSession:
         self._lock = threading.Lock()  # one generation at a time on the one pipeline
 
     def defaults(self) -> dict:
-        """The release's guidance for this kind of pipeline (shown as the slider's start)."""
-        from faceclip_zoo.pipelines.defaults import FLUX_DEFAULTS, SDXL_DEFAULTS
+        """The pipeline's own guidance (shown as the slider's start): an SDXL folder's stored
+        default (its recipe's, else the release's 5.0); FLUX: the release's true CFG."""
+        from faceclip_zoo.pipelines.defaults import FLUX_DEFAULTS
 
         return {"guidance": FLUX_DEFAULTS["true_cfg_scale"] if self.kind == "FLUX"
-                else SDXL_DEFAULTS["guidance_scale"], "size": self.native_size}
+                else self.pipe.default_guidance, "size": self.native_size}
 
     def check(self, request: Request) -> None:
         """Settings out of range -> UserError naming the setting and its range."""

@@ -6,9 +6,9 @@
 The folder's model_index.json says which pipeline it is: FaceCLIPSDXLPipeline or
 FaceT5FluxPipeline. Several references of one person: `--face a.png --face+ b.png`
 (averaged). Without --steps/--guidance the release's settings apply: SDXL Euler, 50 steps,
-guidance 5.0; FLUX flow-matching Euler, 50 steps, true CFG 3.5 (--guidance) with
-distilled guidance 1.0 (--distilled_guidance); both with the release's negative text
-(pipelines/defaults.py). The size defaults to the model's native one.
+guidance 5.0 (or the guidance a trained folder stores: its recipe's sample_guidance); FLUX
+flow-matching Euler, 50 steps, true CFG 3.5 (--guidance) with distilled guidance 1.0
+(--distilled_guidance); both with the release's negative text (pipelines/defaults.py). The size defaults to the model's native one.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def generate(
         out: output PNG (out-K.png for num_images > 1).
         seed: the generator's seed.
         steps: denoising steps.
-        guidance: classifier-free guidance (SDXL default 5.0; FLUX: true CFG, default 3.5).
+        guidance: classifier-free guidance (SDXL default: the folder's stored guidance, else 5.0;
+            FLUX: true CFG, default 3.5).
         distilled_guidance: FLUX.1-dev's guidance input (default 1.0, as the release).
         height: image height (default: the model's native size).
         width: image width (default: the model's native size).

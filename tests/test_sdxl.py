@@ -142,6 +142,25 @@ def test_pipeline_save_load_round_trip(pipe, tmp_path):
         load_pipeline(tmp_path)
 
 
+def test_the_stored_guidance_is_the_default(pipe, tmp_path):
+    assert pipe.default_guidance == 5.0  # nothing stored (a converted release): the release's
+    parts = {k: getattr(pipe, k) for k in ("vae", "face_encoder", "face_encoder_2", "unet", "scheduler")}
+    save_pipeline(FaceCLIPSDXLPipeline(**parts, default_guidance_scale=2.0), tmp_path / "pipe")
+    loaded = load_pipeline(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.default_guidance == 2.0
+
+    def images(**guidance):
+        return loaded(PROMPT, face_image=torch.full((3, 112, 112), 0.3), num_inference_steps=2, height=64,
+                      width=64, output_type="pt", generator=torch.Generator().manual_seed(2), **guidance).images
+
+    torch.testing.assert_close(images(), images(guidance_scale=2.0))
+    assert (images() - images(guidance_scale=5.0)).abs().max().item() > 1e-4
+    rows = dict(faces=torch.full((1, 3, 112, 112), 0.3), prompts=[PROMPT], num_inference_steps=2, height=64, width=64)
+    torch.testing.assert_close(loaded.per_row(**rows, generator=torch.Generator().manual_seed(2)),
+                               loaded.per_row(**rows, guidance_scale=2.0, generator=torch.Generator().manual_seed(2)))
+
+
 def test_targets_dropout_snr_and_cached_inputs(monkeypatch):
     m = SDXLJointModule(prediction_type="v_prediction", snr_gamma=5.0, condition_dropout=0.5)
     m.setup("fit")
@@ -267,6 +286,10 @@ def test_fit_export_generate_resume(tmp_path, tiny_shards, tiny_data):
     # export from the checkpoint (EMA weights) and generate through the command line
     ckpt = next(run.rglob("last.ckpt"))
     assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported")]) == 0
+    # the recipe's validation guidance is the exported pipeline's default
+    guidance = yaml.safe_load(recipe.read_text())["model"]["init_args"]["sample_guidance"]
+    for folder in ("pipeline", "exported"):
+        assert load_pipeline(tmp_path / folder).default_guidance == guidance
     tiny_data["val"][0].crop.save(tmp_path / "face.png")
     res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "generate", "--pipeline", str(tmp_path / "exported"),
                           "--face", str(tmp_path / "face.png"), "--face+", str(tmp_path / "face.png"),

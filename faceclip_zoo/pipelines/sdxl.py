@@ -53,10 +53,14 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, StableDiffusionXLLoraLoaderMixin, Dif
         face_encoder_2: FaceCLIPEncoderModel,
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
+        default_guidance_scale: float | None = None,
     ):
         super().__init__()
         self.register_modules(vae=vae, face_encoder=face_encoder, face_encoder_2=face_encoder_2,
                               unet=unet, scheduler=scheduler)
+        # The guidance the training recipe validated this pipeline with (its sample_guidance),
+        # kept in model_index.json; None (converted releases, older folders): the release's.
+        self.register_to_config(default_guidance_scale=default_guidance_scale)
         self.aligner = None
         self.align: AlignMode = "auto"
 
@@ -70,7 +74,8 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, StableDiffusionXLLoraLoaderMixin, Dif
         return cls(vae=module.vae,
                    face_encoder=FaceCLIPEncoderModel.from_encoder(module.condition.branch_l),
                    face_encoder_2=FaceCLIPEncoderModel.from_encoder(module.condition.branch_g),
-                   unet=ema_copy(module, module.unet, use_ema), scheduler=build_scheduler(module.scheduler_config))
+                   unet=ema_copy(module, module.unet, use_ema), scheduler=build_scheduler(module.scheduler_config),
+                   default_guidance_scale=module.hparams.sample_guidance)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict, spec: dict, source: str, use_ema: bool = True
@@ -97,7 +102,7 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, StableDiffusionXLLoraLoaderMixin, Dif
                     f"{source} [unet]")
         load_strict(vae, state_under(state, prefixes["vae"]), f"{source} [vae]")
         return cls(vae=vae.eval(), face_encoder=encoders[0], face_encoder_2=encoders[1], unet=unet.eval(),
-                   scheduler=build_scheduler(spec["scheduler"]))
+                   scheduler=build_scheduler(spec["scheduler"]), default_guidance_scale=spec.get("guidance_scale"))
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -119,7 +124,15 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, StableDiffusionXLLoraLoaderMixin, Dif
         None = no face anywhere. Returns images [B, 3, H, W] in [0, 1] (validation grids,
         evaluation)."""
         embeds = self.encode_rows(faces, prompts, negative_prompt, self._execution_device)
+        sdxl_kwargs.setdefault("guidance_scale", self.default_guidance)
         return self.sdxl_pipeline()(**embeds, output_type="pt", **sdxl_kwargs).images
+
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale used when a call names none: the one stored with this pipeline
+        (`default_guidance_scale`), else the release's 5.0."""
+        stored = self.config.get("default_guidance_scale")
+        return RELEASE_DEFAULTS["guidance_scale"] if stored is None else float(stored)
 
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -147,7 +160,7 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, StableDiffusionXLLoraLoaderMixin, Dif
         face_image: FaceInput | Sequence[FaceInput] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = RELEASE_DEFAULTS["num_inference_steps"],
-        guidance_scale: float = RELEASE_DEFAULTS["guidance_scale"],
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -161,12 +174,14 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, StableDiffusionXLLoraLoaderMixin, Dif
         patch features averaged), or None for a face-free image. align: auto (default:
         photos are aligned, aligned crops kept), always, or never (see auto_align).
         negative_prompt: default the release's negative text (`""` for none); with a zero
-        face it is the classifier-free guidance branch. height/width default to the UNet's
+        face it is the classifier-free guidance branch. guidance_scale: default the pipeline's
+        (`default_guidance`: its recipe's, else the release's 5.0). height/width default to the UNet's
         sample size times the VAE factor (the release used 1152 x 864). Other keyword
         arguments go to StableDiffusionXLPipeline (latents, callback_on_step_end, ...)."""
         embeds = self.embed_request(prompt, face_image, negative_prompt, align)
         return self.sdxl_pipeline()(
-            **embeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            **embeds, num_inference_steps=num_inference_steps,
+            guidance_scale=self.default_guidance if guidance_scale is None else guidance_scale,
             height=height, width=width, num_images_per_prompt=num_images_per_prompt,
             generator=generator, output_type=output_type, **sdxl_kwargs,
         )

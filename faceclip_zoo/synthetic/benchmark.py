@@ -134,8 +134,8 @@ def evaluate_synthetic(pipe, samples: list[dict], face_id, steps: int = 25, guid
     (ceilings), generated with the sample's reference face, and generated with the face
     input zeroed (same prompts and seeds: the no-identity control). Generation draws
     `images_per_sample` seeds per sample; negative branch: zero face + "" (the synthetic
-    world's unconditional condition); guidance None = the pipeline's default (SDXL CFG
-    5.0, FLUX true CFG 3.5). controls=False scores the generated set alone (sweeps)."""
+    world's unconditional condition); guidance None = the pipeline's default (SDXL: the
+    folder's stored guidance, else CFG 5.0; FLUX true CFG 3.5). controls=False scores the generated set alone (sweeps)."""
     faces = torch.stack([s["face"] for s in samples])
     references = reference_vectors(face_id, samples)
     identities = [s["identity"] for s in samples]
@@ -326,7 +326,8 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
     out.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "synthetic", "pipeline": str(pipeline), "val": str(val), "face_id": str(face_id),
               "held_out_samples": len(samples), "identities": len({s["identity"] for s in samples}),
-              "generation": {"steps": steps, "guidance": guidance, "seed": seed,
+              "generation": {"steps": steps, "seed": seed,
+                             "guidance": guidance if guidance is not None else getattr(pipe, "default_guidance", None),
                              "images_per_sample": images_per_sample, "negative_prompt": ""},
               "results": results}
     text = markdown(results)

@@ -90,7 +90,8 @@ class SDXLJointModule(JointDiffusionModule):
         ema_decay: keep an EMA of the UNet (exported instead of the raw weights).
         gradient_checkpointing: recompute UNet activations in backward.
         sample_prompts / sample_steps / sample_guidance / num_samples: the image grid
-            written at every validation (fixed references from the validation set).
+            written at every validation (fixed references from the validation set);
+            sample_guidance is also the exported pipeline's default guidance.
         pipeline: start from a FaceCLIPSDXLPipeline folder (an `export` or `convert`
             output): its encoders, UNet, VAE and scheduler, instead of naming each.
         lora: train LoRA / DoRA adapters on the frozen UNet instead of the whole UNet
@@ -277,6 +278,7 @@ class SDXLJointModule(JointDiffusionModule):
             "encoder_l": self.condition.branch_l.config.to_dict(),
             "encoder_g": self.condition.branch_g.config.to_dict(),
             "unet": self.unet_config, "vae": self.vae_config, "scheduler": self.scheduler_config,
+            "guidance_scale": self.hparams.sample_guidance,  # the exported pipeline's default
             "prefixes": {"encoder_l": "condition.branch_l.", "encoder_g": "condition.branch_g.",
                          "unet": "unet.", "vae": "vae."},
         }
