@@ -8,7 +8,8 @@ FaceT5FluxPipeline. Several references of one person: `--face a.png --face+ b.pn
 (averaged). Without --steps/--guidance the release's settings apply: SDXL Euler, 50 steps,
 guidance 5.0 (or the guidance a trained folder stores: its recipe's sample_guidance); FLUX
 flow-matching Euler, 50 steps, true CFG 3.5 (--guidance) with distilled guidance 1.0
-(--distilled_guidance); both with the release's negative text (pipelines/defaults.py). The size defaults to the model's native one.
+(--distilled_guidance); both with the release's negative text (pipelines/defaults.py).
+The size defaults to the model's native one.
 """
 
 from __future__ import annotations

@@ -175,8 +175,8 @@ class FaceCLIPSDXLPipeline(FaceInputMixin, StableDiffusionXLLoraLoaderMixin, Dif
         photos are aligned, aligned crops kept), always, or never (see auto_align).
         negative_prompt: default the release's negative text (`""` for none); with a zero
         face it is the classifier-free guidance branch. guidance_scale: default the pipeline's
-        (`default_guidance`: its recipe's, else the release's 5.0). height/width default to the UNet's
-        sample size times the VAE factor (the release used 1152 x 864). Other keyword
+        (`default_guidance`: its recipe's, else the release's 5.0). height/width default to
+        the UNet's sample size times the VAE factor (the release used 1152 x 864). Other keyword
         arguments go to StableDiffusionXLPipeline (latents, callback_on_step_end, ...)."""
         embeds = self.embed_request(prompt, face_image, negative_prompt, align)
         return self.sdxl_pipeline()(

@@ -135,7 +135,8 @@ def evaluate_synthetic(pipe, samples: list[dict], face_id, steps: int = 25, guid
     input zeroed (same prompts and seeds: the no-identity control). Generation draws
     `images_per_sample` seeds per sample; negative branch: zero face + "" (the synthetic
     world's unconditional condition); guidance None = the pipeline's default (SDXL: the
-    folder's stored guidance, else CFG 5.0; FLUX true CFG 3.5). controls=False scores the generated set alone (sweeps)."""
+    folder's stored guidance, else CFG 5.0; FLUX true CFG 3.5). controls=False scores the
+    generated set alone (sweeps)."""
     faces = torch.stack([s["face"] for s in samples])
     references = reference_vectors(face_id, samples)
     identities = [s["identity"] for s in samples]
