@@ -75,3 +75,33 @@ def test_bf16_true_fit_with_any_precision_adamw(tmp_path, tiny_shards):
     states = list(ckpt["optimizer_states"][0]["state"].values())
     assert states and all(s["exp_avg"].dtype == torch.bfloat16 for s in states)
     assert any("compensation" in s and s["compensation"].abs().sum() > 0 for s in states)
+
+
+def test_lr_scales_raise_the_lr_of_the_named_parameters_only():
+    import lightning as L
+
+    from faceclip_zoo.tasks.optim import configure
+    from faceclip_zoo.utils import UserError
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.attn1, self.attn2 = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+            self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+
+    net = Net()
+    factory = lambda groups: torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1)  # noqa: E731
+    plain = configure(net, factory, 0, "constant")["optimizer"]
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain.param_groups] == [
+        (1e-3, 0.1, 1 + 1), (1e-3, 0.0, 1 + 1)]  # two weights; two biases, no decay
+    scaled = configure(net, factory, 10, "cosine", {"attn2": 4.0})
+    groups = scaled["optimizer"].param_groups
+    lr_of = {id(p): (g["initial_lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert lr_of[id(net.attn1.weight)] == (1e-3, 0.1) and lr_of[id(net.attn1.bias)] == (1e-3, 0.0)
+    assert lr_of[id(net.attn2.weight)] == (4e-3, 0.1) and lr_of[id(net.attn2.bias)] == (4e-3, 0.0)
+    assert id(net.frozen.weight) not in lr_of
+    # the schedule (warm-up here) scales each group from its own lr
+    assert scaled["lr_scheduler"]["scheduler"].base_lrs == [g["initial_lr"] for g in groups]
+    assert groups[-1]["lr"] == pytest.approx(4e-3 / 10)
+    with pytest.raises(UserError, match="'attn3'"):
+        configure(net, factory, 0, "constant", {"attn3": 2.0})

@@ -369,7 +369,7 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
 
     def configure_optimizers(self):
         return configure_optimization(self, self.optimizer_factory, self.hparams.warmup_steps,
-                                      self.hparams.lr_schedule)
+                                      self.hparams.lr_schedule, self.hparams.get("lr_scales"))
 
     # ------------------------------------------------------------------ checkpoints
     def export_spec(self) -> dict:

@@ -76,7 +76,7 @@ class FluxJointModule(JointDiffusionModule):
         loss_weighting: "none", "sigma_sqrt" or "cosmap" (SD3's schemes).
         train_guidance: the distilled-guidance input during training.
         condition_dropout, face_dropout, ema_decay, gradient_checkpointing, optimizer, warmup_steps,
-        lr_schedule: as SDXLJointModule.
+        lr_schedule, lr_scales: as SDXLJointModule.
         sample_*: the validation grid (sample_guidance = true CFG scale, release 3.5).
         pipeline: start from a FaceT5FluxPipeline folder (an `export` or `convert` output):
             its FaceT5 encoder and tokenizer, CLIP text model and tokenizer, transformer,
@@ -116,6 +116,7 @@ class FluxJointModule(JointDiffusionModule):
         optimizer: OptimizerCallable = default_optimizer,
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_scales: Optional[dict[str, float]] = None,
         num_samples: int = 4,
         sample_steps: int = 20,
         sample_guidance: float = 3.5,

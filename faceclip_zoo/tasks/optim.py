@@ -9,20 +9,36 @@ from typing import Callable
 
 import torch
 
+from faceclip_zoo.utils import UserError
+
 
 def default_optimizer(params):
     # The paper's settings (AnyPrecisionAdamW is plain AdamW in fp32 state).
     return torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), weight_decay=0.01)
 
 
-def configure(module, factory: Callable, warmup_steps: int, lr_schedule: str) -> dict:
-    """What a LightningModule's configure_optimizers returns."""
-    decay, no_decay = [], []
+def configure(module, factory: Callable, warmup_steps: int, lr_schedule: str,
+              lr_scales: dict[str, float] | None = None) -> dict:
+    """What a LightningModule's configure_optimizers returns. lr_scales: parameter-name
+    substring -> factor on the optimizer's lr for the parameters whose name contains it
+    (the first that matches), e.g. {"attn2": 4.0} for a UNet's cross-attention."""
+    scales = dict(lr_scales or {})
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "gamma" in name or "logit_" in name else decay).append(p)
-    optimizer = factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        decays = not (p.ndim < 2 or "gamma" in name or "logit_" in name)
+        scale = next((f for key, f in scales.items() if key in name), 1.0)
+        groups.setdefault((decays, float(scale)), []).append(p)
+    unmatched = [key for key in scales if not any(key in n for n, p in module.named_parameters() if p.requires_grad)]
+    if unmatched:
+        raise UserError(f"lr_scales: no trainable parameter name contains {', '.join(map(repr, unmatched))}")
+    # the plain groups first, so a run without lr_scales keeps its two groups in order
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][1] != 1.0, kv[0][1], not kv[0][0]))
+    optimizer = factory([{"params": ps, **({} if decays else {"weight_decay": 0.0})}
+                         for (decays, _), ps in ordered])
+    for group, ((_, scale), _) in zip(optimizer.param_groups, ordered):
+        group["lr"] *= scale  # before the scheduler records each group's initial lr
     total = max(1, int(module.trainer.estimated_stepping_batches)) if module._trainer else 1
     cosine = lr_schedule == "cosine"
 

@@ -89,6 +89,9 @@ class SDXLJointModule(JointDiffusionModule):
         snr_gamma: min-SNR-gamma loss weighting (5.0 is the usual value); None = plain MSE.
         ema_decay: keep an EMA of the UNet (exported instead of the raw weights).
         gradient_checkpointing: recompute UNet activations in backward.
+        lr_scales: parameter-name substring -> factor on the optimizer's lr for the
+            parameters whose name contains it, e.g. {attn2: 2.0} (the UNet's cross-attention)
+            or {resnets: 0.5}; a substring that names no trainable parameter is an error.
         sample_prompts / sample_steps / sample_guidance / num_samples: the image grid
             written at every validation (fixed references from the validation set);
             sample_guidance is also the exported pipeline's default guidance.
@@ -131,6 +134,7 @@ class SDXLJointModule(JointDiffusionModule):
         optimizer: OptimizerCallable = default_optimizer,
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_scales: Optional[dict[str, float]] = None,
         num_samples: int = 4,
         sample_steps: int = 20,
         sample_guidance: float = 5.0,
