@@ -46,8 +46,9 @@ from faceclip_zoo.utils import UserError, atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
-def build_from_recipe(recipe: str):
-    """(LightningModule, LightningDataModule | None) as `fit --config recipe` builds them."""
+def parse_recipe(recipe: str):
+    """(parser, parsed config, seed) of a fit recipe's `model:` and `data:` sections, checked
+    against the classes' signatures as `fit` checks them, nothing built yet."""
     import lightning as L
     from jsonargparse import ArgumentParser
 
@@ -59,13 +60,25 @@ def build_from_recipe(recipe: str):
     if "model" not in cfg:
         raise UserError(f"{recipe} has no `model:` section (a fit recipe is needed)")
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(L.LightningModule, "model", required=True)
-    parser.add_subclass_arguments(L.LightningDataModule, "data", required=False)
+    # untyped arguments accepted as LightningCLI accepts them (torchao's AdamW8bit leaves
+    # `params` untyped; the LoRA recipes name it)
+    parser.add_subclass_arguments(L.LightningModule, "model", required=True, fail_untyped=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data", required=False, fail_untyped=False)
     try:
         parsed = parser.parse_object({"model": cfg["model"], "data": cfg.get("data")})
-    except Exception as exc:  # jsonargparse's own message names the bad key
-        raise UserError(f"{recipe}: {str(exc).splitlines()[0]}") from None
-    seed = cfg.get("seed_everything")
+    except Exception as exc:  # jsonargparse's message names the bad key, then (nested) why
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        skip = ("Does not validate", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
+        why = " ".join(line for line in lines if not line.startswith(skip))
+        raise UserError(f"{recipe}: {why.split(' Got value:')[0][:800]}") from None
+    return parser, parsed, cfg.get("seed_everything")
+
+
+def build_from_recipe(recipe: str):
+    """(LightningModule, LightningDataModule | None) as `fit --config recipe` builds them."""
+    import lightning as L
+
+    parser, parsed, seed = parse_recipe(recipe)
     if seed is not None and seed is not False:
         L.seed_everything(int(seed), verbose=False)  # as fit does: the same initial weights
     init = parser.instantiate_classes(parsed)

@@ -111,6 +111,27 @@ def test_recipe_parses(recipe):
     assert cfg.trainer.logger[1].init_args.name == "tensorboard"
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_recipe_model_and_data_parse_as_cache_reads_them(recipe):
+    """`cache --recipe` and the ablation read `model:` / `data:` with a plain parser, which
+    (unlike LightningCLI's) requires every mandatory argument of every class to be typed."""
+    from faceclip_zoo.cache import parse_recipe
+
+    _, parsed, _ = parse_recipe(str(recipe))
+    assert parsed.model.class_path.startswith("faceclip_zoo.")
+
+
+def test_cache_names_why_a_recipe_does_not_parse(tmp_path):
+    from faceclip_zoo.cache import parse_recipe
+    from faceclip_zoo.utils import UserError
+
+    recipe = yaml.safe_load((REPO / "recipes" / "quickstart" / "sdxl.yaml").read_text())
+    recipe["model"]["init_args"]["optimizer"]["init_args"]["momentum_typo"] = 0.9
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(UserError, match=r"r\.yaml: Parser key \"model\".*momentum_typo"):
+        parse_recipe(str(tmp_path / "r.yaml"))
+
+
 @pytest.mark.parametrize("recipe", ENCODER_PRODUCTION, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_production_recipe_builds_full_size_on_meta(recipe):
     cli = parse(recipe)
