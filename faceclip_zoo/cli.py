@@ -75,6 +75,9 @@ ZOO_COMMANDS: dict[str, ZooCommand] = {
     "convert": ZooCommand("faceclip_zoo.convert:convert", "official release weights -> faceclip_zoo model directories",
                           lambda report: "\n".join(f"{name}: {info if isinstance(info, str) else ', '.join(info)}"
                                                    for name, info in report.items())),
+    "standins": ZooCommand("faceclip_zoo.bench.standins:standins",
+                           "seeded random weights in the layouts the production recipes read (real size)",
+                           lambda paths: "\n".join(paths)),
     "bench": ZooCommand("faceclip_zoo.bench.run:bench",
                         "speed and memory against the peers (open_clip, diffusers), one table; --size tiny..real"),
 }

@@ -111,21 +111,45 @@ def mismatch_report(expected: Mapping[str, tuple], got: Mapping[str, tuple]) -> 
 
 
 def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
+    if hasattr(state, "shapes"):  # a lazy view over files (models/weights.py): headers only
+        return state.shapes()
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def state_under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of a state dict under `prefix`, with the prefix removed (one sub-model
     of a fit checkpoint)."""
+    if hasattr(state, "under"):  # a lazy view stays lazy
+        return state.under(prefix)
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """load_state_dict with a readable one-line report instead of a library traceback."""
-    report = mismatch_report(shapes_of(module.state_dict()), shapes_of(state))
+def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                dtype: torch.dtype | None = None) -> None:
+    """load_state_dict with a readable one-line report instead of a library traceback.
+
+    A module built without memory (models/weights.py `empty_weights`) gets the tensors
+    themselves, read one at a time and cast to `dtype` (floating-point ones; default: the
+    dtype the module was built in), so real-size weights are held once."""
+    targets = module.state_dict(keep_vars=True)
+    report = mismatch_report(shapes_of(targets), shapes_of(state))
     if report:
         raise UserError(f"{source} does not match {type(module).__name__}: {report}")
-    module.load_state_dict(state, strict=True)
+    if any(t.is_meta for t in targets.values()):
+        assigned = {}
+        for key, target in targets.items():
+            value = state[key]
+            want = dtype if dtype is not None and value.is_floating_point() else target.dtype
+            # A tensor of its file's dtype is the file's memory-mapped pages (read in place,
+            # never copied). When the weights are cast, the few that are not (integer
+            # buffers) are copied, or they alone would keep the whole file mapped.
+            assigned[key] = value.to(want, copy=dtype is not None)
+            del value
+        module.load_state_dict(assigned, strict=True, assign=True)
+        return
+    module.load_state_dict(state if isinstance(state, dict) else dict(state.items()), strict=True)
+    if dtype is not None:
+        module.to(dtype)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -30,7 +30,7 @@ from faceclip_zoo.bench.sizes import SIZES
 from faceclip_zoo.utils import UserError
 
 SECTIONS = ("encoder", "diffusion", "lora", "inference", "data")
-EXTRAS = ("align", "resume", "memory")
+EXTRAS = ("align", "resume", "memory", "real-size")
 
 
 def _plan():
@@ -54,6 +54,10 @@ def bench(
     build_on_cpu: bool = False,
     cudnn_attention: bool = True,
     align_faces: Optional[str] = None,
+    standins: Optional[str] = None,
+    recipes: Optional[str] = None,
+    steps: Optional[int] = None,
+    resolution: Optional[int] = None,
     out: Optional[str] = None,
 ) -> list[Row]:
     """Speed and memory against the peers (open_clip, diffusers, the release's computation), one table.
@@ -61,7 +65,8 @@ def bench(
     Args:
         size: tiny (CPU, minutes), small, or real (the released sizes, one GPU).
         only: comma-separated sections: encoder, diffusion, lora, inference, data; extras: align, resume,
-            memory (the one-GPU LoRA recipes' memory, estimated from parameter counts).
+            memory (the one-GPU LoRA recipes' memory, estimated from parameter counts), real-size (the
+            production recipes through `fit` on stand-in weights: faceclip_zoo/bench/real_size.py).
         device: auto (cuda when present), cpu, cuda, cuda:1, ...
         precision: auto: bf16 (mixed) on CUDA, fp32 on CPU.
         repeats: timed repetitions per block (default: the size's).
@@ -73,6 +78,11 @@ def bench(
             (docs/performance.md).
         align_faces: (--only align) a folder of the release's aligned 448 crops to measure
             our alignment against, besides skimage's astronaut.
+        standins: (--only real-size) the folder `python -m faceclip_zoo standins` wrote (default: made
+            on the fly, which at --size real writes tens of GB).
+        recipes: (--only real-size) comma-separated production recipes (default: all it knows).
+        steps: (--only real-size) optimizer steps per recipe (default 2).
+        resolution: (--only real-size) image side of the runs (default: the recipe's).
         out: also write results.json and results.md here.
     """
     given = dict(locals())  # for the command line the table records
@@ -105,7 +115,8 @@ def bench(
     header = (f"machine: {machine()}\ndevice {device}, {precision}; size {size.name}: {size.note}\n"
               f"median of {ctx.rounds} x {ctx.repeats} timed repeats after {ctx.warmup} warm-up; "
               f"command: `{command.strip()}`")
-    print(header, flush=True)
+    if set(wanted) & set(SECTIONS):  # the extras say what they measure themselves
+        print(header, flush=True)
     rows: list[Row] = []
     started = time.time()
     for name, runner in _plan():
@@ -131,7 +142,16 @@ def bench(
         if extra in wanted:
             from faceclip_zoo.bench import align_accuracy, memory, stream_resume
 
-            if extra == "align":
+            if extra == "real-size":
+                from faceclip_zoo.bench import real_size
+
+                results = real_size.run(size=size.name, device=device.type, standins=standins, recipes=recipes,
+                                        steps=steps, resolution=resolution,
+                                        work=str(Path(out) / "real-size") if out else None)
+                bad = real_size.failures(results)
+                if bad:
+                    raise UserError(f"bench real-size: {'; '.join(bad)}")
+            elif extra == "align":
                 align_accuracy.run(faces=align_faces)
             elif extra == "memory":
                 memory.run()

@@ -31,15 +31,21 @@ def build_diffusers(config: dict[str, Any]) -> torch.nn.Module:
     return diffusers_class(config).from_config({k: v for k, v in config.items() if k != "_class_name"})
 
 
-def load_diffusers_weights(model: torch.nn.Module, source: str | os.PathLike, what: str) -> None:
-    """Weights from a diffusers folder, a safetensors file or a release pickle (weights
-    only), strictly checked."""
+def load_diffusers_weights(model: torch.nn.Module, source: str | os.PathLike, what: str,
+                           dtype: torch.dtype | None = None) -> None:
+    """Weights from a diffusers folder (one file or shards), a safetensors file or a release
+    pickle (weights only), strictly checked; read tensor by tensor into a model built with
+    `empty_weights` (models/weights.py), cast to `dtype`."""
+    from faceclip_zoo.models.weights import open_weights
+
     p = require_file(source, what)
-    if p.is_dir():
-        p = require_file(p / WEIGHTS_NAME, what)
-    state = load_weights_file(p, what)
-    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
-    load_strict(model, state, f"{what} {p}")
+    if p.is_dir() or p.suffix == ".safetensors":
+        state = open_weights(p, WEIGHTS_NAME.removesuffix(".safetensors"), what)
+        state = state.renamed(lambda k: k[len("model."):] if k.startswith("model.") else k)
+    else:
+        state = load_weights_file(p, what)
+        state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+    load_strict(model, state, f"{what} {p}", dtype=dtype)
 
 
 def check_same_architecture(model: torch.nn.Module, folder: str | os.PathLike, what: str) -> None:

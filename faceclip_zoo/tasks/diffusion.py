@@ -25,7 +25,7 @@ from faceclip_zoo.models.diffusers_models import load_diffusers_weights
 from faceclip_zoo.models.io import read_config
 from faceclip_zoo.tasks.optim import configure as configure_optimization
 from faceclip_zoo.tasks.resilience import ResilientTask
-from faceclip_zoo.utils import UserError, load_weights_file, recipe_that_exports, state_under
+from faceclip_zoo.utils import UserError, recipe_that_exports
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,16 @@ def refuse_with_pipeline(pipeline: str | None, given: dict, defaults: dict) -> N
                         "(or drop pipeline and name the components one by one)")
 
 
-def load_model_weights(folder: Path, what: str) -> dict[str, torch.Tensor]:
+def load_model_weights(folder: Path, what: str):
     """The weights of a model directory (model.safetensors) or of our encoder component in
-    a pipeline folder (diffusion_pytorch_model.safetensors, under `encoder.`)."""
+    a pipeline folder (diffusion_pytorch_model.safetensors, under `encoder.`), read lazily
+    (models/weights.py) so a real-size encoder is loaded tensor by tensor."""
+    from faceclip_zoo.models.weights import open_weights
+
     component = folder / "diffusion_pytorch_model.safetensors"
     if component.is_file() and not (folder / "model.safetensors").is_file():
-        return state_under(load_weights_file(component, what), "encoder.")
-    return load_weights_file(folder / "model.safetensors", what)
+        return open_weights(component, "diffusion_pytorch_model", what).under("encoder.")
+    return open_weights(folder / "model.safetensors", "model", what)
 
 
 def resolve_model_spec(spec: str, config_cls, model_type: str):
@@ -139,6 +142,7 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
     def setup(self, stage: str) -> None:
         if not self._weights_loaded:
             self.load_pretrained_weights()
+            self.refuse_unloaded()
             self._weights_loaded = True
             datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
             if datamodule is not None:
@@ -188,6 +192,13 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
     def load_pretrained_weights(self) -> None:
         raise NotImplementedError
 
+    def frozen_dtype(self) -> torch.dtype | None:
+        """The dtype frozen weights are loaded in: a LoRA run's base_dtype (the file's
+        tensors are cast as they are read, never held in float32), else None (as built)."""
+        hp = self.hparams
+        return getattr(torch, hp.base_dtype) if hp.get("lora") and hp.get("base_dtype") else None
+
+
     @classmethod
     def argument_defaults(cls) -> dict:
         """The constructor's defaults (a run from a pipeline folder leaves its component
@@ -198,7 +209,7 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
 
     def _load_vae(self, src: str | None) -> None:
         if src:
-            load_diffusers_weights(self.vae, src, "vae weights")
+            load_diffusers_weights(self.vae, src, "vae weights", dtype=self.frozen_dtype())
             self._adopt_latent_scale(Path(src))
 
     def _adopt_latent_scale(self, folder: Path) -> None:

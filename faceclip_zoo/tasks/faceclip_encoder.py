@@ -27,6 +27,7 @@ from faceclip_zoo.models.clip import build_clip, clip_normalize, text_tower_stat
 from faceclip_zoo.models.face_vit import FaceViTIdentity, OnnxArcFace
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.io import read_config
+from faceclip_zoo.models.weights import empty_weights
 from faceclip_zoo.tasks.losses import ContrastiveTerm, LossKind
 from faceclip_zoo.tasks.resilience import ResilientTask
 from faceclip_zoo.tasks.optim import configure as configure_optimization, default_optimizer
@@ -146,7 +147,8 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
 
         self.encoder_config, self.encoder = self.build_encoder(encoder, encoder_overrides or {})
         self.clip_config = CLIPConfig.from_name(clip, **(clip_overrides or {}))
-        self.clip = build_clip(self.clip_config)
+        with empty_weights(clip_weights is not None):  # the frozen targets: built when their weights are read
+            self.clip = build_clip(self.clip_config)
         self.identity_model = None  # built in setup when an external model is named
 
         w, seq = self.encoder_config.width, self.sequence_length()
@@ -200,6 +202,7 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
         first = not self._weights_loaded
         if first:
             self.load_pretrained_weights()
+            self.refuse_unloaded()
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if first and datamodule is not None:
             from faceclip_zoo.cache_fingerprint import check_cached_features

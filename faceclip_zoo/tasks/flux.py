@@ -30,6 +30,7 @@ from faceclip_zoo.config import FaceT5Config
 from faceclip_zoo.models.diffusers_models import build_diffusers, load_diffusers_weights, resolve_diffusers_config
 from faceclip_zoo.models.facet5 import FaceT5Encoder
 from faceclip_zoo.models.flux_condition import FluxCondition
+from faceclip_zoo.models.weights import empty_weights, open_weights
 from faceclip_zoo.models.text_encoders import build_clip_text_model, build_clip_tokenizer, clip_text_config
 from faceclip_zoo.models.adapters import LoraSettings, Quantization
 from faceclip_zoo.tasks.diffusion import (
@@ -37,7 +38,7 @@ from faceclip_zoo.tasks.diffusion import (
 )
 from faceclip_zoo.tasks.optim import default_optimizer
 from faceclip_zoo.tasks.sdxl import resolve_scheduler_config
-from faceclip_zoo.utils import UserError, load_strict, load_weights_file
+from faceclip_zoo.utils import UserError, load_strict
 
 
 def resolve_clip_text(spec: str) -> tuple[dict[str, Any], Path | None]:
@@ -142,20 +143,25 @@ class FluxJointModule(JointDiffusionModule):
         self._transformer_src = transformer_weights or (transformer if Path(transformer).is_dir() else None)
         self._vae_src = vae_weights or (vae if Path(vae).is_dir() else None)
         enc_cfg, self._encoder_dir = resolve_model_spec(encoder, FaceT5Config, "facet5")
-        face_t5 = FaceT5Encoder(enc_cfg)
+        # parts whose weights are named are built without memory and filled in setup
+        with empty_weights(self._encoder_dir is not None):
+            face_t5 = FaceT5Encoder(enc_cfg)
         if not t5_tokenizer and self._encoder_dir is not None and (self._encoder_dir / "tokenizer").is_dir():
             t5_tokenizer = str(self._encoder_dir / "tokenizer")
         self.t5_tokenizer_dir = t5_tokenizer  # recorded for export
         if t5_tokenizer:
             face_t5.set_tokenizer(t5_tokenizer)
         self.clip_text_config, self._clip_dir = resolve_clip_text(clip_text)
-        self.condition = FluxCondition(face_t5, build_clip_text_model(self.clip_text_config),
-                                       build_clip_tokenizer(clip_tokenizer))
+        with empty_weights(self._clip_dir is not None):
+            clip_text_model = build_clip_text_model(self.clip_text_config)
+        self.condition = FluxCondition(face_t5, clip_text_model, build_clip_tokenizer(clip_tokenizer))
         self.transformer_config = {**resolve_diffusers_config(transformer, "transformer"),
                                    **(transformer_overrides or {})}
-        self.transformer = build_diffusers(self.transformer_config)
+        with empty_weights(self._transformer_src is not None):
+            self.transformer = build_diffusers(self.transformer_config)
         self.vae_config = resolve_diffusers_config(vae, "vae")
-        self.vae = build_diffusers(self.vae_config)
+        with empty_weights(self._vae_src is not None):
+            self.vae = build_diffusers(self.vae_config)
         if self.vae_config.get("shift_factor") is None:  # FluxPipeline decodes with it: 0 = none
             self.vae_config["shift_factor"] = 0.0
             self.vae.register_to_config(shift_factor=0.0)
@@ -184,14 +190,15 @@ class FluxJointModule(JointDiffusionModule):
 
     # ------------------------------------------------------------------ weights
     def load_pretrained_weights(self) -> None:
+        frozen = self.frozen_dtype()
         if self._encoder_dir is not None:
             load_strict(self.condition.face_t5, load_model_weights(self._encoder_dir, "encoder"),
-                        f"encoder {self._encoder_dir}")
+                        f"encoder {self._encoder_dir}", dtype=None if self.hparams.train_encoders else frozen)
         if self._clip_dir is not None:
-            load_strict(self.condition.clip_text, load_weights_file(self._clip_dir / "model.safetensors", "clip_text"),
-                        f"clip_text {self._clip_dir}")
+            load_strict(self.condition.clip_text, open_weights(self._clip_dir, "model", "clip_text"),
+                        f"clip_text {self._clip_dir}", dtype=frozen)
         if self._transformer_src:
-            load_diffusers_weights(self.transformer, self._transformer_src, "transformer weights")
+            load_diffusers_weights(self.transformer, self._transformer_src, "transformer weights", dtype=frozen)
         self._load_vae(self._vae_src)
 
     def quantizable_frozen_parts(self) -> list[torch.nn.Module]:

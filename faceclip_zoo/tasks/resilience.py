@@ -45,6 +45,21 @@ class ResilientTask:
         # forward's activations. Free them now (`bench`: peak memory of the SDXL step).
         optimizer.zero_grad(set_to_none=True)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # A task whose pretrained parts were built without memory (their weights named:
+        # models/weights.py) takes a checkpoint's tensors themselves when the checkpoint
+        # comes before setup (load_from_checkpoint); copying into them would do nothing.
+        from faceclip_zoo.models.weights import has_meta_tensors
+
+        return super().load_state_dict(state_dict, strict=strict, assign=assign or has_meta_tensors(self))
+
+    def refuse_unloaded(self) -> None:
+        """Parts built without memory (their weights were named) must have been loaded."""
+        left = [n for n, t in self.state_dict(keep_vars=True).items() if t.is_meta]
+        if left:
+            raise UserError(f"{len(left)} weights were never loaded (e.g. {left[0]}): their weights file was named "
+                            "but not read; this is a bug, please report it with the recipe")
+
     def training_generator(self) -> torch.Generator:
         """This rank's generator for training-time randomness: seeded from the run's seed
         (seed_everything) and the rank, so ranks draw different noise, and restored on

@@ -32,6 +32,7 @@ from faceclip_zoo.models.diffusers_models import (
 )
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.sdxl_condition import SDXLCondition
+from faceclip_zoo.models.weights import empty_weights
 from faceclip_zoo.models.adapters import LoraSettings, Quantization
 from faceclip_zoo.tasks.diffusion import (
     JointDiffusionModule, load_model_weights, pipeline_parts, refuse_with_pipeline, resolve_model_spec,
@@ -164,11 +165,18 @@ class SDXLJointModule(JointDiffusionModule):
             if maker:
                 raise UserError(f"{unet_weights} does not exist yet; make it first with "
                                 f"`python -m faceclip_zoo fit --config {maker}`")
-        self.condition = SDXLCondition(FaceCLIPEncoder(cfg_l), FaceCLIPEncoder(cfg_g))
+        # parts whose weights are named are built without memory and filled in setup
+        with empty_weights(self._dir_l is not None):
+            branch_l = FaceCLIPEncoder(cfg_l)
+        with empty_weights(self._dir_g is not None):
+            branch_g = FaceCLIPEncoder(cfg_g)
+        self.condition = SDXLCondition(branch_l, branch_g)
         self.unet_config = {**resolve_diffusers_config(unet, "unet"), **(unet_overrides or {})}
-        self.unet = build_diffusers(self.unet_config)
+        with empty_weights(self._unet_src is not None):
+            self.unet = build_diffusers(self.unet_config)
         self.vae_config = resolve_diffusers_config(vae, "vae")
-        self.vae = build_diffusers(self.vae_config)
+        with empty_weights(self._vae_src is not None):
+            self.vae = build_diffusers(self.vae_config)
         self.scheduler_config = resolve_scheduler_config(scheduler)
         self.scheduler_config.update(scheduler_overrides or {})
         if prediction_type:
@@ -211,14 +219,16 @@ class SDXLJointModule(JointDiffusionModule):
 
     # ------------------------------------------------------------------ weights
     def load_pretrained_weights(self) -> None:
+        frozen = self.frozen_dtype()
         for branch, folder, what in ((self.condition.branch_l, self._dir_l, "encoder_l"),
                                      (self.condition.branch_g, self._dir_g, "encoder_g")):
             if folder is not None:
-                load_strict(branch, load_model_weights(folder, what), f"{what} {folder}")
+                load_strict(branch, load_model_weights(folder, what), f"{what} {folder}",
+                            dtype=None if self.hparams.train_encoders else frozen)
         if self._unet_src:
             if Path(self._unet_src).is_dir():
                 check_same_architecture(self.unet, self._unet_src, "unet weights")
-            load_diffusers_weights(self.unet, self._unet_src, "unet weights")
+            load_diffusers_weights(self.unet, self._unet_src, "unet weights", dtype=frozen)
         self._load_vae(self._vae_src)
 
     def time_ids(self, batch: dict, latents: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,293 @@
+"""`bench --only real-size`: every production recipe through `fit`, unchanged but for its
+weight and data paths, on stand-in weights (bench/standins.py) and shards `prepare` made
+from real photos; a few optimizer steps each, in a process of its own so its peak memory
+is its own.
+
+    python -m faceclip_zoo standins --out standins                      # once: the stand-in weights
+    python -m faceclip_zoo bench --only real-size --size real --device cpu --standins standins
+    python -m faceclip_zoo bench --only real-size --size real --device cuda --standins standins --steps 20
+    python -m faceclip_zoo bench --only real-size --size tiny          # the dry run (stand-ins made on the fly)
+
+What changes besides the paths, per run, is recorded with the result ("overrides"): run
+control (steps, one device, no loggers or checkpoints, no validation), the batch and the
+resolution where the machine needs them smaller, and on a CPU the precision: bf16 matmuls
+on a CPU without bf16 units run at under 1 GFLOP/s (127 in float32 on this repository's
+2-core machine), so a CPU run computes in float32 (trainer.precision 32-true, base_dtype
+null), which makes its resident memory an upper bound of the bf16 recipe's. Each run's
+StepProbe (bench/step_probe.py) writes parameters, memory, step times, losses, and whether
+trained weights changed and frozen ones stayed bitwise the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from faceclip_zoo.bench.harness import fmt_mem
+from faceclip_zoo.utils import RECIPES_DIR, UserError
+
+
+@dataclass(frozen=True)
+class RecipeRun:
+    """How one production recipe runs at real size.
+
+    paths: recipe keys whose values are weight paths (`weights/...`, `checkpoints/...`):
+        they are moved under the stand-in root, nothing else about them changes.
+    sets: the stand-in sets those paths need.
+    tiny: what the dry run changes besides (the tiny configs of the same classes).
+    batch: the batch of the run (the recipe's per-device batch when it fits).
+    cpu_resolution: the image side of a CPU run (None: the recipe's).
+    """
+
+    recipe: str
+    sets: tuple[str, ...]
+    paths: tuple[str, ...]
+    tiny: dict[str, Any] = field(default_factory=dict)
+    batch: int = 1
+    cpu_resolution: int | None = None
+
+
+_M = "model.init_args."
+RUNS: dict[str, RecipeRun] = {
+    "faceclip-sdxl/lora-24gb": RecipeRun(
+        "faceclip-sdxl/lora-24gb", ("sdxl-base", "faceclip-release"),
+        (_M + "encoder_l", _M + "encoder_g", _M + "unet_weights", _M + "vae_weights"),
+        tiny={_M + "unet": "sdxl-unet-tiny", _M + "vae": "vae-tiny", "data.init_args.image_size": 64,
+              "data.init_args.buckets": [[64, 64]]}),
+    "faceclip-l14/pretrain": RecipeRun(
+        "faceclip-l14/pretrain", ("pretrain-inputs",),
+        (_M + "face_encoder_weights", _M + "clip_weights"),
+        tiny={_M + "encoder": "faceclip-tiny", _M + "clip": "clip-tiny", "data.init_args.image_size": 64},
+        batch=4),
+    "faceclip-bigg14/pretrain": RecipeRun(
+        "faceclip-bigg14/pretrain", ("pretrain-inputs",),
+        (_M + "face_encoder_weights", _M + "clip_weights"),
+        tiny={_M + "encoder": "faceclip-tiny", _M + "clip": "clip-tiny", "data.init_args.image_size": 64},
+        batch=4),
+}
+
+# bf16 dense peak FLOP/s of the cards a GPU call may get (their data sheets), for MFU
+BF16_PEAK = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12}
+
+
+def bf16_peak(device_name: str | None) -> float | None:
+    for key, peak in BF16_PEAK.items():
+        if device_name and key in device_name:
+            return peak
+    return None
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[keys[-1]] = value
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
+
+
+def run_recipe(run: RecipeRun, *, size: str, device: str, standins: Path, shards: Path, work: Path, steps: int,
+               resolution: int | None, timeout: float) -> dict:
+    """One recipe's fit in its own process -> the StepProbe's report plus what was overridden."""
+    recipe = yaml.safe_load((RECIPES_DIR / f"{run.recipe}.yaml").read_text())
+    overrides: dict[str, Any] = {}
+    for key in run.paths:
+        overrides[key] = str(standins / _get(recipe, key))
+    data = recipe["data"]["init_args"]
+    overrides.update({"data.init_args.train": str(shards), "data.init_args.val": str(shards),
+                      "data.init_args.num_workers": 0, "data.init_args.batch_size": run.batch,
+                      "data.init_args.shuffle_buffer": 8})
+    if data.get("guided"):
+        overrides["data.init_args.guided"] = str(shards)
+    side = resolution or (run.cpu_resolution if device == "cpu" else None)
+    if side and side != data.get("image_size"):
+        overrides["data.init_args.image_size"] = side
+        if data.get("buckets"):
+            overrides["data.init_args.buckets"] = [[side, side]]
+    if size == "tiny":
+        overrides.update(run.tiny)
+    if device == "cpu":
+        # bf16 matmuls have no CPU units here (see the module docstring): compute in float32
+        overrides["trainer.precision"] = "32-true"
+        if recipe["model"]["init_args"].get("base_dtype"):
+            overrides[_M + "base_dtype"] = None
+    report_file = work / f"{run.recipe.replace('/', '--')}.json"
+    control = {"trainer.accelerator": "cpu" if device == "cpu" else "gpu", "trainer.devices": 1,
+               "trainer.num_nodes": 1, "trainer.max_steps": steps, "trainer.limit_val_batches": 0,
+               "trainer.num_sanity_val_steps": 0, "trainer.logger": False, "trainer.enable_checkpointing": False,
+               "trainer.enable_progress_bar": False, "trainer.default_root_dir": str(work / "runs"),
+               "trainer.callbacks": [{"class_path": "faceclip_zoo.bench.step_probe.StepProbe",
+                                      "init_args": {"out": str(report_file),
+                                                    "count_flops_at": 1 if steps > 2 else None}}]}
+    resolved = copy.deepcopy(recipe)
+    resolved["trainer"].pop("strategy", None)  # one device: Lightning's default
+    resolved["trainer"].pop("plugins", None)  # checkpoint IO: nothing is saved here
+    for key, value in {**overrides, **control}.items():
+        _set(resolved, key, value)
+    config = work / f"{run.recipe.replace('/', '--')}.yaml"
+    config.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    report_file.unlink(missing_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # the host memory of loading, in the recipe's own dtypes (what a GPU run's host needs)
+    as_recipe = copy.deepcopy(recipe)
+    for key, value in overrides.items():
+        if not (device == "cpu" and key in ("trainer.precision", _M + "base_dtype")):
+            _set(as_recipe, key, value)
+    load_config = work / f"{run.recipe.replace('/', '--')}.load.yaml"
+    load_config.write_text(yaml.safe_dump(as_recipe, sort_keys=False))
+    load_file = work / f"{run.recipe.replace('/', '--')}.load.json"
+    load_file.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "faceclip_zoo.bench.real_size", str(load_config), str(load_file)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    load = json.loads(load_file.read_text()) if load_file.is_file() else {"error": (proc.stdout + proc.stderr)[-3000:]}
+    started = time.time()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "faceclip_zoo", "fit", "--config", str(config)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
+    except subprocess.TimeoutExpired as exc:
+        rc, tail = "timeout", str(exc.stderr or "")[-3000:]
+    result = {"recipe": f"recipes/{run.recipe}.yaml", "size": size, "device": device,
+              "overrides": {k: v for k, v in overrides.items() if k not in run.paths},
+              "paths": {k: overrides[k] for k in run.paths}, "wall_seconds": round(time.time() - started, 1),
+              "rc": rc, "load_as_recipe": load}
+    if report_file.is_file():
+        result.update(json.loads(report_file.read_text()))
+        peak, times = bf16_peak(result.get("device_name")), sorted(result["step_seconds"])
+        if peak and result.get("flops_per_step") and times:
+            result["mfu"] = result["flops_per_step"] / times[len(times) // 2] / peak
+    else:
+        result["error"] = tail
+    return result
+
+
+def prepare_shards(folder: Path, photos: int, side: int) -> Path:
+    """Shards `prepare` makes from real photos (skimage's astronaut, varied): what the runs read."""
+    from faceclip_zoo.bench.prepare_photos import write_photos
+    from faceclip_zoo.data.prepare import prepare
+
+    out = folder / "shards"
+    if (out / "manifest.json").is_file():
+        return out
+    (folder / "photos").mkdir(parents=True, exist_ok=True)
+    write_photos(str(folder / "photos"), photos, side)
+    prepare(str(folder / "photos"), str(out), progress=False)
+    return out
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| recipe | device | resolution, batch | parameters (trained / total) | resident after load / peak | "
+             "CUDA peak | s/step | losses | trained changed | frozen unchanged |", "|---" * 10 + "|"]
+    for r in results:
+        if "steps" not in r:
+            lines.append(f"| {r['recipe']} | {r['device']} | failed (rc {r['rc']}): "
+                         f"{r.get('error', '').strip().splitlines()[-1:] or ''} |||||||")
+            continue
+        side = r["overrides"].get("data.init_args.image_size", "recipe's")
+        batch = r["overrides"].get("data.init_args.batch_size")
+        times = r["step_seconds"]
+        lines.append(
+            f"| {r['recipe']} | {r['device']} {r['overrides'].get('trainer.precision', '(recipe precision)')} | "
+            f"{side}, {batch} | {r['params_trained'] / 1e6:.1f} M / {r['params_total'] / 1e9:.3f} B | "
+            f"{fmt_mem(r['rss_after_load'])} / {fmt_mem(r['peak_rss'])} | {fmt_mem(r.get('cuda_peak'))} | "
+            f"{', '.join(f'{t:.1f}' for t in times)} | {', '.join(f'{x:.4f}' for x in r['losses'])} | "
+            f"{r['trained_tensors_changed']}/{r['trained_tensors']} | "
+            f"{r['frozen_tensors'] - r['frozen_tensors_changed']}/{r['frozen_tensors']} |")
+    return "\n".join(lines)
+
+
+def failures(results: list[dict]) -> list[str]:
+    """What a run must show: it stepped, every loss finite, the trained weights changed, the
+    frozen ones bitwise unchanged."""
+    bad = []
+    for r in results:
+        name = r["recipe"]
+        if "steps" not in r:
+            bad.append(f"{name} failed (rc {r['rc']})")
+        elif not r["loss_finite"]:
+            bad.append(f"{name}: non-finite loss {r['losses']}")
+        elif r["trained_tensors_changed"] == 0 or r["frozen_tensors_changed"]:
+            bad.append(f"{name}: {r['trained_tensors_changed']}/{r['trained_tensors']} trained tensors changed, "
+                       f"{r['frozen_tensors_changed']} frozen ones changed (e.g. {r['frozen_changed_examples']})")
+    return bad
+
+
+def run(size: str = "tiny", device: str = "cpu", standins: str | None = None, recipes: str | None = None,
+        steps: int | None = None, resolution: int | None = None, work: str | None = None,
+        timeout: float = 3600.0) -> list[dict]:
+    """Every (or the named) production recipe at `size` -> results (also work/results.json)."""
+    from faceclip_zoo.bench.standins import standins as write_standins
+
+    if size not in ("tiny", "real"):
+        raise UserError(f"real-size runs take --size real (or tiny for the dry run), got {size!r}")
+    names = [n.strip() for n in (recipes or ",".join(RUNS)).split(",") if n.strip()]
+    unknown = sorted(set(names) - set(RUNS))
+    if unknown:
+        raise UserError(f"real-size: unknown recipe(s) {unknown}; known: {sorted(RUNS)}")
+    work = Path(work or f"runs/bench-real-size-{size}")
+    work.mkdir(parents=True, exist_ok=True)
+    root = Path(standins or work / "standins")
+    sets = sorted({s for n in names for s in RUNS[n].sets})
+    if size == "tiny" or standins is None:
+        write_standins(out=str(root), only=",".join(sets), size=size)
+    else:
+        made = json.loads((root / "standins.json").read_text()) if (root / "standins.json").is_file() else {}
+        missing = [s for s in sets if s not in made.get("sets", {})]
+        if missing or made.get("size") != size:
+            raise UserError(f"{root} lacks the {size} stand-in set(s) {missing or sets}: run `python -m faceclip_zoo "
+                            f"standins --out {root} --only {','.join(sets)} --size {size}` first")
+    shards = prepare_shards(work, photos=4, side=1024 if size == "real" else 512)
+    steps = steps or 2
+    results = []
+    for name in names:
+        result = run_recipe(RUNS[name], size=size, device=device, standins=root.resolve(), shards=shards.resolve(),
+                            work=work.resolve(), steps=steps, resolution=resolution, timeout=timeout)
+        print(json.dumps({k: result.get(k) for k in ("recipe", "rc", "steps", "losses", "step_seconds",
+                                                        "peak_rss", "cuda_peak")}), flush=True)
+        results.append(result)
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\n" + markdown(results))
+    return results
+
+
+def load_report(config: str, out: str) -> dict:
+    """Build a recipe's model as `fit` does and load its weights (its setup), nothing more:
+    the host memory a run holds before its first step, in the recipe's own dtypes."""
+    from faceclip_zoo.bench.step_probe import AnonPeak, peak_rss_bytes, rss_bytes
+    from faceclip_zoo.cache import build_from_recipe
+
+    started = time.time()
+    anon = AnonPeak().start()
+    module, _ = build_from_recipe(config)
+    built = rss_bytes()
+    module.setup("fit")
+    params = list(module.parameters())
+    report = {"seconds": round(time.time() - started, 1), "rss_after_build": built, "rss": rss_bytes(),
+              "rss_anon": rss_bytes("RssAnon"), "rss_file": rss_bytes("RssFile"), "peak_rss": peak_rss_bytes(),
+              "peak_anon": anon.stop(),
+              "params": sum(p.numel() for p in params),
+              "bytes_by_dtype": {str(d).replace("torch.", ""): sum(p.numel() * p.element_size() for p in params
+                                                                   if p.dtype == d)
+                                 for d in {p.dtype for p in params}}}
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":  # the load-only subprocess of run_recipe
+    import logging
+
+    logging.disable(logging.WARNING)
+    load_report(sys.argv[1], sys.argv[2])

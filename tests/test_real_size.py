@@ -1,0 +1,116 @@
+"""Real size without the real weights: stand-in folders in the released layouts, weights
+read tensor by tensor into models built without memory (sharded folders included), and
+the dry run of `bench --only real-size` that steps each production recipe through `fit`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from faceclip_zoo.bench.standins import SDXL_BASE, StandinTensors, standin_tensor, standins, write_weights
+from faceclip_zoo.config import diffusers_config
+from faceclip_zoo.models.diffusers_models import build_diffusers, build_diffusers_on_meta, load_diffusers_weights
+from faceclip_zoo.models.weights import empty_weights, has_meta_tensors
+from faceclip_zoo.utils import UserError
+
+
+@pytest.fixture(scope="module")
+def tiny_standins(tmp_path_factory):
+    root = tmp_path_factory.mktemp("standins")
+    standins(out=str(root), only="sdxl-base,faceclip-release", size="tiny")
+    return root
+
+
+def test_standins_have_the_real_architectures_keys_and_are_reproducible():
+    unet = build_diffusers_on_meta(diffusers_config("sdxl-unet"))
+    tensors = StandinTensors.of(unet, seed=0, dtype=torch.bfloat16)
+    assert {k: s for k, (s, _) in tensors.specs.items()} == {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base 1.0's UNet
+    assert tensors.nbytes() == 2 * 2_567_463_684
+    a = standin_tensor("down_blocks.1.attentions.0.proj_in.weight", (64, 32), torch.float32, seed=3)
+    assert torch.equal(a, standin_tensor("down_blocks.1.attentions.0.proj_in.weight", (64, 32), torch.float32, 3))
+    assert not torch.equal(a, standin_tensor("down_blocks.1.attentions.0.proj_in.weight", (64, 32), torch.float32, 4))
+    assert abs(a.std().item() - 32 ** -0.5) < 0.03  # 1 / sqrt(fan_in)
+    assert torch.equal(standin_tensor("norm.running_var", (4,), torch.float32, 0), torch.ones(4))
+    assert torch.equal(standin_tensor("x.position_ids", (1, 5), torch.int64, 0), torch.arange(5)[None])
+
+
+def test_a_sharded_folder_loads_tensor_by_tensor_into_a_model_built_without_memory(tmp_path):
+    config = diffusers_config("sdxl-unet-tiny")
+    made = build_diffusers(config)
+    tensors = StandinTensors.of(made, seed=1)
+    shards = write_weights(tmp_path, "diffusion_pytorch_model", tensors, max_shard_bytes=2**20)
+    assert len(shards) > 1 and (tmp_path / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    with empty_weights():
+        unet = build_diffusers(config)
+    assert has_meta_tensors(unet)
+    load_diffusers_weights(unet, tmp_path, "unet weights", dtype=torch.bfloat16)
+    assert not has_meta_tensors(unet)
+    for name, value in unet.state_dict().items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, tensors[name].to(torch.bfloat16)), name
+    x = torch.randn(1, 4, 16, 16, dtype=torch.bfloat16)
+    out = unet(x, 10, torch.randn(1, 8, 128, dtype=torch.bfloat16), added_cond_kwargs={
+        "text_embeds": torch.randn(1, 64, dtype=torch.bfloat16), "time_ids": torch.ones(1, 6)}).sample
+    assert torch.isfinite(out.float()).all()
+    shards[-1].unlink()
+    with pytest.raises(UserError, match=f"lacks the shard\\(s\\) {shards[-1].name}"):
+        load_diffusers_weights(build_diffusers(config), tmp_path, "unet weights")
+
+
+def test_a_lora_run_loads_its_named_base_once_in_its_frozen_dtype(tiny_standins):
+    """A real SDXL UNet built the ordinary way costs 10.3 GB of random float32 before its
+    weights file is read beside it; a run that names its weights builds nothing."""
+    from faceclip_zoo.tasks.sdxl import SDXLJointModule
+
+    base = tiny_standins / SDXL_BASE
+    release = tiny_standins / "checkpoints/faceclip-release"
+    module = SDXLJointModule(encoder_l=str(release / "faceclip-l14"), encoder_g=str(release / "faceclip-bigg14"),
+                             unet="sdxl-unet-tiny", unet_weights=str(base / "unet"), vae="vae-tiny",
+                             vae_weights=str(base / "vae"), lora={"rank": 4}, base_dtype="bfloat16")
+    assert all(p.is_meta for p in module.unet.parameters())
+    assert all(p.is_meta for p in module.condition.parameters())
+    module.setup("fit")
+    assert not has_meta_tensors(module)
+    stored = load_file(str(base / "unet" / "diffusion_pytorch_model.safetensors"))
+    frozen = {n: p for n, p in module.unet.named_parameters() if not p.requires_grad}
+    trained = {n: p for n, p in module.unet.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in frozen.values()} == {torch.bfloat16} and {p.dtype for p in trained.values()} == {
+        torch.float32}
+    assert torch.equal(module.unet.conv_in.weight, stored["conv_in.weight"].to(torch.bfloat16))
+    assert {p.dtype for p in module.condition.parameters()} == {torch.bfloat16}
+
+    # a checkpoint loaded before setup (load_from_checkpoint) fills the memoryless parts
+    again = SDXLJointModule(encoder_l=str(release / "faceclip-l14"), encoder_g=str(release / "faceclip-bigg14"),
+                            unet="sdxl-unet-tiny", unet_weights=str(base / "unet"), vae="vae-tiny",
+                            vae_weights=str(base / "vae"))
+    full = {k: v.float() for k, v in SDXLJointModule(unet="sdxl-unet-tiny", vae="vae-tiny").state_dict().items()}
+    again.load_state_dict(full)
+    assert not has_meta_tensors(again)
+    assert torch.equal(again.unet.conv_in.weight, full["unet.conv_in.weight"])
+
+
+@pytest.mark.slow
+def test_the_real_size_dry_run_steps_every_production_recipe_it_knows(tmp_path):
+    """`bench --only real-size --size tiny`: each recipe through `fit` in its own process,
+    unchanged but for paths, run control and the tiny configs; what the GPU call runs."""
+    from faceclip_zoo.bench.real_size import RUNS
+    from faceclip_zoo.cli import main
+
+    assert main(["bench", "--only", "real-size", "--size", "tiny", "--device", "cpu", "--steps", "3",
+                 "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "real-size" / "results.json").read_text())
+    assert [r["recipe"] for r in results] == [f"recipes/{name}.yaml" for name in RUNS]
+    for r in results:
+        assert r["rc"] == 0 and r["steps"] == 3 and r["loss_finite"], r
+        assert len(r["step_seconds"]) == 2 and r["flops_per_step"] > 0  # step 2's FLOPs counted, not timed
+        assert r["load_as_recipe"]["params"] == r["params_total"] and r["peak_anon"] > 0
+        assert r["trained_tensors_changed"] > 0 and r["frozen_tensors_changed"] == 0, r
+        assert r["params_trained"] < r["params_total"] and r["peak_rss"] >= r["rss_after_load"] > 0
+        assert all(str(tmp_path) in p for p in r["paths"].values()), r["paths"]
+        # nothing else of the model section changed but the tiny configs and the CPU's float32
+        changed = {k for k in r["overrides"] if k.startswith("model.")}
+        assert changed <= {"model.init_args.unet", "model.init_args.vae", "model.init_args.encoder",
+                           "model.init_args.clip", "model.init_args.base_dtype"}, changed
