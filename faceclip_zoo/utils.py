@@ -143,7 +143,7 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
             # A tensor of its file's dtype is the file's memory-mapped pages (read in place,
             # never copied). When the weights are cast, the few that are not (integer
             # buffers) are copied, or they alone would keep the whole file mapped.
-            assigned[key] = value.to(want, copy=dtype is not None)
+            assigned[key] = value.to(want, copy=dtype is not None and not value.is_floating_point())
             del value
         module.load_state_dict(assigned, strict=True, assign=True)
         return

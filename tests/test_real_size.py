@@ -20,7 +20,7 @@ from faceclip_zoo.utils import UserError
 @pytest.fixture(scope="module")
 def tiny_standins(tmp_path_factory):
     root = tmp_path_factory.mktemp("standins")
-    standins(out=str(root), only="sdxl-base,faceclip-release", size="tiny")
+    standins(out=str(root), only="sdxl-base,faceclip-release,flux-dev", size="tiny")
     return root
 
 
@@ -58,6 +58,20 @@ def test_a_sharded_folder_loads_tensor_by_tensor_into_a_model_built_without_memo
     shards[-1].unlink()
     with pytest.raises(UserError, match=f"lacks the shard\\(s\\) {shards[-1].name}"):
         load_diffusers_weights(build_diffusers(config), tmp_path, "unet weights")
+
+
+def test_the_flux_standin_is_sharded_as_released_and_its_tokenizers_load(tiny_standins):
+    from faceclip_zoo.bench.standins import FLUX_DEV
+    from faceclip_zoo.config import FaceT5Config
+    from faceclip_zoo.models.text_encoders import build_clip_tokenizer, build_t5_tokenizer
+
+    flux = tiny_standins / FLUX_DEV
+    assert json.loads((flux / "transformer" / "config.json").read_text())["_class_name"] == "FluxTransformer2DModel"
+    assert len(build_clip_tokenizer(str(flux / "tokenizer"))) == 49408
+    t5 = build_t5_tokenizer(FaceT5Config.from_name("facet5-xxl").t5, str(flux / "tokenizer_2"))
+    assert max(t5("a photo of a person").input_ids) < 32128
+    meta = build_diffusers_on_meta(diffusers_config("flux-dev-transformer"))
+    assert StandinTensors.of(meta, 0, torch.bfloat16).nbytes() == 2 * 11_901_408_320  # FLUX.1-dev, bf16
 
 
 def test_a_lora_run_loads_its_named_base_once_in_its_frozen_dtype(tiny_standins):
@@ -113,4 +127,4 @@ def test_the_real_size_dry_run_steps_every_production_recipe_it_knows(tmp_path):
         # nothing else of the model section changed but the tiny configs and the CPU's float32
         changed = {k for k in r["overrides"] if k.startswith("model.")}
         assert changed <= {"model.init_args.unet", "model.init_args.vae", "model.init_args.encoder",
-                           "model.init_args.clip", "model.init_args.base_dtype"}, changed
+                           "model.init_args.clip", "model.init_args.transformer", "model.init_args.base_dtype"}, changed

@@ -8,6 +8,8 @@ weights can be downloaded (`python -m faceclip_zoo standins --out standins`).
     standins/weights/face_vit_l.pt                                 arcface_torch ViT-L state dict (pickle)
     standins/weights/ViT-L-14-quickgelu-metaclip_fullcc.bin        open_clip state dict (pickle)
     standins/weights/ViT-bigG-14-metaclip_fullcc.bin
+    standins/weights/FLUX.1-dev/{transformer,vae,tokenizer,tokenizer_2}/   (transformer: bf16 shards)
+    standins/checkpoints/faceclip-release/{facet5-xxl-release,clip-l-text}/
 
 A recipe's `weights/...` and `checkpoints/...` paths then point under `standins/`. Every
 tensor is drawn from its own seed (the run's seed and the tensor's name), so a file is the
@@ -37,6 +39,7 @@ from faceclip_zoo.utils import UserError
 log = logging.getLogger(__name__)
 
 SDXL_BASE = "weights/stable-diffusion-xl-base-1.0"
+FLUX_DEV = "weights/FLUX.1-dev"
 RELEASE = "checkpoints/faceclip-release"
 
 
@@ -156,13 +159,21 @@ class Names:
     face_vit: str
     clip_l: str
     clip_g: str
+    flux_transformer: str
+    flux_vae: str
+    facet5: str
+    clip_text: str
 
 
 SIZES = {
     "real": Names(unet="sdxl-unet", vae="sdxl-vae", encoder_l="faceclip-l14", encoder_g="faceclip-bigg14",
-                  face_vit="face-vit-l", clip_l="clip-l14", clip_g="clip-bigg14"),
+                  face_vit="face-vit-l", clip_l="clip-l14", clip_g="clip-bigg14",
+                  flux_transformer="flux-dev-transformer", flux_vae="flux-vae", facet5="facet5-xxl-release",
+                  clip_text="clip-l-text"),
     "tiny": Names(unet="sdxl-unet-tiny", vae="vae-tiny", encoder_l="faceclip-tiny", encoder_g="faceclip-tiny",
-                  face_vit="face-vit-tiny", clip_l="clip-tiny", clip_g="clip-tiny"),
+                  face_vit="face-vit-tiny", clip_l="clip-tiny", clip_g="clip-tiny",
+                  flux_transformer="flux-transformer-tiny", flux_vae="vae-tiny", facet5="facet5-tiny",
+                  clip_text="clip-text-tiny"),
 }
 
 
@@ -223,10 +234,51 @@ def write_pretrain_inputs(root: Path, names: Names, seed: int) -> list[str]:
     return out
 
 
+def write_flux_dev(root: Path, names: Names, seed: int) -> list[str]:
+    """FLUX.1-dev's transformer (bf16, in shards of at most 10 GB with their index, as
+    black-forest-labs ships it: 23.8 GB), vae (bf16), and the two tokenizer folders: CLIP's
+    real vocabulary (rebuilt from open_clip's copy) and, for T5, a stand-in vocabulary (the
+    builtin word list: no package ships T5's SentencePiece model; ids stay within the real
+    embedding table)."""
+    from transformers import T5Tokenizer
+
+    from faceclip_zoo.models.text_encoders import build_clip_tokenizer, builtin_t5_vocab
+
+    base = root / FLUX_DEV
+    _diffusers_folder(base / "transformer", names.flux_transformer, seed + 7, torch.bfloat16, 10 * 10**9)
+    _diffusers_folder(base / "vae", names.flux_vae, seed + 8, torch.bfloat16)
+    build_clip_tokenizer(None).save_pretrained(str(base / "tokenizer"))
+    T5Tokenizer(vocab=list(builtin_t5_vocab()), extra_ids=0).save_pretrained(str(base / "tokenizer_2"))
+    return [str(base / part) for part in ("transformer", "vae", "tokenizer", "tokenizer_2")]
+
+
+def write_facet5_release(root: Path, names: Names, seed: int) -> list[str]:
+    """The converted FaceT5 release (its T5-XXL inside, bf16: 9.9 GB) and the CLIP-L text
+    model whose pooled output FLUX reads (what `convert` writes from face_t5_encoder.pt)."""
+    from faceclip_zoo.config import CLIP_TEXT_CONFIGS, FaceT5Config
+    from faceclip_zoo.models.convert_facet5 import write_clip_text_dir
+    from faceclip_zoo.models.facet5 import FaceT5Encoder
+    from faceclip_zoo.models.io import write_model_dir
+    from faceclip_zoo.models.text_encoders import build_clip_text_model
+
+    cfg = FaceT5Config.from_name(names.facet5)
+    encoder = _meta(lambda: FaceT5Encoder(cfg))
+    write_model_dir(root / RELEASE / "facet5-xxl-release", "facet5", cfg,
+                    StandinTensors.of(encoder, seed + 9, torch.bfloat16),
+                    extra={"standin": f"seeded random weights (seed {seed + 9}), not the release"})
+    clip_cfg = dict(CLIP_TEXT_CONFIGS[names.clip_text])
+    clip = _meta(lambda: build_clip_text_model(clip_cfg))
+    write_clip_text_dir(root / RELEASE / "clip-l-text", clip_cfg, StandinTensors.of(clip, seed + 10),
+                        f"# stand-in: seeded random weights (seed {seed + 10}), not the release\n")
+    return [str(root / RELEASE / "facet5-xxl-release"), str(root / RELEASE / "clip-l-text")]
+
+
 SETS: dict[str, Callable[[Path, Names, int], list[str]]] = {
     "sdxl-base": write_sdxl_base,
     "faceclip-release": write_faceclip_release,
     "pretrain-inputs": write_pretrain_inputs,
+    "flux-dev": write_flux_dev,
+    "facet5-release": write_facet5_release,
 }
 
 
@@ -238,7 +290,9 @@ def standins(out: str = "standins", only: str = ",".join(SETS), size: str = "rea
         out: the root: recipes' `weights/...` and `checkpoints/...` paths go under it.
         only: comma-separated sets: sdxl-base (SDXL base 1.0 unet/vae), faceclip-release
             (the converted FaceCLIP-L/14 and bigG/14 branches), pretrain-inputs (the face ViT-L
-            and open_clip CLIP-L/14 and bigG/14 weights of the pre-training recipes).
+            and open_clip CLIP-L/14 and bigG/14 weights of the pre-training recipes), flux-dev
+            (FLUX.1-dev's transformer, vae and tokenizers), facet5-release (the converted
+            FaceT5-XXL and CLIP-L text model).
         size: real (the released architectures; tens of GB) or tiny (the same layouts with
             the quickstart configs).
         seed: every tensor's values follow from it and the tensor's name.
