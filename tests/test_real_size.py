@@ -74,6 +74,16 @@ def test_the_flux_standin_is_sharded_as_released_and_its_tokenizers_load(tiny_st
     assert StandinTensors.of(meta, 0, torch.bfloat16).nbytes() == 2 * 11_901_408_320  # FLUX.1-dev, bf16
 
 
+def test_the_flux_block_check_runs_the_recipes_adapters_on_a_quantised_block(tiny_standins):
+    """What a CPU runs of the FLUX LoRA recipe at real size: one block pair read from the
+    sharded folder, int8 base, adapters, forward and backward (here on the tiny stand-in)."""
+    from faceclip_zoo.bench.real_size import flux_block_check
+
+    report = flux_block_check(tiny_standins, side=64, lora={"rank": 4}, quantize="int8")
+    assert report["loss_finite"] and report["adapter_grads_finite_nonzero"], report
+    assert report["tokens"] == 16 + 512
+
+
 def test_a_lora_run_loads_its_named_base_once_in_its_frozen_dtype(tiny_standins):
     """A real SDXL UNet built the ordinary way costs 10.3 GB of random float32 before its
     weights file is read beside it; a run that names its weights builds nothing."""

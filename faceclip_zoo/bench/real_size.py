@@ -168,7 +168,16 @@ def run_recipe(run: RecipeRun, *, size: str, device: str, standins: Path, shards
               "overrides": {k: v for k, v in overrides.items() if k not in run.paths},
               "paths": {k: overrides[k] for k in run.paths}, "load_as_recipe": load}
     if size == "real" and device == "cpu" and run.cpu_cannot_step:
-        return {**result, "rc": "not stepped", "not_stepped": run.cpu_cannot_step}
+        init = recipe["model"]["init_args"]
+        side = (recipe["data"]["init_args"].get("image_size") or 768) if resolution is None else resolution
+        block = subprocess.run([sys.executable, "-m", "faceclip_zoo.bench.real_size", "--block", str(standins),
+                                str(side), json.dumps(init.get("lora") or {}), str(init.get("quantize_base") or "")],
+                               env=env, capture_output=True, text=True, timeout=timeout)
+        try:
+            block_report = json.loads(block.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            block_report = {"error": (block.stdout + block.stderr)[-3000:]}
+        return {**result, "rc": "not stepped", "not_stepped": run.cpu_cannot_step, "block": block_report}
     started = time.time()
     try:
         proc = subprocess.run([sys.executable, "-m", "faceclip_zoo", "fit", "--config", str(config)], env=env,
@@ -207,8 +216,11 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         if "not_stepped" in r:
             load = r["load_as_recipe"]
+            block = r.get("block", {})
             lines.append(f"| {r['recipe']} | {r['device']} | not stepped: {r['not_stepped']}; loaded as the recipe "
-                         f"loads in {load.get('seconds')} s, own memory peak {fmt_mem(load.get('peak_anon'))} |||||||")
+                         f"loads in {load.get('seconds')} s, own memory peak {fmt_mem(load.get('peak_anon'))}; one "
+                         f"real block pair at {block.get('side')} px: forward {block.get('forward_seconds')} s, "
+                         f"backward {block.get('backward_seconds')} s, loss {block.get('loss')} |||||||")
             continue
         if "steps" not in r:
             lines.append(f"| {r['recipe']} | {r['device']} | failed (rc {r['rc']}): "
@@ -236,6 +248,9 @@ def failures(results: list[dict]) -> list[str]:
         if "error" in r.get("load_as_recipe", {}):
             bad.append(f"{name}: loading as the recipe failed")
         if "not_stepped" in r:
+            block = r.get("block", {})
+            if not (block.get("loss_finite") and block.get("adapter_grads_finite_nonzero")):
+                bad.append(f"{name}: its real block's forward and backward failed ({str(block)[:300]})")
             continue
         if "steps" not in r:
             bad.append(f"{name} failed (rc {r['rc']})")
@@ -285,9 +300,59 @@ def run(size: str = "tiny", device: str = "cpu", standins: str | None = None, re
     return results
 
 
+def flux_block_check(standins: Path, side: int, lora: dict, quantize: str | None) -> dict:
+    """One real FLUX.1-dev double block and one single block (with the embedders and the
+    output head), their stand-in weights read from the sharded folder, the recipe's LoRA
+    adapters on the recipe's quantised base, float32 compute: a forward and backward at the
+    recipe's resolution, as a CPU can run where the whole 11.9 B model does not fit."""
+    import torch
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+    from faceclip_zoo.bench.standins import FLUX_DEV
+    from faceclip_zoo.models.adapters import LoraSettings, add_lora, quantize_frozen
+    from faceclip_zoo.models.diffusers_models import build_diffusers, resolve_diffusers_config
+    from faceclip_zoo.models.weights import empty_weights, open_weights
+    from faceclip_zoo.utils import load_strict
+
+    folder = standins / FLUX_DEV / "transformer"
+    config = {**resolve_diffusers_config(str(folder), "transformer"), "num_layers": 1, "num_single_layers": 1}
+    with empty_weights():
+        model = build_diffusers(config)
+    files = open_weights(folder, "diffusion_pytorch_model", "transformer")
+    wanted = set(model.state_dict())
+    load_strict(model, files.renamed(lambda k: k if k in wanted else None), "transformer blocks 0", torch.float32)
+    model.requires_grad_(False)
+    if quantize:
+        quantize_frozen(model, quantize)
+    add_lora(model, LoraSettings.from_dict(lora), "transformer")
+    model.enable_gradient_checkpointing()
+    model.train()
+    h = w = side // 16  # packed latent grid: VAE x8, then 2x2 patches
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, h * w, config["in_channels"], generator=g)
+    started = time.time()
+    out = model(hidden_states=latents, timestep=torch.tensor([0.5]), guidance=torch.tensor([1.0]),
+                pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g),
+                encoder_hidden_states=torch.randn(1, 512, config["joint_attention_dim"], generator=g),
+                txt_ids=torch.zeros(512, 3), img_ids=FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu",
+                                                                                              torch.float32)).sample
+    loss = (out.float() - latents).pow(2).mean()
+    forward = time.time() - started
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    return {"blocks": "transformer_blocks.0 + single_transformer_blocks.0 (+ embedders, head)",
+            "params": sum(p.numel() for p in model.parameters()), "side": side, "tokens": h * w + 512,
+            "forward_seconds": round(forward, 1), "backward_seconds": round(time.time() - started - forward, 1),
+            "loss": float(loss), "loss_finite": bool(torch.isfinite(loss)),
+            "adapter_grads_finite_nonzero": all(torch.isfinite(gr).all() for gr in grads if gr is not None)
+            and any(gr is not None and bool(gr.abs().sum() > 0) for gr in grads)}
+
+
 def load_report(config: str, out: str) -> dict:
     """Build a recipe's model as `fit` does and load its weights (its setup), nothing more:
     the host memory a run holds before its first step, in the recipe's own dtypes."""
+    import torch
+
     from faceclip_zoo.bench.step_probe import AnonPeak, peak_rss_bytes, rss_bytes
     from faceclip_zoo.cache import build_from_recipe
 
@@ -297,19 +362,23 @@ def load_report(config: str, out: str) -> dict:
     built = rss_bytes()
     module.setup("fit")
     params = list(module.parameters())
+    kinds: dict[str, int] = {}
+    for p in params:  # a weight-only quantised tensor (torchao) states its original dtype: name its class
+        kind = str(p.dtype).replace("torch.", "") if type(p.data) is torch.Tensor else type(p.data).__name__
+        kinds[kind] = kinds.get(kind, 0) + p.numel()
     report = {"seconds": round(time.time() - started, 1), "rss_after_build": built, "rss": rss_bytes(),
               "rss_anon": rss_bytes("RssAnon"), "rss_file": rss_bytes("RssFile"), "peak_rss": peak_rss_bytes(),
-              "peak_anon": anon.stop(),
-              "params": sum(p.numel() for p in params),
-              "bytes_by_dtype": {str(d).replace("torch.", ""): sum(p.numel() * p.element_size() for p in params
-                                                                   if p.dtype == d)
-                                 for d in {p.dtype for p in params}}}
+              "peak_anon": anon.stop(), "params": sum(p.numel() for p in params), "params_by_kind": kinds}
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-if __name__ == "__main__":  # the load-only subprocess of run_recipe
+if __name__ == "__main__":  # the load-only and block-check subprocesses of run_recipe
     import logging
 
     logging.disable(logging.WARNING)
-    load_report(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "--block":
+        print(json.dumps(flux_block_check(Path(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]),
+                                          sys.argv[5] or None)))
+    else:
+        load_report(sys.argv[1], sys.argv[2])
