@@ -84,6 +84,31 @@ def test_the_flux_block_check_runs_the_recipes_adapters_on_a_quantised_block(tin
     assert report["tokens"] == 16 + 512
 
 
+def test_a_base_is_quantised_piece_by_piece_as_it_moves_to_the_runs_device():
+    """A LoRA run quantises its base on the run's device as the pieces arrive (a 23.8 GB
+    bf16 FLUX transformer never sits whole on a 24 GB card); pieces or whole, the same."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from faceclip_zoo.models.adapters import _pieces, quantize_frozen
+
+    torch.manual_seed(0)
+    whole = build_diffusers(diffusers_config("flux-transformer-tiny"))
+    pieces = build_diffusers(diffusers_config("flux-transformer-tiny"))
+    pieces.load_state_dict(whole.state_dict())
+    assert len(list(_pieces(pieces, 4096))) > 10
+    quantize_(whole, Int8WeightOnlyConfig())
+    quantize_frozen(pieces, "int8", device="cpu", piece_bytes=4096)
+    linears = [(n, m) for n, m in pieces.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m.weight.data) is not torch.Tensor for _, m in linears), "a Linear left as it was"
+    g = torch.Generator().manual_seed(1)
+    args = dict(hidden_states=torch.randn(1, 16, 16, generator=g), timestep=torch.tensor([0.5]),
+                guidance=torch.tensor([1.0]), pooled_projections=torch.randn(1, 32, generator=g),
+                encoder_hidden_states=torch.randn(1, 8, 32, generator=g), txt_ids=torch.zeros(8, 3),
+                img_ids=torch.zeros(16, 3))
+    with torch.no_grad():
+        assert torch.equal(pieces(**args).sample, whole(**args).sample)
+
+
 def test_a_lora_run_loads_its_named_base_once_in_its_frozen_dtype(tiny_standins):
     """A real SDXL UNet built the ordinary way costs 10.3 GB of random float32 before its
     weights file is read beside it; a run that names its weights builds nothing."""
@@ -116,6 +141,54 @@ def test_a_lora_run_loads_its_named_base_once_in_its_frozen_dtype(tiny_standins)
     assert torch.equal(again.unet.conv_in.weight, full["unet.conv_in.weight"])
 
 
+def test_facet5_pretraining_reads_its_frozen_backbones_once_in_their_frozen_dtype(tmp_path):
+    """T5-XXL built the ordinary way costs 19 GB of random float32, then transformers read
+    its shards beside it; a run that names its weights builds the frozen backbones (T5, face
+    ViT, CLIP targets) without memory and reads them once, in `frozen_dtype`."""
+    import lightning as L
+
+    from faceclip_zoo.bench.standins import FLUX_DEV
+    from faceclip_zoo.models.weights import open_weights
+    from faceclip_zoo.tasks import FaceT5EncoderModule
+
+    standins(out=str(tmp_path), only="flux-dev-t5,pretrain-inputs", size="tiny")
+    t5_dir = tmp_path / FLUX_DEV / "text_encoder_2"
+    assert len(list(t5_dir.glob("model-0000?-of-0000?.safetensors"))) >= 2 and (t5_dir / "config.json").is_file()
+    args = dict(encoder="facet5-tiny", t5_weights=str(t5_dir), t5_tokenizer=str(tmp_path / FLUX_DEV / "tokenizer_2"),
+                face_encoder_weights=str(tmp_path / "weights/face_vit_l.pt"), clip="clip-tiny",
+                clip_weights=str(tmp_path / "weights/ViT-L-14-quickgelu-metaclip_fullcc.bin"))
+    m = FaceT5EncoderModule(**args, frozen_dtype="bfloat16")
+    for part in (m.encoder.t5_encoder, m.encoder.face_encoder, m.clip):
+        assert all(p.is_meta for p in part.parameters())
+    m.setup("fit")
+    assert not has_meta_tensors(m)
+    t5 = m.encoder.t5_encoder
+    stored = open_weights(t5_dir, "model", "t5")
+    assert "encoder.embed_tokens.weight" not in stored  # stored once, as `shared`
+    assert t5.encoder.embed_tokens.weight is t5.shared.weight
+    for name, value in t5.state_dict().items():
+        key = "shared.weight" if name == "encoder.embed_tokens.weight" else name
+        assert value.dtype == torch.bfloat16 and torch.equal(value, stored[key].to(torch.bfloat16)), name
+    assert {p.dtype for p in m.clip.parameters()} == {p.dtype for p in m.encoder.face_encoder.parameters()} == {
+        torch.bfloat16}
+    assert {p.dtype for p in m.encoder.fuser.parameters()} == {torch.float32}  # trained: float32
+    prompts = ["a photo of a person", "a man in a red shirt", "a portrait of a woman"]
+    batch = {"image": torch.rand(3, 3, 64, 64), "face": torch.rand(3, 3, 112, 112),
+             "has_face": torch.tensor([True, False, True]), "caption": prompts, "identity": ["a", "", "b"]}
+    feats = m.frozen_features(batch, ["clip_image", "clip_text", "face_identity"])  # as `cache` runs, no autocast
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in feats.values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as fit's bf16-mixed runs
+        losses, _ = m.compute_losses(batch)
+    assert sorted(losses) == ["identity", "image", "text"] and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in m.encoder.fuser.layers[0].parameters())
+    # frozen half-precision weights need autocast: a float32 run is told so
+    again = FaceT5EncoderModule(**args, frozen_dtype="bfloat16")
+    again.trainer = L.Trainer(accelerator="cpu", precision="32-true", logger=False)
+    with pytest.raises(UserError, match="frozen_dtype bfloat16 needs precision bf16-mixed"):
+        again.setup("fit")
+
+
 @pytest.mark.slow
 def test_the_real_size_dry_run_steps_every_production_recipe_it_knows(tmp_path):
     """`bench --only real-size --size tiny`: each recipe through `fit` in its own process,
@@ -137,4 +210,10 @@ def test_the_real_size_dry_run_steps_every_production_recipe_it_knows(tmp_path):
         # nothing else of the model section changed but the tiny configs and the CPU's float32
         changed = {k for k in r["overrides"] if k.startswith("model.")}
         assert changed <= {"model.init_args.unet", "model.init_args.vae", "model.init_args.encoder",
-                           "model.init_args.clip", "model.init_args.transformer", "model.init_args.base_dtype"}, changed
+                           "model.init_args.clip", "model.init_args.transformer", "model.init_args.base_dtype",
+                           "model.init_args.frozen_dtype"}, changed
+    # prepare's batched detector and cache on the run's device (here the CPU)
+    rates = json.loads((tmp_path / "real-size" / "data.json").read_text())
+    assert [p["batch"] for p in rates["prepare"]] == [1, 4]
+    assert all(p["accepted"] == p["photos"] == 4 and p["photos_per_second"] > 0 for p in rates["prepare"])
+    assert rates["cache"]["cached"] == 4 and rates["cache"]["samples_per_second"] > 0

@@ -47,6 +47,9 @@ class RecipeRun:
     batch: the batch of the run (the recipe's per-device batch when it fits).
     cpu_resolution: the image side of a CPU run (None: the recipe's).
     cpu_cannot_step: why a real-size CPU run only loads (the arithmetic), or None.
+    cpu_reduced: what a real-size CPU run's fit changes because the whole does not fit
+        here (it still loads the whole, as the recipe does, in the load-only process).
+    cpu_reduced_why: the arithmetic behind `cpu_reduced`.
     """
 
     recipe: str
@@ -56,6 +59,8 @@ class RecipeRun:
     batch: int = 1
     cpu_resolution: int | None = None
     cpu_cannot_step: str | None = None
+    cpu_reduced: dict[str, Any] = field(default_factory=dict)
+    cpu_reduced_why: str | None = None
 
 
 _M = "model.init_args."
@@ -84,6 +89,19 @@ RUNS: dict[str, RecipeRun] = {
         cpu_cannot_step="a CPU step computes in float32: the 11.9 B transformer alone is 47.6 GB in float32 "
                         "(23.8 GB in the recipe's bf16, 11.9 GB in its int8), over this machine's 23 GB; "
                         "the recipe's own loading (bf16 files, int8 quantisation) is measured instead"),
+    "facet5-xxl/pretrain": RecipeRun(
+        "facet5-xxl/pretrain", ("pretrain-inputs", "flux-dev-t5"),
+        (_M + "t5_weights", _M + "t5_tokenizer", _M + "face_encoder_weights", _M + "clip_weights"),
+        tiny={_M + "encoder": "facet5-tiny", _M + "clip": "clip-tiny", "data.init_args.image_size": 64},
+        batch=2,
+        cpu_reduced={_M + "encoder_overrides": {"t5_num_layers": 2}, _M + "t5_weights": None},
+        cpu_reduced_why="a CPU step computes in float32: the frozen T5-XXL encoder is 19.0 GB in float32 "
+                        "(4.76 B x 4 bytes) and the trained fuser and heads (1.02 B) hold 16.4 GB of float32 "
+                        "weights, gradients and AdamW moments: 35 GB before activations, over this machine's "
+                        "23 GB. The fit keeps every trained parameter and the 512-token sequence at real size "
+                        "with 2 of T5's 24 frozen blocks (initialised randomly: 2 blocks of the 24-block file "
+                        "do not load strictly); the whole, with its real weights, is loaded as the recipe "
+                        "loads it by the load-only process"),
 }
 
 # bf16 dense peak FLOP/s of the cards a GPU call may get (their data sheets), for MFU
@@ -133,8 +151,13 @@ def run_recipe(run: RecipeRun, *, size: str, device: str, standins: Path, shards
     if device == "cpu":
         # bf16 matmuls have no CPU units here (see the module docstring): compute in float32
         overrides["trainer.precision"] = "32-true"
-        if recipe["model"]["init_args"].get("base_dtype"):
-            overrides[_M + "base_dtype"] = None
+        for key in ("base_dtype", "frozen_dtype"):
+            if recipe["model"]["init_args"].get(key):
+                overrides[_M + key] = None
+    if size == "real" and device == "cpu" and run.cpu_reduced:
+        reduced = run.cpu_reduced  # the fit only: the load-only process loads the whole
+    else:
+        reduced = {}
     report_file = work / f"{run.recipe.replace('/', '--')}.json"
     control = {"trainer.accelerator": "cpu" if device == "cpu" else "gpu", "trainer.devices": 1,
                "trainer.num_nodes": 1, "trainer.max_steps": steps, "trainer.limit_val_batches": 0,
@@ -146,7 +169,7 @@ def run_recipe(run: RecipeRun, *, size: str, device: str, standins: Path, shards
     resolved = copy.deepcopy(recipe)
     resolved["trainer"].pop("strategy", None)  # one device: Lightning's default
     resolved["trainer"].pop("plugins", None)  # checkpoint IO: nothing is saved here
-    for key, value in {**overrides, **control}.items():
+    for key, value in {**overrides, **reduced, **control}.items():
         _set(resolved, key, value)
     config = work / f"{run.recipe.replace('/', '--')}.yaml"
     config.write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -155,7 +178,7 @@ def run_recipe(run: RecipeRun, *, size: str, device: str, standins: Path, shards
     # the host memory of loading, in the recipe's own dtypes (what a GPU run's host needs)
     as_recipe = copy.deepcopy(recipe)
     for key, value in overrides.items():
-        if not (device == "cpu" and key in ("trainer.precision", _M + "base_dtype")):
+        if not (device == "cpu" and key in ("trainer.precision", _M + "base_dtype", _M + "frozen_dtype")):
             _set(as_recipe, key, value)
     load_config = work / f"{run.recipe.replace('/', '--')}.load.yaml"
     load_config.write_text(yaml.safe_dump(as_recipe, sort_keys=False))
@@ -167,6 +190,8 @@ def run_recipe(run: RecipeRun, *, size: str, device: str, standins: Path, shards
     result = {"recipe": f"recipes/{run.recipe}.yaml", "size": size, "device": device,
               "overrides": {k: v for k, v in overrides.items() if k not in run.paths},
               "paths": {k: overrides[k] for k in run.paths}, "load_as_recipe": load}
+    if reduced:
+        result.update(reduced=reduced, reduced_why=run.cpu_reduced_why)
     if size == "real" and device == "cpu" and run.cpu_cannot_step:
         init = recipe["model"]["init_args"]
         side = (recipe["data"]["init_args"].get("image_size") or 768) if resolution is None else resolution
@@ -231,7 +256,8 @@ def markdown(results: list[dict]) -> str:
         times = r["step_seconds"]
         lines.append(
             f"| {r['recipe']} | {r['device']} {r['overrides'].get('trainer.precision', '(recipe precision)')} | "
-            f"{side}, {batch} | {r['params_trained'] / 1e6:.1f} M / {r['params_total'] / 1e9:.3f} B | "
+            f"{side}, {batch}{'; fit reduced: ' + json.dumps(r['reduced']) if r.get('reduced') else ''} | "
+            f"{r['params_trained'] / 1e6:.1f} M / {r['params_total'] / 1e9:.3f} B | "
             f"{fmt_mem(r['rss_after_load'])} / {fmt_mem(r['peak_rss'])} | {fmt_mem(r.get('cuda_peak'))} | "
             f"{', '.join(f'{t:.1f}' for t in times)} | {', '.join(f'{x:.4f}' for x in r['losses'])} | "
             f"{r['trained_tensors_changed']}/{r['trained_tensors']} | "
@@ -239,10 +265,15 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def failures(results: list[dict]) -> list[str]:
+def failures(results: list[dict], data: dict | None = None) -> list[str]:
     """What a run must show: it stepped, every loss finite, the trained weights changed, the
-    frozen ones bitwise unchanged."""
+    frozen ones bitwise unchanged; `prepare` accepted every photo and `cache` cached."""
     bad = []
+    for p in (data or {}).get("prepare", []):
+        if p["accepted"] != p["photos"]:
+            bad.append(f"prepare (detect_batch_size {p['batch']}) accepted {p['accepted']} of {p['photos']} photos")
+    if data and data.get("cache", {"cached": 1})["cached"] == 0:
+        bad.append("cache cached no sample")
     for r in results:
         name = r["recipe"]
         if "error" in r.get("load_as_recipe", {}):
@@ -264,8 +295,10 @@ def failures(results: list[dict]) -> list[str]:
 
 def run(size: str = "tiny", device: str = "cpu", standins: str | None = None, recipes: str | None = None,
         steps: int | None = None, resolution: int | None = None, work: str | None = None,
-        timeout: float = 3600.0) -> list[dict]:
-    """Every (or the named) production recipe at `size` -> results (also work/results.json)."""
+        timeout: float = 3600.0, data: bool = True) -> tuple[list[dict], dict | None]:
+    """Every (or the named) production recipe at `size` -> (results, data rates) (also
+    work/results.json, work/data.json). `data`: also measure `prepare` and `cache` on the
+    device (bench/real_size_data.py; `cache` with the SDXL LoRA recipe when it ran)."""
     from faceclip_zoo.bench.standins import standins as write_standins
 
     if size not in ("tiny", "real"):
@@ -288,16 +321,31 @@ def run(size: str = "tiny", device: str = "cpu", standins: str | None = None, re
                             f"standins --out {root} --only {','.join(sets)} --size {size}` first")
     shards = prepare_shards(work, photos=4, side=1024 if size == "real" else 512)
     steps = steps or 2
-    results = []
+    results: list[dict] = []
+    rates = None
+    sdxl = "faceclip-sdxl/lora-24gb"
+
+    def measure_data(cache_config: Path | None) -> dict:
+        from faceclip_zoo.bench import real_size_data
+
+        report = real_size_data.data_rates(device, size, work.resolve(), cache_config)
+        print("\n" + real_size_data.markdown(report), flush=True)
+        return report
+
     for name in names:
         result = run_recipe(RUNS[name], size=size, device=device, standins=root.resolve(), shards=shards.resolve(),
                             work=work.resolve(), steps=steps, resolution=resolution, timeout=timeout)
         print(json.dumps({k: result.get(k) for k in ("recipe", "rc", "steps", "losses", "step_seconds",
                                                         "peak_rss", "cuda_peak")}), flush=True)
         results.append(result)
-    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        # written after every run: a call stopped by its time limit keeps what it measured
+        (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        if data and name == sdxl:  # cache reads the SDXL LoRA run's config: measured right after it
+            rates = measure_data(work.resolve() / "faceclip-sdxl--lora-24gb.yaml")
+    if data and rates is None:
+        rates = measure_data(None)
     print("\n" + markdown(results))
-    return results
+    return results, rates
 
 
 def flux_block_check(standins: Path, side: int, lora: dict, quantize: str | None) -> dict:

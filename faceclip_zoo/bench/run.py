@@ -145,10 +145,10 @@ def bench(
             if extra == "real-size":
                 from faceclip_zoo.bench import real_size
 
-                results = real_size.run(size=size.name, device=device.type, standins=standins, recipes=recipes,
+                results, rates = real_size.run(size=size.name, device=device.type, standins=standins, recipes=recipes,
                                         steps=steps, resolution=resolution,
                                         work=str(Path(out) / "real-size") if out else None)
-                bad = real_size.failures(results)
+                bad = real_size.failures(results, rates)
                 if bad:
                     raise UserError(f"bench real-size: {'; '.join(bad)}")
             elif extra == "align":

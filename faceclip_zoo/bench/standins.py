@@ -9,6 +9,7 @@ weights can be downloaded (`python -m faceclip_zoo standins --out standins`).
     standins/weights/ViT-L-14-quickgelu-metaclip_fullcc.bin        open_clip state dict (pickle)
     standins/weights/ViT-bigG-14-metaclip_fullcc.bin
     standins/weights/FLUX.1-dev/{transformer,vae,tokenizer,tokenizer_2}/   (transformer: bf16 shards)
+    standins/weights/FLUX.1-dev/text_encoder_2/                    T5-XXL encoder (bf16 shards)
     standins/checkpoints/faceclip-release/{facet5-xxl-release,clip-l-text}/
 
 A recipe's `weights/...` and `checkpoints/...` paths then point under `standins/`. Every
@@ -163,17 +164,18 @@ class Names:
     flux_vae: str
     facet5: str
     clip_text: str
+    t5: str
 
 
 SIZES = {
     "real": Names(unet="sdxl-unet", vae="sdxl-vae", encoder_l="faceclip-l14", encoder_g="faceclip-bigg14",
                   face_vit="face-vit-l", clip_l="clip-l14", clip_g="clip-bigg14",
                   flux_transformer="flux-dev-transformer", flux_vae="flux-vae", facet5="facet5-xxl-release",
-                  clip_text="clip-l-text"),
+                  clip_text="clip-l-text", t5="t5-v1_1-xxl"),
     "tiny": Names(unet="sdxl-unet-tiny", vae="vae-tiny", encoder_l="faceclip-tiny", encoder_g="faceclip-tiny",
                   face_vit="face-vit-tiny", clip_l="clip-tiny", clip_g="clip-tiny",
                   flux_transformer="flux-transformer-tiny", flux_vae="vae-tiny", facet5="facet5-tiny",
-                  clip_text="clip-text-tiny"),
+                  clip_text="clip-text-tiny", t5="t5-tiny"),
 }
 
 
@@ -240,16 +242,44 @@ def write_flux_dev(root: Path, names: Names, seed: int) -> list[str]:
     real vocabulary (rebuilt from open_clip's copy) and, for T5, a stand-in vocabulary (the
     builtin word list: no package ships T5's SentencePiece model; ids stay within the real
     embedding table)."""
-    from transformers import T5Tokenizer
-
-    from faceclip_zoo.models.text_encoders import build_clip_tokenizer, builtin_t5_vocab
+    from faceclip_zoo.models.text_encoders import build_clip_tokenizer
 
     base = root / FLUX_DEV
     _diffusers_folder(base / "transformer", names.flux_transformer, seed + 7, torch.bfloat16, 10 * 10**9)
     _diffusers_folder(base / "vae", names.flux_vae, seed + 8, torch.bfloat16)
     build_clip_tokenizer(None).save_pretrained(str(base / "tokenizer"))
-    T5Tokenizer(vocab=list(builtin_t5_vocab()), extra_ids=0).save_pretrained(str(base / "tokenizer_2"))
+    _t5_tokenizer_standin(base / "tokenizer_2")
     return [str(base / part) for part in ("transformer", "vae", "tokenizer", "tokenizer_2")]
+
+
+def _t5_tokenizer_standin(folder: Path) -> None:
+    from transformers import T5Tokenizer
+
+    from faceclip_zoo.models.text_encoders import builtin_t5_vocab
+
+    T5Tokenizer(vocab=list(builtin_t5_vocab()), extra_ids=0).save_pretrained(str(folder))
+
+
+def write_flux_dev_t5(root: Path, names: Names, seed: int) -> list[str]:
+    """FLUX.1-dev's text_encoder_2 (google/t5-v1_1-xxl's encoder, a transformers
+    T5EncoderModel folder: config.json and half-precision shards with their
+    model.safetensors.index.json, 9.5 GB; the tied input embedding stored once, as
+    `shared`) and tokenizer_2 (the stand-in vocabulary): what FaceT5 pre-training reads."""
+    from transformers import T5Config as HFT5Config, T5EncoderModel
+
+    from faceclip_zoo.config import T5Config
+
+    base = root / FLUX_DEV
+    config = HFT5Config(**T5Config.from_name(names.t5).transformers_kwargs())
+    model = _meta(lambda: T5EncoderModel(config))
+    folder = base / "text_encoder_2"
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    tensors = StandinTensors({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()
+                              if k != "encoder.embed_tokens.weight"}, seed + 11, torch.bfloat16)
+    write_weights(folder, "model", tensors, tensors.nbytes() // 2 + 1)  # in shards, as released
+    _t5_tokenizer_standin(base / "tokenizer_2")
+    return [str(folder), str(base / "tokenizer_2")]
 
 
 def write_facet5_release(root: Path, names: Names, seed: int) -> list[str]:
@@ -278,6 +308,7 @@ SETS: dict[str, Callable[[Path, Names, int], list[str]]] = {
     "faceclip-release": write_faceclip_release,
     "pretrain-inputs": write_pretrain_inputs,
     "flux-dev": write_flux_dev,
+    "flux-dev-t5": write_flux_dev_t5,
     "facet5-release": write_facet5_release,
 }
 
@@ -291,7 +322,8 @@ def standins(out: str = "standins", only: str = ",".join(SETS), size: str = "rea
         only: comma-separated sets: sdxl-base (SDXL base 1.0 unet/vae), faceclip-release
             (the converted FaceCLIP-L/14 and bigG/14 branches), pretrain-inputs (the face ViT-L
             and open_clip CLIP-L/14 and bigG/14 weights of the pre-training recipes), flux-dev
-            (FLUX.1-dev's transformer, vae and tokenizers), facet5-release (the converted
+            (FLUX.1-dev's transformer, vae and tokenizers), flux-dev-t5 (its T5-XXL
+            text_encoder_2 and tokenizer_2, for FaceT5 pre-training), facet5-release (the converted
             FaceT5-XXL and CLIP-L text model).
         size: real (the released architectures; tens of GB) or tiny (the same layouts with
             the quickstart configs).

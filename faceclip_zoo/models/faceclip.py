@@ -11,7 +11,7 @@ release is a rename of the fuser prefix at most.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from faceclip_zoo.config import FaceCLIPConfig
 from faceclip_zoo.models.face_vit import FaceViT
 from faceclip_zoo.models.fusion import FaceTextFuser
 from faceclip_zoo.models.clip import build_text_tower, build_tokenizer
+from faceclip_zoo.models.weights import empty_weights
 
 
 @dataclass
@@ -45,7 +46,9 @@ class PrefixedTokenizer:
 
 
 class FaceCLIPEncoder(nn.Module):
-    def __init__(self, config: FaceCLIPConfig):
+    def __init__(self, config: FaceCLIPConfig, empty_parts: Collection[str] = ()):
+        """`empty_parts`: ("face_encoder",) builds the frozen face ViT without memory
+        (models/weights.py), for a caller that loads its weights next."""
         super().__init__()
         self.config = config
         w = config.text.width
@@ -63,7 +66,8 @@ class FaceCLIPEncoder(nn.Module):
             if config.init_logit_bias is not None else None
         )
 
-        self.face_encoder = FaceViT(config.face)
+        with empty_weights("face_encoder" in empty_parts):
+            self.face_encoder = FaceViT(config.face)
         self.proj1 = nn.Linear(config.face.id_dim, w)
         self.face_patch_proj = nn.Linear(config.face.width, w)
         self.face_pos_proj = nn.Linear(config.face.width, w)

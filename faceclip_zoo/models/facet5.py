@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from faceclip_zoo.models.face_vit import FaceViT
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder, JointOutput
 from faceclip_zoo.models.fusion import FaceTextFuser
 from faceclip_zoo.models.text_encoders import build_t5_encoder, build_t5_tokenizer, t5_token_ids
+from faceclip_zoo.models.weights import empty_weights
 
 # transformers ties T5's input embedding to `shared`; the state dict lists it twice. Ours
 # stores it once (safetensors files would otherwise hold the 0.5 GB table twice).
@@ -54,12 +55,16 @@ class T5PromptTokenizer:
 
 
 class FaceT5Encoder(nn.Module):
-    def __init__(self, config: FaceT5Config, tokenizer=None):
+    def __init__(self, config: FaceT5Config, tokenizer=None, empty_parts: Collection[str] = ()):
+        """`empty_parts`: of "face_encoder", "t5_encoder", the frozen backbones to build
+        without memory (models/weights.py), for a caller that loads their weights next."""
         super().__init__()
         self.config = config
         w = config.width
-        self.face_encoder = FaceViT(config.face)
-        self.t5_encoder = build_t5_encoder(config.t5)
+        with empty_weights("face_encoder" in empty_parts):
+            self.face_encoder = FaceViT(config.face)
+        with empty_weights("t5_encoder" in empty_parts):
+            self.t5_encoder = build_t5_encoder(config.t5)
         self.face_patch_proj = nn.Linear(config.face.width, w)
         self.face_pos_proj = nn.Linear(config.face.width, w)
         # Persistent: the release stores it, and a strict load checks it.

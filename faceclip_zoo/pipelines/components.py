@@ -111,10 +111,11 @@ def ema_copy(module, denoiser: torch.nn.Module, use_ema: bool) -> torch.nn.Modul
     return denoiser
 
 
-def quantize_components(pipe, mode: str) -> None:
+def quantize_components(pipe, mode: str, device=None) -> None:
     """Weight-only quantisation (torchao) of a pipeline's large components, the ones its
-    class lists in QUANTIZABLE (the UNet; the FLUX transformer and FaceT5 with its T5)."""
+    class lists in QUANTIZABLE (the UNet; the FLUX transformer and FaceT5 with its T5),
+    each moved to `device` piece by piece as it is quantised (default: where it is)."""
     from faceclip_zoo.models.adapters import quantize_frozen
 
     for name in pipe.QUANTIZABLE:
-        quantize_frozen(getattr(pipe, name), mode)
+        quantize_frozen(getattr(pipe, name), mode, device)

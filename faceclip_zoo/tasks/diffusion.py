@@ -181,8 +181,10 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
             if not hp.train_encoders:
                 self.condition.to(dtype)
         if hp.get("quantize_base"):
+            # on the run's device (fit sets the model up on the host, then moves it): see quantize_frozen
+            device = self.trainer.strategy.root_device if self._trainer is not None else None
             for part in (denoiser, *self.quantizable_frozen_parts()):
-                quantize_frozen(part, hp.quantize_base)
+                quantize_frozen(part, hp.quantize_base, device)
         add_lora(denoiser, LoraSettings.from_dict(hp.lora), self.DENOISER)
         cast_training_params(denoiser, dtype=torch.float32)
         trained, total = count_parameters(denoiser)

@@ -39,7 +39,7 @@ LOSS_TERMS = ("image", "identity", "text")
 
 
 def _load_into(module: nn.Module, path: str, what: str, expect_type: str | None = None,
-               pick=None) -> None:
+               pick=None, dtype: torch.dtype | None = None) -> None:
     """Weights from a faceclip_zoo model directory, a safetensors file, or a foreign torch
     pickle (weights only); `pick` selects/renames keys of a foreign state dict."""
     from pathlib import Path
@@ -52,7 +52,7 @@ def _load_into(module: nn.Module, path: str, what: str, expect_type: str | None 
     state = load_weights_file(p, what)
     if pick is not None:
         state = pick(state)
-    load_strict(module, state, f"{what} {p}")
+    load_strict(module, state, f"{what} {p}", dtype=dtype)
 
 
 class _TextTowerView(nn.Module):
@@ -100,6 +100,9 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
         clip_weights: open_clip CLIP weights (model dir, .safetensors or .bin/.pt).
             Its text tower also initialises the branch's text tower unless
             `text_weights` names another file.
+        frozen_dtype: keep the wholly frozen parts (CLIP targets, face ViT, FaceT5's T5
+            when no T5 layer trains) in this dtype ("bfloat16"): half their memory; needs
+            precision bf16-mixed, whose autocast computes them in bf16 anyway. None: float32.
         init_encoder: an exported encoder directory to start from (overrides the above
             for the branch itself).
         identity_model: the frozen face-ID model for e_{r_cls}: None = the branch's own
@@ -124,6 +127,7 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
         clip: str = "clip-tiny",
         clip_overrides: Optional[dict[str, Any]] = None,
         clip_weights: Optional[str] = None,
+        frozen_dtype: Optional[Literal["bfloat16", "float16"]] = None,
         text_weights: Optional[str] = None,
         init_encoder: Optional[str] = None,
         identity_model: Optional[str] = None,
@@ -167,7 +171,19 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
 
     def build_encoder(self, name: str, overrides: dict[str, Any]):
         cfg = FaceCLIPConfig.from_name(name, **overrides)
-        return cfg, FaceCLIPEncoder(cfg)
+        return cfg, FaceCLIPEncoder(cfg, empty_parts=self.empty_encoder_parts())
+
+    def empty_encoder_parts(self) -> set[str]:
+        """The encoder's frozen backbones whose weights setup reads: built without memory."""
+        hp = self.hparams
+        return {"face_encoder"} if hp.get("face_encoder_weights") and not hp.get("init_encoder") else set()
+
+    def frozen_parts(self) -> list[nn.Module]:
+        """The parts no gradient reaches, which `frozen_dtype` keeps in that dtype."""
+        return [self.clip, self.encoder.face_encoder]
+
+    def frozen_torch_dtype(self) -> torch.dtype | None:
+        return getattr(torch, self.hparams.frozen_dtype) if self.hparams.get("frozen_dtype") else None
 
     def sequence_length(self) -> int:
         return self.encoder_config.text.context_length
@@ -200,9 +216,16 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
         for term in self.loss_terms.values():
             term.set_distributed(self.global_rank, self.trainer.world_size if self._trainer else 1)
         first = not self._weights_loaded
+        dtype = self.frozen_torch_dtype()
+        if dtype is not None and self._trainer is not None and "mixed" not in str(self.trainer.precision):
+            raise UserError(f"frozen_dtype {self.hparams.frozen_dtype} needs precision bf16-mixed (or 16-mixed): "
+                            f"autocast runs the frozen {self.hparams.frozen_dtype} parts; got {self.trainer.precision}")
         if first:
             self.load_pretrained_weights()
             self.refuse_unloaded()
+            if dtype is not None:  # parts built with random weights (no file named) too
+                for part in self.frozen_parts():
+                    part.to(dtype)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if first and datamodule is not None:
             from faceclip_zoo.cache_fingerprint import check_cached_features
@@ -220,13 +243,13 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
     def load_pretrained_weights(self) -> None:
         hp = self.hparams
         if hp.clip_weights:
-            _load_into(self.clip, hp.clip_weights, "CLIP weights", expect_type="clip")
+            _load_into(self.clip, hp.clip_weights, "CLIP weights", expect_type="clip", dtype=self.frozen_torch_dtype())
         if hp.init_encoder:
             _load_into(self.encoder, hp.init_encoder, "initial encoder", expect_type=self.MODEL_TYPE)
         else:
             if hp.face_encoder_weights:
                 _load_into(self.encoder.face_encoder, hp.face_encoder_weights,
-                           "face encoder weights", expect_type="face_vit")
+                           "face encoder weights", expect_type="face_vit", dtype=self.frozen_torch_dtype())
             self.load_text_weights()
         if hp.identity_model:
             kind, _, path = hp.identity_model.partition(":")
@@ -303,6 +326,12 @@ class FaceCLIPEncoderModule(ResilientTask, L.LightningModule):
                         ) -> dict[str, torch.Tensor]:
         """The frozen models' outputs for `names` (a subset of CACHEABLE), computed (all
         deterministic: `generator` is unused, for the diffusion modules' interface)."""
+        dtype = self.frozen_torch_dtype()
+        if dtype is not None and not torch.is_autocast_enabled(self.device.type):
+            # outside fit's autocast (`cache`): compute as fit does, or the float32 inputs
+            # would meet the frozen parts' half-precision weights
+            with torch.autocast(self.device.type, dtype=dtype):
+                return {k: v.float() for k, v in self.frozen_features(batch, names, generator).items()}
         out = {}
         if "face_identity" in names or "face_patches" in names:
             has_face = batch["has_face"].to(self.device)
