@@ -172,6 +172,16 @@ def _setup_logging() -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
+def _lightning_setting_errors() -> tuple[type, ...]:
+    """Lightning's MisconfigurationException, once Lightning is imported (evaluated when an
+    exception reaches main's handlers; a command that never imports Lightning pays nothing)."""
+    if "lightning" not in sys.modules:
+        return ()
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return (MisconfigurationException,)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
@@ -192,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ArgumentError as exc:
         print(f"error: {one_line_parse_error(str(exc))}", file=sys.stderr)
+        return 2
+    except _lightning_setting_errors() as exc:  # Lightning refusing a trainer setting (max_steps=-5, ...)
+        print(f"error: trainer: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except ValueError as exc:
         # A UserError raised while LightningCLI instantiates a recipe's class reaches us

@@ -14,11 +14,13 @@ The size defaults to the model's native one.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
 
+from faceclip_zoo.data.images import DEFAULT_MAX_PIXELS
 from faceclip_zoo.utils import UserError
 
 
@@ -58,10 +60,10 @@ def open_pipeline(path: str, device: str = "auto", dtype: str = "auto", schedule
         pipe.load_lora_weights(lora)
         pipe.fuse_lora()  # folded in: sampling costs what the base costs
         pipe.unload_lora_weights()
+    if quantize:  # piece by piece onto the device (float8 needs the GPU; bf16 FLUX is larger than 24 GB)
+        quantize_components(pipe, quantize, None if offload else device)
     if not offload:
         pipe = pipe.to(device)
-    if quantize:  # on the device when there is one (float8 needs the GPU)
-        quantize_components(pipe, quantize)
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":
@@ -94,6 +96,8 @@ def generate(
     lora: Optional[str] = None,
     quantize: Optional[Literal["int8", "float8"]] = None,
     offload: Optional[Literal["model", "sequential"]] = None,
+    overwrite: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[Path]:
     """Images of a person from an exported or converted pipeline folder.
 
@@ -125,17 +129,42 @@ def generate(
             different images (docs/performance.md has the measured difference).
         offload: model (whole components move to the GPU in turn) or sequential (layer by
             layer: least memory, slowest): diffusers' CPU offload, CUDA only.
+        overwrite: replace existing output files (otherwise refused before sampling).
+        max_pixels: photos declaring more pixels are refused from their header (default 50 M).
     """
+    from faceclip_zoo.data.images import open_photo
+
     if num_images < 1 or steps < 1:
         raise UserError("--num_images and --steps must be at least 1")
+    for name, side in (("--height", height), ("--width", width)):
+        if side is not None and not 16 <= side <= 4096:
+            raise UserError(f"{name} must be between 16 and 4096 pixels, got {side}")
+    # everything the run will read or write is checked before the model loads and samples
+    paths = output_paths(out, num_images)
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"--out {path} is a folder; name the image file to write (e.g. {path / 'out.png'})")
+        if path.exists() and not overwrite:
+            raise UserError(f"--out {path} exists; pass --overwrite true to replace it")
+        parent = path.parent if str(path.parent) else Path(".")
+        if parent.exists() and not (parent.is_dir() and os.access(parent, os.W_OK)):
+            raise UserError(f"--out {path}: {parent} is not a writable folder")
+    photos = None
+    if face is not None:
+        faces = [face] if isinstance(face, str) else list(face)
+        photos = [open_photo(f, "--face", max_pixels=max_pixels) for f in faces]
+        photos = photos[0] if isinstance(face, str) else photos
     pipe = open_pipeline(pipeline, device, dtype, scheduler, lora, quantize, offload)
+    multiple = pipe.size_multiple() if hasattr(pipe, "size_multiple") else 8
+    for name, side in (("--height", height), ("--width", width)):
+        if side is not None and side % multiple:
+            raise UserError(f"{name} must be a multiple of {multiple} for this pipeline, got {side}")
     images = pipe(
-        prompt, face_image=face, negative_prompt=negative_prompt, num_inference_steps=steps,
+        prompt, face_image=photos, negative_prompt=negative_prompt, num_inference_steps=steps,
         height=height, width=width, num_images_per_prompt=num_images,
         generator=torch.Generator(device="cpu").manual_seed(seed), align=align,
         **pipe.guidance_arguments(guidance, distilled_guidance),
     ).images
-    paths = output_paths(out, len(images))
     for image, path in zip(images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)

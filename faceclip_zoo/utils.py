@@ -64,11 +64,25 @@ def safe_torch_load(path: str | os.PathLike, mmap: bool = True):
                 raise
             return torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format
     except pickle.UnpicklingError as exc:
-        raise UserError(f"refusing to load {path}: it is not a plain tensor checkpoint "
-                        f"({str(exc).splitlines()[0][:200]})") from None
+        raise UserError(f"refusing to load {path}: {unpickling_refusal(exc)}") from None
     except Exception as exc:
         raise UserError(f"cannot read {path}: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]}") from None
+
+
+def unpickling_refusal(exc: BaseException) -> str:
+    """torch's weights-only refusal in one line, naming what it refused (its message is a
+    paragraph whose first line never names the global)."""
+    import re
+
+    text = str(exc)
+    # torch words it "Unsupported global: GLOBAL x.y ..." or "unsupported GLOBAL x.y whose module ..."
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    operand = re.search(r"[Uu]nsupported operand (\d+)", text)
+    what = (f"it would import {found.group(1)}" if found else
+            f"unsupported pickle operand {operand.group(1)}" if operand else "it holds more than tensors")
+    return (f"it is not a plain tensor checkpoint ({what}); weights are read with weights_only=True, so "
+            "pickled code never runs (convert a file you trust with torch.load and torch.save of its state dict)")
 
 
 def load_weights_file(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:

@@ -131,6 +131,11 @@ class ShardDataModule(L.LightningDataModule):
         image goes to the bucket nearest its aspect ratio and batches hold one bucket.
         Validation stays at image_size squares."""
         super().__init__()
+        for key, value, least in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size, 1),
+                                  ("num_workers", num_workers, 0), ("image_size", image_size, 1),
+                                  ("face_size", face_size, 1)):
+            if value is not None and value < least:
+                raise UserError(f"data.{key} must be at least {least}, got {value}")
         if not 0.0 <= guided_prob <= 1.0:
             raise UserError(f"guided_prob must be in [0, 1], got {guided_prob}")
         if guided_prob > 0 and guided is None:

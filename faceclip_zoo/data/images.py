@@ -21,7 +21,10 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 # A truncated file is a reject, never a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000
+# Decoded, a photo costs several copies of itself (RGB, conversions, the detector's
+# pyramid): a 7900 x 7900 PNG of 198 KB took 8 GB. 50 MP admits a 48 MP phone photo
+# (8000 x 6000); larger ones are refused from their header unless the limit is raised.
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class ImageRejected(Exception):
@@ -118,6 +121,22 @@ def decode_image(data: bytes, where: str, max_pixels: int = DEFAULT_MAX_PIXELS, 
         raise ImageRejected("image_too_small", f"{where}: {arr.shape[1]}x{arr.shape[0]} pixels, "
                                                f"shorter side below {min_size}")
     return LoadedImage(rgb=arr, original_size=(arr.shape[0], arr.shape[1]), sha256=digest)
+
+
+def open_photo(path: str | os.PathLike, what: str = "photo", max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_size: int = 16) -> Image.Image:
+    """A photo a command was given (generate's --face, the demo's uploads) as an upright
+    8-bit RGB PIL image, decoded exactly as `prepare` decodes photos; a bad file is a
+    UserError naming it."""
+    from faceclip_zoo.utils import UserError
+
+    if not os.path.exists(path):
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return Image.fromarray(load_image(str(path), max_pixels=max_pixels, min_size=min_size).rgb)
+    except ImageRejected as exc:
+        hint = " (raise --max_pixels to read it)" if exc.reason == "too_many_pixels" else ""
+        raise UserError(f"{what} {exc.detail}{hint}") from None
 
 
 def as_rgb_array(image) -> np.ndarray:

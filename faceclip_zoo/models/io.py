@@ -116,6 +116,12 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
                 f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: set it back at once
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(folder: Path, name: str, write: Callable[[str], None]) -> None:
     """`write(tmp_path)` into a temporary file of `folder`, then rename it to `name`: a
     reader never sees a half-written file, and an interrupted write leaves none behind."""
@@ -123,6 +129,9 @@ def atomic_write(folder: Path, name: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0600; the result gets the mode any new file of the user
+        # gets (0644 under the usual umask), or a model folder is unreadable to the group
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, folder / name)
     finally:
         if os.path.exists(tmp):

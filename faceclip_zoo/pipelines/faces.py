@@ -59,18 +59,17 @@ def to_pil(face: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
                             "[0, 1] as a [3, H, W] torch tensor")
         face = Image.fromarray(face)
     elif isinstance(face, (str, os.PathLike)):
+        from faceclip_zoo.data.images import open_photo
+
         path = Path(face)
         if not path.is_file():
             raise UserError(f"face image {path} does not exist")
-        try:
-            from PIL import ImageOps
-
-            face = ImageOps.exif_transpose(Image.open(path)).convert("RGB")  # phone photos: upright
-        except Exception as exc:  # PIL raises many types for bad files
-            raise UserError(f"face image {path} cannot be read ({type(exc).__name__}: {exc})") from None
+        return open_photo(path, "face image")  # as `prepare` decodes: upright, 16-bit scaled, size-checked
     if not isinstance(face, Image.Image):
         raise UserError(f"face_image must be a path, PIL image, array or tensor, got {type(face).__name__}")
-    return face.convert("RGB")
+    from faceclip_zoo.data.images import as_rgb_array
+
+    return Image.fromarray(as_rgb_array(face))  # 16-bit, palette, alpha, CMYK as `prepare` converts them
 
 
 def face_tensor(face: FaceInput) -> torch.Tensor:

@@ -240,22 +240,34 @@ def pipeline_of_fit_checkpoint(ckpt: str):
     exporting: the module class comes from the run's config.yaml. Scores diagnostics that
     have no export (the oracle) and runs in progress."""
     import importlib
+    import pickle
 
     import yaml
 
     from faceclip_zoo.export import find_run_config
-    from faceclip_zoo.utils import UserError, require_file
+    from faceclip_zoo.utils import UserError, require_file, unpickling_refusal
 
     path = require_file(ckpt, "fit checkpoint")
     config = find_run_config(path)
     if config is None:
         raise UserError(f"no config.yaml of the run beside {path} (the run folder of `fit` has one)")
-    class_path = yaml.safe_load(config.read_text())["model"]["class_path"]
+    class_path = str((yaml.safe_load(config.read_text()) or {}).get("model", {}).get("class_path", ""))
     module_name, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), name)
-    if not hasattr(cls, "pipeline"):
+    # a config found beside a checkpoint is not a recipe the user wrote: nothing is
+    # imported from it unless it names one of our tasks
+    if module_name.split(".")[0] != "faceclip_zoo":
+        raise UserError(f"{config}: model.class_path {class_path!r} is not a faceclip_zoo module; refusing to "
+                        "import it (a run folder of `fit` names e.g. faceclip_zoo.tasks.SDXLJointModule)")
+    cls = getattr(importlib.import_module(module_name), name, None)
+    if cls is None or not hasattr(cls, "pipeline"):
         raise UserError(f"{class_path} (from {config}) is not a diffusion task: it has no pipeline")
-    module = cls.load_from_checkpoint(str(path), map_location="cpu").eval()
+    from faceclip_zoo.tasks.resilience import allow_checkpoint_globals
+
+    allow_checkpoint_globals()
+    try:
+        module = cls.load_from_checkpoint(str(path), map_location="cpu", weights_only=True).eval()
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"refusing to load {path}: {unpickling_refusal(exc)}") from None
     module._weights_loaded = True
     return module.pipeline(use_ema=True)
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from faceclip_zoo.utils import UserError
+from faceclip_zoo.utils import UserError, unpickling_refusal
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,21 @@ class ResilientTask:
         from faceclip_zoo.models.weights import has_meta_tensors
 
         return super().load_state_dict(state_dict, strict=strict, assign=assign or has_meta_tensors(self))
+
+    def cpu(self):
+        # Lightning's teardown moves the module to the CPU, also after a setup that failed
+        # before reading the weights (a missing file): parts still without memory stay as
+        # they are, so the error the user needs is the one reported, not torch's "cannot
+        # copy out of meta tensor".
+        from faceclip_zoo.models.weights import has_meta_tensors
+
+        if not has_meta_tensors(self):
+            return super().cpu()
+        for module in self.modules():
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if not t.is_meta and t.device.type != "cpu":
+                    t.data = t.data.cpu()
+        return self
 
     def refuse_unloaded(self) -> None:
         """Parts built without memory (their weights were named) must have been loaded."""
@@ -116,16 +131,28 @@ class ResilientTask:
 
 
 class LastGoodCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, except that an unreadable `last*.ckpt` (a disk that
-    filled up, a copy cut short) falls back to the newest readable checkpoint beside it,
-    with a warning. Any other unreadable checkpoint is an error naming the file."""
+    """Lightning's checkpoint IO, except that
+    - checkpoints are always read with weights_only=True, whatever Lightning or the
+      environment asks (torch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only changes loads that
+      leave weights_only unset): a pickle that would import anything but tensors, plain
+      containers and the optimizer states we write is refused, naming the file and what it
+      would import;
+    - an unreadable `last*.ckpt` (a disk that filled up, a copy cut short) falls back to the
+      newest readable checkpoint beside it, with a warning. Any other unreadable checkpoint
+      is an error naming the file.
+    Every trainer command uses it (faceclip_zoo.train), recipes naming it or not."""
 
     def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
+        import pickle
+
+        allow_checkpoint_globals()
         try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except FileNotFoundError:
             raise
+        except pickle.UnpicklingError as exc:
+            raise UserError(f"refusing to load {path}: {unpickling_refusal(exc)}") from None
         except Exception as exc:  # torch.load raises many types on a truncated/corrupt file
             first_error = exc
         path = Path(path)
@@ -135,8 +162,8 @@ class LastGoodCheckpointIO(TorchCheckpointIO):
                             key=lambda p: p.stat().st_mtime, reverse=True)
         for candidate in candidates:
             try:
-                checkpoint = super().load_checkpoint(candidate, map_location=map_location, weights_only=weights_only)
-            except Exception:  # noqa: BLE001 (same reason)
+                checkpoint = super().load_checkpoint(candidate, map_location=map_location, weights_only=True)
+            except Exception:  # noqa: BLE001 (same reason; a refused pickle is not a fallback either)
                 log.warning("checkpoint %s is unreadable too", candidate)
                 continue
             rank_zero_warn(f"last checkpoint {path} is unreadable ({type(first_error).__name__}: {first_error}); "
@@ -144,3 +171,13 @@ class LastGoodCheckpointIO(TorchCheckpointIO):
             return checkpoint
         raise UserError(f"last checkpoint {path} is unreadable ({first_error}) and no other checkpoint in "
                         f"{path.parent} is readable; start without --ckpt_path")
+
+
+def allow_checkpoint_globals() -> None:
+    """What our fit checkpoints hold besides tensors and plain containers, for torch's
+    weights-only unpickler: torchao's 8-bit optimizer states (the LoRA recipes' AdamW8bit)."""
+    try:
+        from torchao.optim.subclass_8bit import OptimState8bit
+    except ImportError:  # torchao absent or reorganised: its states are then refused by name
+        return
+    torch.serialization.add_safe_globals([OptimState8bit])
