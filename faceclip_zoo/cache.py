@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -158,6 +158,30 @@ def cache_shard(src: str, dest: str, module, names: list[str], image_size: int, 
     return counts
 
 
+def tar_damage(path: str) -> str | None:
+    """Why a tar shard is damaged (truncated, unreadable), or None. A tar cut at a member
+    boundary still reads as a shorter valid archive, so the end-of-archive marker (two zero
+    blocks, which tar writers always add) is required too. Hand-written: webdataset reads
+    what it can and stops silently, tarfile tolerates a missing marker."""
+    import tarfile
+
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return f"truncated ({size} bytes: not whole 512-byte tar blocks with an end marker)"
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        if f.read(1024).count(0) != 1024:
+            return "truncated (no end-of-archive marker)"
+    try:
+        with tarfile.open(path, "r|") as tar:
+            for member in tar:
+                if member.isfile():
+                    tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        return f"unreadable ({exc})"
+    return None
+
+
 def _default_shards(data) -> list[str]:
     if data is None:
         raise UserError("the recipe has no `data:` section; name the shards with --shards")
@@ -169,7 +193,7 @@ def _default_shards(data) -> list[str]:
 
 def cache(
     recipe: str,
-    shards: Optional[list[str]] = None,
+    shards: Optional[Union[str, list[str]]] = None,
     features: Optional[str] = None,
     out: Optional[str] = None,
     batch_size: int = 32,
@@ -213,7 +237,14 @@ def cache(
     image_size = getattr(data, "image_size", 224)
     face_size = getattr(data, "face_size", 112)
     buckets = getattr(data, "buckets", None)
-    paths = [p for spec in (shards or _default_shards(data)) for p in resolve_shards(spec, "input")]
+    specs = [shards] if isinstance(shards, str) else (shards or _default_shards(data))
+    paths = [p for spec in specs for p in resolve_shards(spec, "input")]
+    # an input is rewritten in place (or copied): a damaged one would come back shorter and
+    # valid-looking, its lost samples gone for good; so every input is checked before anything is written
+    damaged = [f"{p}: {why}" for p in paths if (why := tar_damage(p))]
+    if damaged:
+        raise UserError(f"{len(damaged)} input shard(s) damaged, nothing written: {'; '.join(damaged[:3])}"
+                        f"{' ...' if len(damaged) > 3 else ''}; make them again (prepare) or leave them out (--shards)")
 
     jobs = []
     for i, path in enumerate(paths):

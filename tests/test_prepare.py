@@ -88,6 +88,7 @@ EXPECTED_REJECTS = {
     "tiny.jpg": "image_too_small",
     "small face.jpg": "face_too_small",
     "grey wall.png": "no_face",
+    "notes.md": "unsupported_format",  # every path counted: a file of another format is a reject
 }
 EXPECTED_ACCEPTED = ["cmyk.jpg", "exif rotated.jpg", "good.jpg", "grey.png", "grey16.png", "rgba.png",
                      "ünïcode 写真/фото 1.png"]
@@ -125,7 +126,7 @@ def hostile(tmp_path_factory, astronaut):
     _write(root / "tiny.jpg", "tiny", good.resize((96, 96)))
     _write(root / "small face.jpg", "face of 40 px", good.resize((256, 256)))
     _write(root / "grey wall.png", "no face", Image.new("RGB", (320, 240), (128, 128, 128)))
-    (root / "notes.md").write_text("not a photo extension: not an input")
+    (root / "notes.md").write_text("not a photo format: a reject with its reason")
     return root
 
 

@@ -22,7 +22,8 @@ from typing import Iterator
 
 from faceclip_zoo.utils import UserError
 
-PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # gif: its first frame
+CAPTION_EXT = ".txt"
 
 
 @dataclass
@@ -68,17 +69,37 @@ def _check_caption(raw: bytes | str | None, where: str) -> tuple[str | None, tup
     return text, None
 
 
-def _walk_photos(root: str) -> list[str]:
+def _walk_photos(root: str, unusable: list[tuple[str, tuple[str, str]]] | None = None) -> list[str]:
+    """The photos below `root` (hidden files and folders aside; symlinked folders are not
+    followed, so a link loop cannot recur). With `unusable`, also collects what cannot be
+    an input, as (path, (reason, detail)): folders that cannot be read and files of other
+    formats (caption files aside), so every path is counted."""
     found = []
-    for folder, dirs, files in os.walk(root):
+
+    def unreadable(exc: OSError) -> None:
+        if unusable is not None:
+            unusable.append((exc.filename, ("unreadable_folder", f"{exc.filename}: {exc.strerror or exc}; "
+                                                                 "its photos were not read")))
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable):
         dirs.sort()
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(PHOTO_EXTS)]
+        for f in sorted(files):
+            path = os.path.join(folder, f)
+            if f.lower().endswith(PHOTO_EXTS):
+                found.append(path)
+            elif unusable is not None and not f.startswith(".") and not f.lower().endswith(CAPTION_EXT):
+                unusable.append((path, ("unsupported_format", f"{f}: not a format prepare reads "
+                                                             f"({' '.join(PHOTO_EXTS)})")))
     return found
 
 
 def folder_records(root: str, identity_from_folder: bool = False) -> Iterator[Record]:
-    for path in _walk_photos(root):
+    unusable: list[tuple[str, tuple[str, str]]] = []
+    photos = _walk_photos(root, unusable)
+    for path, error in unusable:
+        yield Record(source=os.path.relpath(path, root), image=os.path.abspath(path), caption=None, error=error)
+    for path in photos:
         caption, error = _read_caption_file(os.path.splitext(path)[0] + ".txt")
         rel = os.path.relpath(path, root)
         identity = os.path.basename(os.path.dirname(path)) if identity_from_folder and os.path.dirname(rel) else None

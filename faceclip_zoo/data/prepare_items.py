@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from faceclip_zoo.data.align import crop_face, pick_face, sharpness
-from faceclip_zoo.data.images import ImageRejected, LoadedImage, load_image
+from faceclip_zoo.data.images import DEFAULT_MAX_PIXELS, ImageRejected, LoadedImage, load_image
 from faceclip_zoo.data.prepare_inputs import Record
 from faceclip_zoo.utils import atomic_write_bytes
 
@@ -34,7 +34,7 @@ class Filters:
     max_pitch: float = 0.3
     min_sharpness: float = 15.0  # variance of the Laplacian of the 112 px grey face
     min_image_size: int = 128  # shorter side of the photo
-    max_pixels: int = 64_000_000  # declared width x height above this is refused unread
+    max_pixels: int = DEFAULT_MAX_PIXELS  # declared width x height above this is refused unread (50 M)
 
 
 # ---------------------------------------------------------------- phase 1: one input
