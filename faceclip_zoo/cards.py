@@ -170,15 +170,16 @@ def render_card(folder: Path, facts: CardFacts) -> str:
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines)).content
 
 
-def write_model_card(folder: str | Path, facts: CardFacts) -> Path:
-    """README.md (+ samples/) into `folder`."""
+def write_model_card(folder: str | Path, facts: CardFacts, final: str | Path | None = None) -> Path:
+    """README.md (+ samples/) into `folder`; `final`: the path the folder will have (it is
+    written under a temporary name first), which the card names."""
     folder = Path(folder)
     if facts.samples:
         (folder / "samples").mkdir(exist_ok=True)
         for p in facts.samples:
             shutil.copyfile(p, folder / "samples" / p.name)
     path = folder / "README.md"
-    path.write_text(render_card(folder, facts))
+    path.write_text(render_card(Path(final) if final is not None else folder, facts))
     return path
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from faceclip_zoo.utils import UserError, require_file
+from faceclip_zoo.utils import UserError, check_output_folder, require_file
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _t5_tokenizer_folder(official: Path, given: str | None) -> Path | None:
     return None
 
 
-def convert(official: str, out: str, t5_tokenizer: str | None = None) -> dict:
+def convert(official: str, out: str, t5_tokenizer: str | None = None, overwrite: bool = False) -> dict:
     """Convert every release file found at `official` (a file, or the release folder).
 
     Args:
@@ -52,12 +52,14 @@ def convert(official: str, out: str, t5_tokenizer: str | None = None) -> dict:
         out: output folder; one model directory per converted model.
         t5_tokenizer: a T5 v1.1 tokenizer folder (e.g. FLUX.1-dev/tokenizer_2) to store in
             the FaceT5 directory (found automatically when the release folder has one).
+        overwrite: write into a non-empty --out (its model folders are replaced file by file).
     """
     from faceclip_zoo.models.convert_diffusion import convert_official_diffusers
     from faceclip_zoo.models.convert_faceclip import convert_official_faceclip
     from faceclip_zoo.models.convert_facet5 import convert_official_facet5
 
     src = require_file(official, "official release path")
+    check_output_folder(out, "--out", overwrite)
     out_dir = Path(out)
     report: dict = {}
     for path in _find(src):

@@ -209,6 +209,21 @@ def build_page(session: DemoSession):
     return page
 
 
+def check_port(host: str, port: int) -> None:
+    """The address can be served on: a port in range that nothing else holds."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, got {port}")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"--port {port} on --host {host} cannot be served on ({exc.strerror}); "
+                            "choose another --port") from None
+
+
 def serve(page, host: str = "127.0.0.1", port: int | None = None, share: bool = False, block: bool = True):
     """Run a page in Gradio's queue (one generation at a time: one pipeline, one device).
     block=False returns once the server is up (tests); returns the page's address."""
@@ -235,4 +250,5 @@ def demo(pipeline: str, port: int = 7860, host: str = "127.0.0.1", share: bool =
         import gradio  # noqa: F401
     except ImportError:
         raise UserError('the demo needs Gradio: pip install -e ".[demo]"') from None
+    check_port(host, port)  # before the pipeline loads (minutes at real size)
     serve(build_page(DemoSession(pipeline, device, dtype)), host, port, share)

@@ -16,7 +16,7 @@ from faceclip_zoo.cards import (
     write_model_card,
 )
 from faceclip_zoo.models.io import checkpoint_exports, model_from_checkpoint, save_model_dir
-from faceclip_zoo.utils import UserError, require_file, safe_torch_load
+from faceclip_zoo.utils import UserError, check_output_folder, replace_folder, require_file, safe_torch_load
 
 
 def find_run_config(ckpt: Path) -> Path | None:
@@ -32,7 +32,7 @@ def find_run_config(ckpt: Path) -> Path | None:
 
 
 def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str | None = None,
-                      use_ema: bool = True, merge: bool = False) -> Path:
+                      use_ema: bool = True, merge: bool = False, overwrite: bool = False) -> Path:
     """Export a fit checkpoint to `out`: an encoder checkpoint becomes a model directory,
     an SDXL / FLUX checkpoint a FaceCLIPSDXLPipeline / FaceT5FluxPipeline folder, a LoRA
     run's checkpoint its adapters in diffusers' format (`pipe.load_lora_weights(out)` on
@@ -46,8 +46,11 @@ def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str 
         use_ema: export the EMA weights of the UNet when the run kept an EMA.
         merge: LoRA runs: write the whole pipeline with the adapters folded in, instead of
             the adapter file alone.
+        overwrite: replace an existing, non-empty `out` (it is swapped for the new folder
+            once that is written whole; otherwise refused before anything is read).
     """
     ckpt_path = require_file(ckpt, "checkpoint")
+    check_output_folder(out, "--out", overwrite)
     checkpoint = safe_torch_load(ckpt_path, mmap=False)
     exports = checkpoint_exports(checkpoint)
     if part is None and len(exports) == 1:
@@ -61,19 +64,23 @@ def export_checkpoint(ckpt: str, out: str, part: str | None = None, recipe: str 
     recipe_path = Path(recipe) if recipe else find_run_config(ckpt_path)
     recipe_text = recipe_path.read_text() if recipe_path and recipe_path.exists() else None
     extra = {"source_checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step")}
-    if "lora" in spec and not merge:
-        out_dir = _export_adapter(checkpoint, spec, ckpt_path, out, recipe_text, extra, use_ema)
-    else:
-        out_dir = _export_weights(checkpoint, spec, ckpt_path, part, out, recipe_text, extra, use_ema)
     from_release, base = inherited_lineage(recipe_text)
     run_dir = recipe_path.parent if recipe_path else None
-    kind, what = describe_folder(out_dir)
-    write_model_card(out_dir, CardFacts(
-        kind=kind, what=what, made_by=f"`python -m faceclip_zoo export` of a fit checkpoint at step {extra['global_step']}",
-        from_release=from_release, base_model=base, recipe=recipe_text is not None,
-        starts_from=starting_points(recipe_text), adapts=spec.get("lora", {}).get("base"),
-        metrics=final_metrics(run_dir), samples=run_samples(run_dir)))
-    return out_dir
+
+    def write(folder: Path) -> None:
+        if "lora" in spec and not merge:
+            _export_adapter(checkpoint, spec, ckpt_path, folder, recipe_text, extra, use_ema)
+        else:
+            _export_weights(checkpoint, spec, ckpt_path, part, folder, recipe_text, extra, use_ema)
+        kind, what = describe_folder(folder)
+        write_model_card(folder, CardFacts(
+            kind=kind, what=what,
+            made_by=f"`python -m faceclip_zoo export` of a fit checkpoint at step {extra['global_step']}",
+            from_release=from_release, base_model=base, recipe=recipe_text is not None,
+            starts_from=starting_points(recipe_text), adapts=spec.get("lora", {}).get("base"),
+            metrics=final_metrics(run_dir), samples=run_samples(run_dir)), final=out)
+
+    return replace_folder(Path(out), write)
 
 
 def _export_adapter(checkpoint: dict, spec: dict, ckpt_path: Path, out: str, recipe_text: str | None,

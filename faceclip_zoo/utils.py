@@ -51,6 +51,53 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     return p
 
 
+def require_at_least(limits: Mapping[str, tuple[float | None, float]]) -> None:
+    """{option: (value, minimum)}: the first value below its minimum is a UserError naming
+    the option (None: not given, not checked). Checked before a command does any work."""
+    for name, (value, minimum) in limits.items():
+        if value is not None and value < minimum:
+            raise UserError(f"{name} must be at least {minimum}, got {value}")
+
+
+def check_output_folder(path: str | os.PathLike, what: str, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output folder that cannot be written or would be
+    clobbered: a file in its place, a non-empty folder (unless overwrite), a parent that is
+    a file or not writable."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{what} {out} is a file; name a folder to write into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{what} {out} exists and is not empty; pass --overwrite true to replace it")
+    existing = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    if not (existing.is_dir() and os.access(existing, os.W_OK)):
+        raise UserError(f"{what} {out}: {existing} is not a writable folder")
+    return out
+
+
+def replace_folder(out: Path, write) -> Path:
+    """Call `write(folder)` on a new sibling folder, then swap it in for `out`: a failed
+    write leaves `out` as it was, and nothing of an earlier export lingers beside the new
+    files."""
+    import shutil
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def safe_torch_load(path: str | os.PathLike, mmap: bool = True):
     """torch.load with weights_only=True (the unpickler refuses anything but tensors and
     plain containers, so no pickled code runs), memory-mapped when the file allows it."""
@@ -66,8 +113,15 @@ def safe_torch_load(path: str | os.PathLike, mmap: bool = True):
     except pickle.UnpicklingError as exc:
         raise UserError(f"refusing to load {path}: {unpickling_refusal(exc)}") from None
     except Exception as exc:
-        raise UserError(f"cannot read {path}: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}") from None
+        raise UserError(f"cannot read {path}: {unreadable_reason(path, exc)}") from None
+
+
+def unreadable_reason(path: str | os.PathLike, exc: BaseException) -> str:
+    """Why a file could not be read, in a few words (torch's messages run over lines, and
+    an empty file's is empty)."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "the file is empty"
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
 
 
 def unpickling_refusal(exc: BaseException) -> str:
@@ -94,6 +148,9 @@ def load_weights_file(path: str | os.PathLike, what: str = "weights file") -> di
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        from faceclip_zoo.models.weights import check_safetensors
+
+        check_safetensors([p], what)
         return load_file(str(p))
     obj = safe_torch_load(p)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):

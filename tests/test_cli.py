@@ -12,8 +12,10 @@ import yaml
 from conftest import tiny_recipe
 
 from faceclip_zoo.cli import main
+from faceclip_zoo.export import export_checkpoint
 from faceclip_zoo.config import FaceCLIPConfig
 from faceclip_zoo.models import FaceCLIPEncoder, load_model_dir
+from faceclip_zoo.utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart" / "faceclip.yaml"
@@ -123,6 +125,15 @@ def test_fit_skips_corrupt_samples_then_export_reloads_identically(tmp_path, tin
     assert main(["export", "--ckpt", str(ckpt), "--out", str(out)]) == 0
     assert {"model.safetensors", "config.json", "recipe.yaml"} <= {p.name for p in out.iterdir()}
     assert "FaceCLIPEncoderModule" in (out / "recipe.yaml").read_text()
+    # a second export into the same folder is refused, then replaces it whole with --overwrite
+    (out / "stale.safetensors").write_bytes(b"from an older export")
+    weights = (out / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="--overwrite true"):
+        export_checkpoint(str(ckpt), str(out))
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert main(["export", "--ckpt", str(ckpt), "--out", str(out), "--overwrite", "true"]) == 0
+    assert not (out / "stale.safetensors").exists() and not list(tmp_path.glob(".export*"))
+    assert f"# {out.name}" in (out / "README.md").read_text()  # the card names the folder, not the temporary one
     loaded = load_model_dir(out, expect="faceclip")
 
     # the encoder as trained, straight from the Lightning checkpoint

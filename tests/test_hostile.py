@@ -13,193 +13,15 @@ import hashlib
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-import yaml
 
 from faceclip_zoo.cli import ZOO_COMMANDS
 from faceclip_zoo.train import TRAINER_COMMANDS
 
-from conftest import tiny_recipe
-
-# Commands whose rows are still to be written (issue: every command hardened); shrink it.
-COMMANDS_WITHOUT_ROWS = {"demo", "ablation", "prepare", "convert", "standins", "bench",
-                         "validate", "test", "predict"}
-
-
-class _Payload:
-    """Unpickled without weights_only, this creates the file `marker` (os.system)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def malicious_checkpoint(path: Path, marker: Path) -> Path:
-    """A file shaped like a Lightning checkpoint whose unpickling runs code."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {}, "global_step": 1, "epoch": 0, "pytorch-lightning_version": "2.6.6",
-                "hyper_parameters": {"payload": _Payload(marker)}}, path)
-    return path
-
-
-@dataclass
-class World:
-    """What a row's inputs are made in: its folder, the marker no payload may create, and
-    the shared tiny shards."""
-
-    root: Path
-    shards: Path
-
-    @property
-    def marker(self) -> Path:
-        return self.root / "PWNED"
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str
-    command: str
-    make: Callable[[World], tuple[list[str], list[Path]]]  # -> (argv after the command, inputs to keep intact)
-    names: Callable[[World], str]  # what the error line must name
-
-
-def _recipe(w: World) -> Path:
-    """The tiny encoder recipe of the other tests, on the shared shards."""
-    path = tiny_recipe(w.root, w.shards)
-    recipe = yaml.safe_load(path.read_text())
-    recipe["data"]["init_args"]["train"] = str(w.shards / "train")
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def _fit_with_malicious_ckpt(w: World):
-    recipe = _recipe(w)
-    ckpt = malicious_checkpoint(w.root / "elsewhere" / "model.ckpt", w.marker)
-    return ["--config", str(recipe), "--ckpt_path", str(ckpt)], [ckpt, recipe]
-
-
-def _fit_resuming_a_malicious_last(w: World):
-    recipe = _recipe(w)
-    last = malicious_checkpoint(w.root / "run" / "checkpoints" / "last.ckpt", w.marker)
-    return ["--config", str(recipe), "--ckpt_path", str(last)], [last, recipe]
-
-
-def _run_folder(w: World, class_path: str) -> Path:
-    run = w.root / "run"
-    ckpt = malicious_checkpoint(run / "checkpoints" / "last.ckpt", w.marker)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"class_path": class_path}}))
-    return ckpt
-
-
-def _evaluate_malicious_fit_checkpoint(w: World):
-    ckpt = _run_folder(w, "faceclip_zoo.tasks.SDXLJointModule")
-    return ["--benchmark", "synthetic", "--pipeline", str(ckpt), "--synthetic_val", str(w.shards / "val"),
-            "--out", str(w.root / "eval")], [ckpt, ckpt.parent.parent / "config.yaml"]
-
-
-def _evaluate_foreign_class_beside_checkpoint(w: World):
-    # a module that would create the marker when imported, on the import path
-    (w.root / "evil_module.py").write_text(f"import pathlib\npathlib.Path({str(w.marker)!r}).touch()\nclass Task: pass\n")
-    ckpt = _run_folder(w, "evil_module.Task")
-    return ["--benchmark", "synthetic", "--pipeline", str(ckpt), "--synthetic_val", str(w.shards / "val"),
-            "--out", str(w.root / "eval")], [ckpt, ckpt.parent.parent / "config.yaml"]
-
-
-def _export_malicious_checkpoint(w: World):
-    ckpt = malicious_checkpoint(w.root / "run" / "checkpoints" / "last.ckpt", w.marker)
-    return ["--ckpt", str(ckpt), "--out", str(w.root / "exported")], [ckpt]
-
-
-def _photo(w: World, name: str = "face.png", size: tuple[int, int] = (96, 96), mode: str = "RGB") -> Path:
-    from PIL import Image
-
-    path = w.root / name
-    Image.new(mode, size, 128).save(path)
-    return path
-
-
-def _generate(w: World, *extra: str, face: Path | None = None) -> list[str]:
-    # the pipeline is never opened: each of these is refused before the model loads
-    return ["--pipeline", str(w.root / "pipeline"), "--prompt", "a photo of a person",
-            *(["--face", str(face)] if face else []), *extra]
-
-
-def _generate_tiny_photo(w: World):
-    face = _photo(w, "tiny.png", (1, 1))
-    return _generate(w, "--out", str(w.root / "out.png"), face=face), [face]
-
-
-def _generate_decompression_bomb(w: World):
-    face = _photo(w, "bomb.png", (7900, 7900), "L")  # ~60 KB on disk, 62 M pixels declared
-    return _generate(w, "--out", str(w.root / "out.png"), face=face), [face]
-
-
-def _generate_out_is_a_folder(w: World):
-    (w.root / "images").mkdir()
-    face = _photo(w)
-    return _generate(w, "--out", str(w.root / "images"), face=face), [face]
-
-
-def _generate_out_exists(w: World):
-    out = w.root / "out.png"
-    out.write_bytes(b"an earlier image")
-    return _generate(w, "--out", str(out)), [out]
-
-
-def _generate_height_7(w: World):
-    return _generate(w, "--out", str(w.root / "out.png"), "--height", "7"), []
-
-
-def _fit_negative_max_steps(w: World):
-    recipe = _recipe(w)
-    return ["--config", str(recipe), "--trainer.max_steps=-5"], [recipe]
-
-
-def _fit_batch_size_zero(w: World):
-    recipe = _recipe(w)
-    return ["--config", str(recipe), "--data.init_args.batch_size=0"], [recipe]
-
-
-def _cache_truncated_shard(w: World):
-    import shutil
-
-    recipe = _recipe(w)
-    src = sorted((w.shards / "train").glob("*.tar"))[0]
-    shard = w.root / "in" / "cut.tar"
-    shard.parent.mkdir()
-    shutil.copyfile(src, shard)
-    with open(shard, "r+b") as f:
-        f.truncate(shard.stat().st_size * 6 // 10)
-    return ["--recipe", str(recipe), "--shards", str(shard.parent)], [shard]
-
-
-ROWS = [
-    Row("fit: --trainer.max_steps=-5", "fit", _fit_negative_max_steps, lambda w: "max_steps"),
-    Row("fit: batch_size 0", "fit", _fit_batch_size_zero, lambda w: "batch_size"),
-    Row("generate: a 1x1 face photo", "generate", _generate_tiny_photo, lambda w: "tiny.png"),
-    Row("generate: a PNG declaring 7900 x 7900 pixels", "generate", _generate_decompression_bomb,
-        lambda w: "bomb.png"),
-    Row("generate: --out names a folder", "generate", _generate_out_is_a_folder, lambda w: "--out"),
-    Row("generate: --out exists", "generate", _generate_out_exists, lambda w: "--overwrite"),
-    Row("generate: --height 7", "generate", _generate_height_7, lambda w: "--height"),
-    Row("fit: a checkpoint whose pickle runs code", "fit", _fit_with_malicious_ckpt, lambda w: "model.ckpt"),
-    Row("fit: resuming a last.ckpt whose pickle runs code", "fit", _fit_resuming_a_malicious_last,
-        lambda w: "last.ckpt"),
-    Row("evaluate: a fit checkpoint whose pickle runs code", "evaluate", _evaluate_malicious_fit_checkpoint,
-        lambda w: "last.ckpt"),
-    Row("evaluate: a run's config.yaml naming a class outside faceclip_zoo", "evaluate",
-        _evaluate_foreign_class_beside_checkpoint, lambda w: "config.yaml"),
-    Row("cache: a truncated input shard (it would be rewritten shorter)", "cache", _cache_truncated_shard,
-        lambda w: "cut.tar"),
-    Row("export: a checkpoint whose pickle runs code", "export", _export_malicious_checkpoint, lambda w: "last.ckpt"),
-]
+from hostile_rows import COMMANDS_WITHOUT_ROWS, ROWS, World, malicious_checkpoint
 
 
 def _digest(path: Path) -> str:
@@ -254,13 +76,15 @@ def test_written_model_files_get_the_users_umask(tmp_path, umask):
 
 
 def test_a_photo_reaches_the_model_the_same_in_every_format(tmp_path, photos):
-    """generate and the demo (open_photo, to_pil) decode a photo as `prepare` does
+    """generate and the demo (open_photo, to_pil) and evaluate (its benchmark's reference
+    faces; --faces and --zero_shot use open_photo) decode a photo as `prepare` does
     (load_image): 8-bit, 16-bit, palette and CMYK versions of one picture give the same
     pixels within rounding (JPEG's loss for CMYK); 16-bit is scaled, never clipped."""
     import numpy as np
     from PIL import Image
 
     from faceclip_zoo.data.images import load_image, open_photo
+    from faceclip_zoo.evaluation.benchmark import _open as open_benchmark_image
     from faceclip_zoo.pipelines.faces import to_pil
 
     rgb = Image.open(photos / "astronaut.jpg").convert("RGB").resize((128, 128))
@@ -276,7 +100,8 @@ def test_a_photo_reaches_the_model_the_same_in_every_format(tmp_path, photos):
     for name, expected, tolerance in (("8bit.png", reference, 0), ("16bit.png", gray, 1),
                                       ("palette.png", reference, 8), ("cmyk.jpg", reference, 12)):
         prepared = load_image(str(tmp_path / name)).rgb
-        for opened in (open_photo(tmp_path / name), to_pil(tmp_path / name), to_pil(Image.open(tmp_path / name))):
+        for opened in (open_photo(tmp_path / name), to_pil(tmp_path / name), to_pil(Image.open(tmp_path / name)),
+                       open_benchmark_image(tmp_path / name)):
             assert np.array_equal(np.asarray(opened), prepared), name
         assert np.abs(prepared.astype(np.int16) - expected).mean() <= tolerance, name
 
@@ -322,8 +147,9 @@ def test_a_decompression_bomb_costs_prepare_and_generate_little_memory(tmp_path)
 
 def test_prepare_counts_every_path_it_is_given(tmp_path, photos, monkeypatch):
     """A folder's every entry ends accepted or rejected with a reason: a folder that cannot
-    be read (its photos unread), a file of another format, an animated GIF (its first frame
-    is read like any photo). accepted + rejected = inputs."""
+    be read (its photos unread), a file of another format, a folder link looping back up,
+    file links in a loop, a 1x1 photo, an empty file, an animated GIF (its first frame is read like any photo).
+    accepted + rejected = inputs."""
     import json
     import shutil
 
@@ -340,6 +166,15 @@ def test_prepare_counts_every_path_it_is_given(tmp_path, photos, monkeypatch):
     (root / "anim.txt").write_text("an astronaut, animated")
     (root / "notes.pdf").write_bytes(b"%PDF-1.4")
     shutil.copyfile(photos / "astronaut.jpg", root / "locked" / "b.jpg")
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a folder link back up: not entered again
+    (root / "x.jpg").symlink_to(root / "y.jpg")  # file links in a loop: unreadable photos
+    (root / "y.jpg").symlink_to(root / "x.jpg")
+    (root / "x.txt").write_text("a loop")
+    (root / "y.txt").write_text("a loop")
+    Image.new("RGB", (1, 1), 128).save(root / "dot.png")  # 1x1
+    (root / "dot.txt").write_text("a dot")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "empty.txt").write_text("nothing")
     real_scandir = os.scandir
 
     def scandir(path="."):  # as for a folder without read permission (the tests run as root)
@@ -351,6 +186,33 @@ def test_prepare_counts_every_path_it_is_given(tmp_path, photos, monkeypatch):
     manifest = prepare(str(root), str(tmp_path / "out"), detector="mtcnn", progress=False)
     rejects = {r["source"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejects.jsonl").read_text()
                                                      .splitlines())}
-    assert rejects == {"locked": "unreadable_folder", "notes.pdf": "unsupported_format"}, rejects
+    assert rejects == {"locked": "unreadable_folder", "notes.pdf": "unsupported_format", "loop": "symlink_loop",
+                       "x.jpg": "unreadable_file", "y.jpg": "unreadable_file", "dot.png": "image_too_small",
+                       "empty.jpg": "empty_file"}, rejects
     assert manifest["counts"]["accepted"] == 2  # a.jpg and the GIF's first frame
-    assert manifest["counts"]["accepted"] + manifest["counts"]["rejected"] == 4
+    assert manifest["counts"]["accepted"] + manifest["counts"]["rejected"] == manifest["counts"]["inputs"] == 9
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A read-only folder (simulated: the tests run as root, whom permissions do not stop)
+    or a file where a folder should be is refused by the output check every writing command
+    runs first."""
+    from faceclip_zoo.utils import UserError, check_output_folder
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == read_only else real_access(p, mode))
+    with pytest.raises(UserError, match="read-only is not a writable folder"):
+        check_output_folder(read_only / "out", "--out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="file is not a writable folder"):
+        check_output_folder(tmp_path / "file" / "out", "--out")
+    with pytest.raises(UserError, match="is a file"):
+        check_output_folder(tmp_path / "file", "--out")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(UserError, match="--overwrite true"):
+        check_output_folder(tmp_path / "full", "--out")
+    assert check_output_folder(tmp_path / "full", "--out", overwrite=True) == tmp_path / "full"
+    assert check_output_folder(tmp_path / "new" / "deeper", "--out") == tmp_path / "new" / "deeper"

@@ -27,7 +27,7 @@ import torch
 from faceclip_zoo.bench.context import Context
 from faceclip_zoo.bench.harness import Row, fmt_mem, machine, markdown, release_memory
 from faceclip_zoo.bench.sizes import SIZES
-from faceclip_zoo.utils import UserError
+from faceclip_zoo.utils import UserError, check_output_folder, require_at_least
 
 SECTIONS = ("encoder", "diffusion", "lora", "inference", "data")
 EXTRAS = ("align", "resume", "memory", "real-size")
@@ -92,6 +92,10 @@ def bench(
     unknown = set(wanted) - set(SECTIONS) - set(EXTRAS)
     if unknown:
         raise UserError(f"bench: unknown section(s) {sorted(unknown)}; choose from {SECTIONS + EXTRAS}")
+    require_at_least({"--rounds": (rounds, 1), "--repeats": (repeats, 1), "--warmup": (warmup, 0),
+                      "--encoder_batch": (encoder_batch, 1), "--steps": (steps, 1), "--resolution": (resolution, 64)})
+    if out:
+        check_output_folder(out, "--out", overwrite=True)  # results.json and results.md are rewritten
     import lightning  # noqa: F401 (it sets its loggers' levels on import; ours come after)
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # trainers are built per block

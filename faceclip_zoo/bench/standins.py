@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from faceclip_zoo.utils import UserError
+from faceclip_zoo.utils import UserError, check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def standins(out: str = "standins", only: str = ",".join(SETS), size: str = "rea
     unknown = sorted(set(wanted) - set(SETS))
     if unknown:
         raise UserError(f"standins: unknown set(s) {unknown}; choose from {sorted(SETS)}")
-    root = Path(out)
+    root = check_output_folder(out, "--out", overwrite=True)  # sets already there are kept, not cleared
     marker = root / "standins.json"
     done = json.loads(marker.read_text()) if marker.is_file() else {}
     if done and (done.get("size"), done.get("seed")) != (size, seed):

@@ -33,7 +33,7 @@ from faceclip_zoo.data.prepare_inputs import Record, read_inputs
 # phase 1 lives in prepare_items (the distributed task imports it from there)
 from faceclip_zoo.data.prepare_items import Filters, init_detector, pending, process_record
 from faceclip_zoo.data.prepare_shards import input_shards, is_shard_input
-from faceclip_zoo.utils import UserError, atomic_write_bytes
+from faceclip_zoo.utils import UserError, atomic_write_bytes, check_output_folder, require_at_least
 
 __all__ = ["Filters", "assemble", "init_detector", "pending", "prepare", "process_record"]
 
@@ -246,8 +246,13 @@ def prepare(
         decode_workers: shard input: DataLoader worker processes that read and decode the
             photos beside the detector (0: in the detecting process).
     """
+    require_at_least({"--samples_per_shard": (samples_per_shard, 1), "--workers": (workers, 0),
+                      "--devices": (devices, 1), "--num_nodes": (num_nodes, 1),
+                      "--detect_batch_size": (detect_batch_size, 1), "--decode_workers": (decode_workers, 0),
+                      "--max_image_side": (max_image_side, 16), "--face_size": (face_size, 112)})
     if face_size % 112:
         raise UserError(f"face_size must be a multiple of 112 (ArcFace template), got {face_size}")
+    check_output_folder(out, "--out", overwrite=True)  # an existing --out is resumed, never cleared
     if devices * num_nodes > 1 and workers > 1:
         raise UserError("give either workers (a process pool on this machine) or devices / num_nodes "
                         "(Lightning's processes, any number of machines), not both")

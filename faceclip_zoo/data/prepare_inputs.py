@@ -70,27 +70,42 @@ def _check_caption(raw: bytes | str | None, where: str) -> tuple[str | None, tup
 
 
 def _walk_photos(root: str, unusable: list[tuple[str, tuple[str, str]]] | None = None) -> list[str]:
-    """The photos below `root` (hidden files and folders aside; symlinked folders are not
-    followed, so a link loop cannot recur). With `unusable`, also collects what cannot be
-    an input, as (path, (reason, detail)): folders that cannot be read and files of other
-    formats (caption files aside), so every path is counted."""
+    """The photos below `root` (hidden files and folders aside). Linked folders are
+    followed, each real folder once: a link back to a folder above it (a loop) or to one
+    already read is not entered again. With `unusable`, also collects what cannot be an
+    input, as (path, (reason, detail)): folders that cannot be read, links not followed and
+    files of other formats (caption files aside), so every path is counted."""
     found = []
+    seen: set[str] = set()
+
+    def reject(path: str, reason: str, detail: str) -> None:
+        if unusable is not None:
+            unusable.append((path, (reason, detail)))
 
     def unreadable(exc: OSError) -> None:
-        if unusable is not None:
-            unusable.append((exc.filename, ("unreadable_folder", f"{exc.filename}: {exc.strerror or exc}; "
-                                                                 "its photos were not read")))
+        reject(exc.filename, "unreadable_folder", f"{exc.filename}: {exc.strerror or exc}; its photos were not read")
 
-    for folder, dirs, files in os.walk(root, onerror=unreadable):
-        dirs.sort()
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(folder)
+        seen.add(real)
+        enter = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            path = os.path.join(folder, d)
+            target = os.path.realpath(path)
+            if target == real or real.startswith(target + os.sep):
+                reject(path, "symlink_loop", f"{d}: a link back to {target}, a folder it is inside; not followed")
+            elif target in seen:
+                reject(path, "duplicate_folder", f"{d}: a link to {target}, read already; not read twice")
+            else:
+                seen.add(target)
+                enter.append(d)
+        dirs[:] = enter
         for f in sorted(files):
             path = os.path.join(folder, f)
             if f.lower().endswith(PHOTO_EXTS):
                 found.append(path)
-            elif unusable is not None and not f.startswith(".") and not f.lower().endswith(CAPTION_EXT):
-                unusable.append((path, ("unsupported_format", f"{f}: not a format prepare reads "
-                                                             f"({' '.join(PHOTO_EXTS)})")))
+            elif not f.startswith(".") and not f.lower().endswith(CAPTION_EXT):
+                reject(path, "unsupported_format", f"{f}: not a format prepare reads ({' '.join(PHOTO_EXTS)})")
     return found
 
 

@@ -129,6 +129,9 @@ def process_record(record: Record, work: str, filters: Filters, face_size: int, 
         if record.error:
             raise ImageRejected(*record.error)
         if record.image is None or not os.path.isfile(record.image):
+            if record.image is not None and os.path.islink(record.image):  # a dangling link or a link loop
+                raise ImageRejected("unreadable_file", f"{record.image}: a link to nothing readable "
+                                                  f"({os.readlink(record.image)})")
             raise ImageRejected("missing_file", f"{record.image}: no such file")
         rgb, facts, aligned = _face_of(record.image, filters, face_size)
         atomic_write_bytes(os.path.join(work, f"{key}.face.png"), encode_image_bytes(aligned.crop, "png"))

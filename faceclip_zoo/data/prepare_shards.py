@@ -48,10 +48,17 @@ def is_shard_input(input: str) -> bool:
         return True
     if os.path.isdir(input):
         with os.scandir(input) as entries:
-            names = [e.name.lower() for e in entries if e.is_file()]
+            names = [e.name.lower() for e in entries if _is_file(e)]
         return any(n.endswith(".tar") for n in names) and not any(
             n.endswith((".jpg", ".jpeg", ".png", ".webp")) for n in names)
     return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a link loop: not a shard; prepare counts it as an unreadable photo
+        return False
 
 
 def input_shards(input: str) -> list[str]:

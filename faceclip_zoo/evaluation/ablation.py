@@ -37,7 +37,7 @@ import yaml
 from PIL import Image
 
 from faceclip_zoo.synthetic.benchmark import synthetic_world
-from faceclip_zoo.utils import UserError, redirect_loggers
+from faceclip_zoo.utils import UserError, check_output_folder, redirect_loggers, require_at_least
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,17 @@ def load_config(path: str | Path) -> dict[str, Any]:
     for key in ("encoder_recipe", "diffusion_recipe"):
         if not Path(cfg[key]).is_file():
             raise UserError(f"{p}: {key} {cfg[key]} not found")
+    try:
+        require_at_least({f"{p}: {key}": (cfg[key], 1) for key in ("encoder_steps", "diffusion_steps")}
+                         | {f"{p}: eval.{key}": (cfg["eval"][key], 1)
+                            for key in ("samples_per_identity", "steps", "batch_size")}
+                         | {f"{p}: eval.guidance": (cfg["eval"]["guidance"], 0)})
+    except TypeError:
+        raise UserError(f"{p}: the step budgets and eval settings are numbers") from None
+    variants = cfg["variants"]
+    if not isinstance(variants, dict) or not variants or not all(
+            isinstance(v, list) and v and set(v) <= {"image", "identity", "text"} for v in variants.values()):
+        raise UserError(f"{p}: variants maps names to non-empty lists of losses among image, identity, text")
     return cfg
 
 
@@ -324,6 +335,7 @@ def ablation(config: str = "recipes/quickstart/ablation.yaml", out: Optional[str
     cfg = load_config(config)
     if out:
         cfg["out"] = out
+    check_output_folder(cfg["out"], "out", overwrite=True)  # an ablation continues where it stopped
     results = run_ablation(cfg)
     print((Path(cfg["out"]) / "results.md").read_text())
     print(f"wrote {Path(cfg['out']) / 'results.json'}; t-SNE plots in {cfg['out']}/<variant>/tsne_identity.png")

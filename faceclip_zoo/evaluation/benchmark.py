@@ -94,10 +94,9 @@ def generate(pipe, spec: BenchmarkSpec, out: Path, pipeline_dir: str) -> dict[st
 
 
 def _open(path: str | Path) -> Image.Image:
-    try:
-        return Image.open(path).convert("RGB")
-    except Exception as exc:  # PIL raises many types
-        raise UserError(f"cannot read image {path} ({type(exc).__name__}: {exc})") from None
+    from faceclip_zoo.data.images import open_photo  # decoded as prepare and generate decode
+
+    return open_photo(path, "image")
 
 
 @torch.no_grad()

@@ -20,9 +20,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
+from faceclip_zoo.data.images import open_photo
 from faceclip_zoo.evaluation.spec import IMAGE_SUFFIXES
 from faceclip_zoo.metrics import nearest_neighbour_accuracy
 from faceclip_zoo.utils import UserError, require_file
@@ -106,7 +106,7 @@ def zero_shot(under: EncoderUnderTest, clip, root: str | Path, templates: Sequen
     weights = {"faceclip": classifier(lambda p: prompt_embeddings(under, p, head)),
                "clip_text_tower": classifier(clip.text_features)}
     labels = torch.tensor([label for _, label in items])
-    image_feats = torch.cat([clip.image_features([Image.open(f).convert("RGB") for f, _ in items[k:k + batch]])
+    image_feats = torch.cat([clip.image_features([open_photo(f, "--zero_shot") for f, _ in items[k:k + batch]])
                              for k in range(0, len(items), batch)])
     result = {"classes": len(classes), "images": len(items), "templates": list(templates),
               "clip_model": clip.spec, "chance": 1 / len(classes)}
@@ -141,23 +141,39 @@ def identity_structure(encoder: nn.Module, faces: torch.Tensor, identities: list
             "identities": len(set(identities)), "chance": 1 / len(set(identities)), "tsne": str(out_png)}
 
 
+def face_files(root: str | Path) -> list[tuple[Path, str]]:
+    """<root>/<identity>/<image>: (file, identity) pairs, checked before any model loads:
+    at least 2 identities, each with at least 2 images (an image's identity is found by
+    its nearest other image; alone, it has none)."""
+    root = require_file(root, "--faces folder")
+    if not root.is_dir():
+        raise UserError(f"--faces {root} is not a folder (expected one sub-folder of face images per identity)")
+    files = [(f, sub.name) for sub in sorted(p for p in root.iterdir() if p.is_dir())
+             for f in sorted(sub.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    counts = {name: sum(n == name for _, n in files) for name in dict.fromkeys(n for _, n in files)}
+    if len(counts) < 2:
+        raise UserError(f"--faces {root} needs one sub-folder of face images per identity (at least 2), "
+                        f"found {len(counts)}")
+    alone = sorted(name for name, n in counts.items() if n < 2)
+    if alone:
+        raise UserError(f"--faces {root}: {len(alone)} identities have a single image ({', '.join(alone[:5])}); "
+                        "each needs at least 2 (its nearest other image decides the identity)")
+    return files
+
+
 def face_folder(root: str | Path, size: int, locate: str = "aligned") -> tuple[torch.Tensor, list[str]]:
     """<root>/<identity>/<image> -> aligned crops [N, 3, size, size] and identity names."""
     from faceclip_zoo.evaluation.models import FaceLocator
 
-    root = require_file(root, "face folder")
+    files = face_files(root)
     locator = FaceLocator(locate, size=size)
     crops, names = [], []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        for f in sorted(sub.iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                crop = locator(Image.open(f).convert("RGB"))
-                if crop is None:
-                    raise UserError(f"no face found in {f}")
-                crops.append(crop)
-                names.append(sub.name)
-    if len(set(names)) < 2:
-        raise UserError(f"{root} needs one sub-folder of face images per identity (at least 2)")
+    for f, name in files:
+        crop = locator(open_photo(f, "--faces"))
+        if crop is None:
+            raise UserError(f"--faces: no face found in {f}")
+        crops.append(crop)
+        names.append(name)
     return torch.stack(crops), names
 
 
@@ -166,9 +182,13 @@ def evaluate_encoder(encoder: str, out: str | Path, clip: str | None = None, zer
                      head: str = "auto", align: str = "aligned") -> dict:
     from faceclip_zoo.evaluation.models import ClipModel
 
+    if faces_dir:
+        face_files(faces_dir)  # checked before the encoder loads
+    if zero_shot_dir:
+        image_folder(zero_shot_dir)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     under = load_encoder(encoder)
+    out.mkdir(parents=True, exist_ok=True)
     results: dict = {"encoder": str(encoder)}
     if zero_shot_dir:
         if not clip:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from faceclip_zoo.config import CLIPConfig, FaceCLIPConfig, FaceT5Config, FaceViTConfig
+from faceclip_zoo.models.weights import check_safetensors
 from faceclip_zoo.utils import UserError, load_strict, require_file, state_under
 
 FORMAT_VERSION = 1
@@ -202,6 +203,7 @@ def load_model_dir(model_dir: str | os.PathLike, expect: str | None = None) -> t
         raise UserError(f"{model_dir} holds a {model_type!r} model, expected {expect!r}")
     module = model_builders()[model_type].build(cfg)
     weights = require_file(Path(model_dir) / "model.safetensors", "model weights")
+    check_safetensors([weights], "model weights")
     load_strict(module, load_file(str(weights)), str(weights))
     if model_type == "facet5" and (Path(model_dir) / TOKENIZER_DIR).is_dir():
         module.set_tokenizer(Path(model_dir) / TOKENIZER_DIR)

@@ -65,7 +65,9 @@ class IdentityTSNE(Callback):
 class ExportOnFitEnd(Callback):
     """At the end of fit, exports the trained model to `dirpath` (what `python -m
     faceclip_zoo export` would write from the final checkpoint), so a recipe can hand its
-    result to the next stage by path."""
+    result to the next stage by path. A run replaces the folder its recipe names (rerunning
+    a recipe remakes its output; the old folder stays whole until the new one is written),
+    and the folder is checked when the fit starts, not after it has trained."""
 
     def __init__(self, dirpath: str, part: str | None = None, merge: bool = False):
         """merge: LoRA runs: the base pipeline with the adapters folded in (default: the
@@ -73,6 +75,12 @@ class ExportOnFitEnd(Callback):
         self.dirpath = dirpath
         self.part = part
         self.merge = merge
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from faceclip_zoo.utils import check_output_folder
+
+        if stage == "fit" and trainer.is_global_zero:
+            check_output_folder(self.dirpath, "ExportOnFitEnd dirpath", overwrite=True)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import tempfile
@@ -88,7 +96,7 @@ class ExportOnFitEnd(Callback):
                     logger.save()
                 recipe = find_run_config(folder / "checkpoints" / "x")
                 lora = bool(getattr(pl_module, "hparams", {}).get("lora"))
-                out = export_checkpoint(str(ckpt), self.dirpath, part=self.part,
-                                        recipe=str(recipe) if recipe else None, merge=self.merge and lora)
+                out = export_checkpoint(str(ckpt), self.dirpath, part=self.part, recipe=str(recipe) if recipe else None,
+                                        merge=self.merge and lora, overwrite=True)
                 log.info("exported to %s", out)
         trainer.strategy.barrier("export_on_fit_end")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from faceclip_zoo.utils import UserError, unpickling_refusal
+from faceclip_zoo.utils import UserError, unpickling_refusal, unreadable_reason
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,28 @@ class ResilientTask:
                     t.data = t.data.cpu()
         return self
 
+    def refuse_foreign_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of another project's LightningModule, or of another task or size of
+        ours, is refused in one line naming the file, before Lightning's load_state_dict
+        (a page of missing keys) or a silent partial load (LoRA tasks load non-strictly)."""
+        from faceclip_zoo.utils import mismatch_report
+
+        trainer = self._trainer
+        source = str(getattr(trainer, "ckpt_path", None) or "the checkpoint") if trainer is not None else "the checkpoint"
+        if "faceclip_zoo" not in checkpoint:
+            raise UserError(f"{source} is not a checkpoint of a faceclip_zoo fit (it has no faceclip_zoo record): "
+                            f"--ckpt_path takes a checkpoint that a {type(self).__name__} recipe wrote")
+        if dist.is_available() and dist.is_initialized():
+            return  # sharded strategies hold their own layout of the state; Lightning checks it
+        own = {k: tuple(v.shape) for k, v in self.state_dict(keep_vars=True).items()}
+        got = {k: tuple(v.shape) for k, v in (checkpoint.get("state_dict") or {}).items()}
+        if not self.strict_loading:  # only what trains is in it; the rest comes from the base
+            own = {k: v for k, v in own.items() if k in got}
+        report = mismatch_report(own, got)
+        if report:
+            raise UserError(f"{source} does not fit this {type(self).__name__} (another task, model size or "
+                            f"recipe wrote it): {report}")
+
     def refuse_unloaded(self) -> None:
         """Parts built without memory (their weights were named) must have been loaded."""
         left = [n for n, t in self.state_dict(keep_vars=True).items() if t.is_meta]
@@ -100,6 +122,7 @@ class ResilientTask:
         checkpoint[_RNG_KEY] = states
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.refuse_foreign_checkpoint(checkpoint)
         super().on_load_checkpoint(checkpoint)
         states = checkpoint.get(_RNG_KEY)
         if not states:
@@ -157,7 +180,8 @@ class LastGoodCheckpointIO(TorchCheckpointIO):
             first_error = exc
         path = Path(path)
         if not path.name.startswith("last"):
-            raise UserError(f"checkpoint {path} is unreadable ({first_error}); pass another with --ckpt_path")
+            raise UserError(f"checkpoint {path} is unreadable ({unreadable_reason(path, first_error)}); pass another "
+                            "with --ckpt_path")
         candidates = sorted((p for p in path.parent.glob("*.ckpt") if p != path),
                             key=lambda p: p.stat().st_mtime, reverse=True)
         for candidate in candidates:
@@ -166,11 +190,11 @@ class LastGoodCheckpointIO(TorchCheckpointIO):
             except Exception:  # noqa: BLE001 (same reason; a refused pickle is not a fallback either)
                 log.warning("checkpoint %s is unreadable too", candidate)
                 continue
-            rank_zero_warn(f"last checkpoint {path} is unreadable ({type(first_error).__name__}: {first_error}); "
+            rank_zero_warn(f"last checkpoint {path} is unreadable ({unreadable_reason(path, first_error)}); "
                            f"resuming from the newest readable one instead: {candidate}")
             return checkpoint
-        raise UserError(f"last checkpoint {path} is unreadable ({first_error}) and no other checkpoint in "
-                        f"{path.parent} is readable; start without --ckpt_path")
+        raise UserError(f"last checkpoint {path} is unreadable ({unreadable_reason(path, first_error)}) and no "
+                        f"other checkpoint in {path.parent} is readable; start without --ckpt_path")
 
 
 def allow_checkpoint_globals() -> None:
