@@ -57,7 +57,7 @@ def open_pipeline(path: str, device: str = "auto", dtype: str = "auto", schedule
         path, lora = base, lora or path
     pipe = load_pipeline(path, dtype=getattr(torch, dtype_name))
     if lora:
-        from faceclip_zoo.models.weights import check_safetensors
+        from faceclip_zoo.utils import check_safetensors
 
         files = sorted(Path(lora).rglob("*.safetensors")) if Path(lora).is_dir() else [Path(lora)]
         check_safetensors(files, f"--lora {lora}")

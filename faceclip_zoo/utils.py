@@ -139,6 +139,27 @@ def unpickling_refusal(exc: BaseException) -> str:
             "pickled code never runs (convert a file you trust with torch.load and torch.save of its state dict)")
 
 
+def safe_open_safetensors(file: str, what: str):
+    """safetensors' safe_open, a damaged file refused in one line naming it."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(file, framework="pt")
+    except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types)
+        size = os.path.getsize(file) if os.path.exists(file) else None
+        why = "empty" if size == 0 else (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"{what}: {file} is not a readable safetensors file ({why}); it was cut short or is not "
+                        "safetensors: write or download it again") from None
+
+
+def check_safetensors(files, what: str) -> None:
+    """Every file's header is whole and its tensors lie inside the file (safetensors checks
+    both when it opens one; a truncated or empty file is refused here, naming it, instead
+    of deep inside a library's loader)."""
+    for file in files:
+        safe_open_safetensors(str(file), what)
+
+
 def load_weights_file(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
     """Read a safetensors file, or a foreign torch pickle with weights_only=True (never
     executing pickled code). A directory means its model.safetensors."""
@@ -147,8 +168,6 @@ def load_weights_file(path: str | os.PathLike, what: str = "weights file") -> di
         p = require_file(p / "model.safetensors", what)
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
-
-        from faceclip_zoo.models.weights import check_safetensors
 
         check_safetensors([p], what)
         return load_file(str(p))

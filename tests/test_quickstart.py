@@ -49,7 +49,7 @@ def test_quickstart_faceclip_fit_export(tmp_path):
     card = (out / "README.md").read_text()
     assert "license: apache-2.0" in card and "val/identity_top1" in card
     res = subprocess.run([sys.executable, "-m", "faceclip_zoo", "export", "--ckpt",
-                          str(run / "checkpoints" / "last.ckpt"), "--out", str(out)],
+                          str(run / "checkpoints" / "last.ckpt"), "--out", str(out), "--overwrite", "true"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     encoder = load_model_dir(out)

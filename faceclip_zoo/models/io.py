@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from faceclip_zoo.config import CLIPConfig, FaceCLIPConfig, FaceT5Config, FaceViTConfig
-from faceclip_zoo.models.weights import check_safetensors
-from faceclip_zoo.utils import UserError, load_strict, require_file, state_under
+from faceclip_zoo.utils import UserError, check_safetensors, load_strict, require_file, state_under
 
 FORMAT_VERSION = 1
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from faceclip_zoo.utils import UserError, require_file
+from faceclip_zoo.utils import UserError, require_file, safe_open_safetensors
 
 
 def empty_weights(enabled: bool = True):
@@ -56,7 +56,7 @@ class SafetensorsWeights(Mapping):
     def open(cls, files: list[str | os.PathLike], what: str) -> "SafetensorsWeights":
         entries, handles = {}, {}
         for file in map(str, files):
-            handle = handles[file] = _safe_open(file, what)
+            handle = handles[file] = safe_open_safetensors(file, what)
             for key in handle.keys():
                 entries[key] = (file, key)
         return cls(entries, handles)
@@ -87,26 +87,6 @@ class SafetensorsWeights(Mapping):
     def under(self, prefix: str) -> "SafetensorsWeights":
         """The entries under `prefix`, with the prefix removed (one part of a larger file)."""
         return self.renamed(lambda k: k[len(prefix):] if k.startswith(prefix) else None)
-
-
-def _safe_open(file: str, what: str):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(file, framework="pt")
-    except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types)
-        size = os.path.getsize(file) if os.path.exists(file) else None
-        why = "empty" if size == 0 else f"{str(exc).splitlines()[0][:160]}"
-        raise UserError(f"{what}: {file} is not a readable safetensors file ({why}); it was cut short or is not "
-                        "safetensors: write or download it again") from None
-
-
-def check_safetensors(files, what: str) -> None:
-    """Every file's header is whole and its tensors lie inside the file (safetensors checks
-    both when it opens one; a truncated or empty file is refused here, naming it, instead
-    of deep inside a library's loader)."""
-    for file in files:
-        _safe_open(str(file), what)
 
 
 def weight_files(folder: str | os.PathLike, stem: str, what: str) -> list[Path]:

@@ -50,7 +50,7 @@ def load_pipeline(folder: str | os.PathLike, dtype: torch.dtype | None = None):
     classes = {cls.__name__: cls for cls in pipeline_classes().values()}  # diffusers' _class_name
     if name not in classes:
         raise UserError(f"{path} holds a {name!r} pipeline; faceclip_zoo loads {sorted(classes)}")
-    from faceclip_zoo.models.weights import check_safetensors
+    from faceclip_zoo.utils import check_safetensors
 
     check_safetensors(sorted(path.rglob("*.safetensors")), f"pipeline {path}")
     kwargs = {"dtype": dtype} if dtype is not None else {}
