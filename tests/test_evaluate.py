@@ -226,6 +226,23 @@ def test_evaluate_pipeline_writes_results_and_sheets_and_resumes(tmp_path, quick
     bench.write_text(yaml.safe_dump(spec))
     assert main(["evaluate", "--pipeline", str(quickstart_sdxl_dir), "--benchmark", str(bench), "--out", str(out)]) == 2
 
+    # the same pipeline folder retrained in place: its old images are not reused
+    from safetensors.torch import load_file, save_file
+
+    from faceclip_zoo.evaluation.run import evaluate_pipeline
+
+    retrained = tmp_path / "retrained"
+    shutil.copytree(quickstart_sdxl_dir, retrained)
+    spec["generation"]["steps"] = 2
+    bench.write_text(yaml.safe_dump(spec))
+    assert main(["evaluate", "--pipeline", str(retrained), "--benchmark", str(bench), "--out",
+                 str(tmp_path / "again")]) == 0
+    unet = retrained / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(unet)
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, unet)
+    with pytest.raises(UserError, match="weights_sha256"):
+        evaluate_pipeline(str(retrained), str(bench), tmp_path / "again")
+
     # the no-identity control: the same prompts and seeds with the face input zeroed
     spec["generation"].update(steps=2, face="zeroed")
     bench.write_text(yaml.safe_dump(spec))

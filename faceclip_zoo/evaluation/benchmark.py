@@ -51,9 +51,27 @@ def _save_atomically(image: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def weights_digest(folder: str | Path) -> str:
+    """sha256 over a pipeline folder's weight and config files (names and contents): images
+    kept in an --out folder are reused only for the same weights, so a pipeline retrained
+    in place is never scored with the images of its old weights. Hashing reads every byte
+    (seconds per GB), a small price beside generating the images."""
+    import hashlib
+
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def generate(pipe, spec: BenchmarkSpec, out: Path, pipeline_dir: str) -> dict[str, Any]:
     """Generate the images that are missing from `out`; returns counts and seconds."""
-    settings = {"pipeline": str(Path(pipeline_dir).resolve()), **spec.generation_settings()}
+    settings = {"pipeline": str(Path(pipeline_dir).resolve()), "weights_sha256": weights_digest(pipeline_dir),
+                **spec.generation_settings()}
     state = out / "generation.json"
     if state.exists():
         before = json.loads(state.read_text())

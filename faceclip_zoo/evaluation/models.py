@@ -2,6 +2,10 @@
 
 Face-ID (Face Sim):
     onnx:<file>        an insightface ArcFace ONNX model (e.g. antelopev2/glintr100.onnx, w600k_r50.onnx)
+    dlib               dlib's ResNet face recogniser (dlib-bin + face_recognition_models from PyPI: the
+                       library and its models, offline; dlib: Boost licence, the models: public domain /
+                       CC0): a judge of another architecture and training set than ArcFace;
+                       dlib:<folder> reads the two .dat files from a folder instead
     face-vit:<dir>     a faceclip_zoo face_vit model directory (e.g. checkpoints/synthetic/face-vit)
     encoder:<dir>      the face ViT inside a faceclip_zoo encoder directory (FaceCLIP or FaceT5)
 CLIP (CLIP-T, zero-shot, FID on CLIP features):
@@ -47,7 +51,9 @@ def load_face_id(spec: str) -> nn.Module:
     from faceclip_zoo.models.face_vit import FaceViTIdentity, OnnxArcFace
     from faceclip_zoo.models.io import load_model_dir, read_config
 
-    kind, path = _split(spec, "face_sim.model", ("onnx", "face-vit", "encoder"))
+    if spec == "dlib" or (spec or "").startswith("dlib:"):
+        return DlibFaceRecognition(spec.partition(":")[2] or None)
+    kind, path = _split(spec, "face_sim.model", ("onnx", "face-vit", "encoder", "dlib"))
     if kind == "onnx":
         return OnnxArcFace(path)
     require_file(path, "face-ID model directory")
@@ -57,6 +63,55 @@ def load_face_id(spec: str) -> nn.Module:
     if model_type not in ("faceclip", "facet5"):
         raise UserError(f"face_sim.model encoder:{path} holds a {model_type!r} model, expected an encoder")
     return FaceViTIdentity(load_model_dir(path).face_encoder).eval()
+
+
+class DlibFaceRecognition(nn.Module):
+    """dlib's face recogniser (a ResNet trained with a metric loss on ~3 M faces; 128-d
+    descriptors, same person below Euclidean distance 0.6) on our aligned crops. dlib aligns
+    a face itself, from its own 5-point landmarks: on an ArcFace-aligned crop (padded a
+    quarter on each side) its shape predictor runs inside the box dlib's detector draws on
+    such crops (template units (15, 32)-(95, 112), measured on aligned portraits), and
+    compute_face_descriptor cuts its own chip from there. Vectors come back L2-normalised."""
+
+    BOX = (15, 32, 95, 112)  # in ArcFace 112-template units
+
+    def __init__(self, models: str | None = None):
+        super().__init__()
+        import importlib.util
+        import os
+
+        try:
+            import dlib
+        except ImportError:
+            raise UserError('face_sim.model dlib needs dlib: pip install -e ".[judge]" (dlib-bin, '
+                            "face_recognition_models)") from None
+        if models is None:  # the package's data files, without its pkg_resources-based __init__
+            found = importlib.util.find_spec("face_recognition_models")
+            if found is None:
+                raise UserError('face_sim.model dlib needs its models: pip install -e ".[judge]" '
+                                "(face_recognition_models), or name a folder: dlib:<folder>")
+            models = os.path.join(found.submodule_search_locations[0], "models")
+        folder = Path(models)
+        self.predictor = dlib.shape_predictor(str(require_file(folder / "shape_predictor_5_face_landmarks.dat",
+                                                               "dlib landmark model")))
+        self.model = dlib.face_recognition_model_v1(str(require_file(
+            folder / "dlib_face_recognition_resnet_model_v1.dat", "dlib face recognition model")))
+        self.dim = 128
+        self._dlib = dlib
+
+    @torch.no_grad()
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        out = []
+        for crop in crops:
+            size = crop.shape[-1]
+            rgb = (crop.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            pad = size // 4
+            rgb = np.ascontiguousarray(np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="edge"))
+            k = size / 112
+            box = self._dlib.rectangle(*(int(pad + v * k) for v in self.BOX))
+            shape = self.predictor(rgb, box)
+            out.append(torch.tensor(list(self.model.compute_face_descriptor(rgb, shape)), dtype=torch.float32))
+        return F.normalize(torch.stack(out), dim=-1)
 
 
 class FaceLocator:

@@ -18,7 +18,6 @@ no-identity floor.
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,35 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from faceclip_zoo.synthetic.faces import BACKGROUNDS
-
-
-def scene_face_crop(scenes: torch.Tensor, size: int = 112, scene_scale: float = 0.8) -> torch.Tensor:
-    """The aligned face crop inside synthetic scenes [B, 3, S, S] (the renderer's geometry:
-    template point (56, 64) at (S/2, S/2 + 8k), k = scene_scale S / 112 pixels per template
-    unit; SyntheticSpec.scene_scale)."""
-    s = scenes.shape[-1]
-    k = scene_scale * s / 112
-    # crop pixel (x, y) -> scene pixel (S/2 + (x - 56) k, S/2 + 8k + (y - 64) k)
-    coords = torch.arange(size, dtype=torch.float32) + 0.5
-    xs = s / 2 + (coords - 56) * k
-    ys = s / 2 + 8 * k + (coords - 64) * k
-    gy, gx = torch.meshgrid(ys / s * 2 - 1, xs / s * 2 - 1, indexing="ij")
-    grid = torch.stack([gx, gy], dim=-1)[None].expand(scenes.shape[0], -1, -1, -1)
-    return F.grid_sample(scenes.float(), grid.to(scenes.device), mode="bilinear", align_corners=False)
-
-
-def background_of(scenes: torch.Tensor, patch: int = 6) -> list[str]:
-    """Nearest palette colour of the two top corners (the background in every scene)."""
-    corners = torch.cat([scenes[:, :, :patch, :patch], scenes[:, :, :patch, -patch:]], dim=-1)
-    colour = corners.flatten(2).median(dim=-1).values * 255  # [B, 3]
-    names = list(BACKGROUNDS)
-    palette = torch.tensor([BACKGROUNDS[n] for n in names], dtype=torch.float32)
-    return [names[i] for i in torch.cdist(colour.float().cpu(), palette).argmin(dim=1).tolist()]
-
-
-def caption_background(caption: str) -> str | None:
-    m = re.search(r"in front of an? (\w+) background", caption)
-    return m.group(1) if m else None
+from faceclip_zoo.synthetic.scenes import (  # noqa: F401 (read from here by probes, evaluation and tests)
+    background_of, caption_background, contact_sheet, generate_images, scene_face_crop,
+)
 
 
 def _summary(values: torch.Tensor) -> tuple[float, float]:
@@ -137,25 +110,13 @@ def evaluate_synthetic(pipe, samples: list[dict], face_id, steps: int = 25, guid
     world's unconditional condition); guidance None = the pipeline's default (SDXL: the
     folder's stored guidance, else CFG 5.0; FLUX true CFG 3.5). controls=False scores the
     generated set alone (sweeps)."""
-    faces = torch.stack([s["face"] for s in samples])
     references = reference_vectors(face_id, samples)
     identities = [s["identity"] for s in samples]
     captions = [s["caption"] for s in samples]
     real = torch.stack([s["image"] for s in samples])
-    size = tuple(real.shape[-2:])
-
-    kwargs = {} if guidance is None else {"guidance_scale": guidance}
 
     def generate(with_face: bool) -> torch.Tensor:
-        out = []
-        for k in range(images_per_sample):
-            for i in range(0, len(samples), batch_size):
-                gen = torch.Generator().manual_seed(seed + 100_003 * k + i)
-                out.append(pipe.per_row(faces[i:i + batch_size] if with_face else None,
-                                        captions[i:i + batch_size], negative_prompt="",
-                                        num_inference_steps=steps, height=size[0], width=size[1],
-                                        generator=gen, **kwargs).float().cpu())
-        return torch.cat(out)
+        return generate_images(pipe, samples, with_face, steps, guidance, seed, batch_size, images_per_sample)
 
     sets = {"generated": generate(True)}
     if controls:
@@ -212,27 +173,6 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
         lines += ["", f"face input vs zeroed, same prompts and seeds: Face Sim gain {gen['face_sim_gain']:.3f} "
                   f"+- {gen['face_sim_gain_se']:.3f} (paired)"]
     return "\n".join(lines) + "\n"
-
-
-def contact_sheet(samples: list[dict], sets: dict[str, torch.Tensor], path, per_identity: int = 1,
-                  identities: int = 6) -> None:
-    """Rows: one held-out identity each; columns: reference | real scene | generated |
-    generated with the face zeroed (same prompt and seed)."""
-    from torchvision.utils import save_image
-
-    picked, seen = [], defaultdict(int)
-    for i, s in enumerate(samples):
-        if seen[s["identity"]] < per_identity and len(seen) <= identities:
-            if len(seen) == identities and s["identity"] not in seen:
-                break
-            seen[s["identity"]] += 1
-            picked.append(i)
-    size = sets["real"].shape[-1]
-    tiles = []
-    for i in picked:
-        ref = F.interpolate(samples[i]["face"][None], size=(size, size), mode="bilinear", align_corners=False)[0]
-        tiles += [ref, sets["real"][i], sets["generated"][i], sets["generated_no_face"][i]]
-    save_image(torch.stack(tiles), str(path), nrow=4, padding=2, pad_value=1.0)
 
 
 def pipeline_of_fit_checkpoint(ckpt: str):
@@ -310,10 +250,13 @@ def world_of_pipeline(pipeline: str) -> tuple[str, str]:
 def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
                             face_id: str | None = None, steps: int = 25,
                             guidance: float | None = None, seed: int = 0, images_per_sample: int = 1,
-                            device: str = "cpu", probes: bool = False) -> dict:
+                            device: str = "cpu", probes: bool = False, judge_config=None,
+                            people: int | None = None) -> dict:
     """`evaluate --benchmark synthetic`: scores a pipeline (an exported folder, or a diffusion
-    fit checkpoint `.ckpt`) on the held-out synthetic identities and writes results.json,
-    results.md and contact_sheet.png into `out`. `val` and `face_id` default to the world
+    fit checkpoint `.ckpt`) and writes results.json, results.md and contact_sheet.png into
+    `out`. By default on the test worlds under the protocol (protocol.py: both judges, people
+    bootstrap); with `val` (or `probes`), on that validation split, as a diagnostic: the
+    validation world is what configurations are chosen on. `face_id` defaults to the world
     of the pipeline's recipe (world_of_pipeline)."""
     import json
 
@@ -323,8 +266,10 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
     from faceclip_zoo.utils import UserError, require_file
 
     world_val, world_face_id = world_of_pipeline(pipeline)
+    on_test_worlds = val is None and not probes
     val, face_id = val or world_val, face_id or world_face_id
-    require_file(val, "held-out synthetic shards (the quickstart fits write them to <data root>/val)")
+    if not on_test_worlds:
+        require_file(val, "held-out synthetic shards (the quickstart fits write them to <data root>/val)")
     if str(pipeline).endswith(".ckpt"):
         pipe = pipeline_of_fit_checkpoint(pipeline).to(device)
     else:
@@ -332,6 +277,11 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
     pipe.set_progress_bar_config(disable=True)
     model = FaceViTIdentity(load_model_dir(face_id, expect="face_vit")).eval()
     size = int(pipe.vae.config.sample_size)
+    if on_test_worlds:
+        from faceclip_zoo.synthetic.protocol import on_test_worlds
+
+        return on_test_worlds(pipeline, pipe, model, Path(out), size, steps, guidance, seed, images_per_sample,
+                              judge_config, people)
     samples = load_validation_samples(val, image_size=size)
     results, sets = evaluate_synthetic(pipe, samples, model, steps=steps, guidance=guidance, seed=seed,
                                        images_per_sample=images_per_sample, scene_scale=scene_scale_of(val))

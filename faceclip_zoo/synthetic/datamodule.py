@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from faceclip_zoo.data.datamodule import ShardDataModule
-from faceclip_zoo.synthetic.world import SyntheticSpec, generate, manifest_digest, write_dataset
+from faceclip_zoo.synthetic.world import SyntheticSpec, check_world_seed, generate, manifest_digest, write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class SyntheticIdentities(ShardDataModule):
         scene_scale: float = 0.8,
         max_angle: float = 10.0,
     ):
+        check_world_seed(seed, "data.seed")
         root_path = Path(root)
         super().__init__(
             train=str(root_path / "train"), val=str(root_path / "val"),

@@ -26,6 +26,22 @@ from faceclip_zoo.synthetic.faces import (
 
 log = logging.getLogger(__name__)
 
+# Worlds no model may train or validate on: the benchmark's test worlds (protocol.py) and
+# the world its independent judge learns people from (judge.py).
+TEST_WORLD_SEEDS = (1_000_003, 1_000_033, 1_000_037)
+JUDGE_WORLD_SEED = 2_000_003
+RESERVED_SEEDS = frozenset(TEST_WORLD_SEEDS) | {JUDGE_WORLD_SEED}
+
+
+def check_world_seed(seed: int, where: str) -> None:
+    """A world that trains or validates a model must not be a test or judge world."""
+    from faceclip_zoo.utils import UserError
+
+    if seed in RESERVED_SEEDS:
+        raise UserError(f"{where}: seed {seed} is reserved for the benchmark's test and judge worlds "
+                        f"({sorted(RESERVED_SEEDS)}); a model trained or validated on it would be scored on its "
+                        "own data. Choose another seed")
+
 
 @dataclass
 class SyntheticSpec:

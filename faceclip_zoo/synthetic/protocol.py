@@ -1,0 +1,269 @@
+"""The identity protocol: what `evaluate --benchmark synthetic` reports by default.
+
+- Test worlds. The validation world (a recipe's `val/` split) is what `fit` validates on
+  and what configurations were chosen on, so it reports nothing a reviewer can trust. The
+  report is on TEST_WORLD_SEEDS: 3 worlds of 20 people each, rendered like the pipeline's
+  training world (its recipe's SyntheticIdentities settings: size, framing, tilt, samples
+  per person) with seeds reserved here. No recipe may train or validate on a reserved seed
+  (`check_world_seed`, run by the benchmark; tests/test_protocol.py checks every recipe).
+- Two judges. The world's face-ID ViT is labelled the conditioning network (the encoder
+  reads identity from it and regresses to it); the independent judge (judge.py, a ResNet
+  trained on people of a judge world) is the one targets are read off.
+- The gallery: each generated image is compared with the mean of its person's reference
+  crops *other than its own conditioning crop*, and with every other person's mean.
+- Uncertainty over people: images of one person are not independent (8 share a person), so
+  the +- is a bootstrap over people (resampled with replacement); the spread over sampler
+  seeds is reported beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from faceclip_zoo.synthetic.world import TEST_WORLD_SEEDS, check_world_seed
+
+TEST_PEOPLE = 20
+BOOTSTRAP = 2000
+
+
+def render_test_world(like, seed: int, people: int = TEST_PEOPLE) -> list[dict]:
+    """One test world's samples, decoded exactly as the training shards are (schema.py):
+    image (scene), face (the SPSV reference: another sample's aligned crop), caption,
+    identity. `like` is the training world's SyntheticSpec."""
+    from faceclip_zoo.data.schema import decode_sample, make_sample
+    from faceclip_zoo.synthetic.world import generate, reference_of
+
+    spec = dataclasses.replace(like, seed=seed, train_identities=0, val_identities=people, guided_pairs=0)
+    records = generate(spec)["val"]
+    samples = []
+    for i, rec in enumerate(records):
+        raw = make_sample(f"test{seed}-{rec.key}", rec.scene, rec.caption,
+                          reference_of(records, i, spec.samples_per_identity), rec.identity)
+        samples.append(decode_sample(raw, spec.image_size, spec.face_size))
+    return samples
+
+
+def gallery_similarities(embed: Callable[[torch.Tensor], torch.Tensor], faces_of_images: torch.Tensor,
+                         references: torch.Tensor, identities: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine of every image's face with every person's gallery [N, P] and each image's own
+    person index [N]. Image i's own gallery leaves out its own conditioning crop
+    (references[i]); the other galleries hold all of their person's references."""
+    names = sorted(set(identities))
+    own = torch.tensor([names.index(n) for n in identities])
+    ref = embed(references).float()
+    sums = torch.zeros(len(names), ref.shape[-1]).index_add_(0, own, ref)
+    galleries = F.normalize(sums, dim=-1).expand(len(identities), -1, -1).clone()  # [N, P, D]
+    galleries[torch.arange(len(own)), own] = F.normalize(sums[own] - ref, dim=-1)
+    emb = F.normalize(embed(faces_of_images).float(), dim=-1)
+    return torch.einsum("nd,npd->np", emb, galleries), own
+
+
+def person_bootstrap(values: torch.Tensor, identities: list[str], resamples: int = BOOTSTRAP,
+                     seed: int = 0) -> float:
+    """Standard error of the mean of per-image `values`, people resampled with replacement."""
+    names = sorted(set(identities))
+    idx = torch.tensor([names.index(n) for n in identities])
+    sums = torch.zeros(len(names), dtype=torch.float64).index_add_(0, idx, values.double())
+    counts = torch.bincount(idx, minlength=len(names)).double()
+    gen = torch.Generator().manual_seed(seed)
+    draw = torch.randint(len(names), (resamples, len(names)), generator=gen)
+    means = sums[draw].sum(1) / counts[draw].sum(1)
+    return means.std(unbiased=True).item()
+
+
+def identity_under(judge: Callable, images: torch.Tensor, samples: list[dict], scene_scale: float) -> dict:
+    """One judge on one image set (a multiple of the samples, seed-major): top-1, Face Sim
+    and margin per image -> mean, +- over people, and the spread over seeds."""
+    from faceclip_zoo.synthetic.scenes import scene_face_crop
+
+    n = len(samples)
+    seeds = len(images) // n
+    refs = torch.stack([s["face"] for s in samples])
+    identities = [s["identity"] for s in samples]
+    per_seed = defaultdict(list)
+    with torch.no_grad():
+        for k in range(seeds):
+            sims, own = gallery_similarities(judge, scene_face_crop(images[k * n:(k + 1) * n], scene_scale=scene_scale),
+                                             refs, identities)
+            own_sim = sims[torch.arange(n), own]
+            other = (sims.sum(1) - own_sim) / (sims.shape[1] - 1)
+            per_seed["identity_top1"].append((sims.argmax(1) == own).float())
+            per_seed["face_sim"].append(own_sim)
+            per_seed["identity_margin"].append(own_sim - other)
+    out = {"chance_top1": 1 / len(set(identities)), "images": len(images), "seeds": seeds}
+    for name, runs in per_seed.items():
+        values = torch.stack(runs).mean(0)  # per image, over seeds
+        out[name] = values.mean().item()
+        out[f"{name}_se_people"] = person_bootstrap(values, identities)
+        out[f"{name}_seed_spread"] = torch.stack([r.mean() for r in runs]).std().item() if seeds > 1 else 0.0
+    return out
+
+
+def _background_hits(images: torch.Tensor, samples: list[dict]) -> torch.Tensor:
+    from faceclip_zoo.synthetic.scenes import background_of, caption_background
+
+    n = len(samples)
+    hits = [float(p == caption_background(samples[i % n]["caption"])) for i, p in enumerate(background_of(images))]
+    return torch.tensor(hits).view(-1, n).mean(0)  # per sample, over seeds
+
+
+def score_world(judges: dict[str, Callable], sets: dict[str, torch.Tensor], samples: list[dict],
+                scene_scale: float) -> dict:
+    """Every image set (generated, generated with the face zeroed, the real scenes) under
+    every judge, and the background the captions name."""
+    from faceclip_zoo.synthetic.faces import BACKGROUNDS
+
+    identities = [s["identity"] for s in samples]
+    out = {}
+    for name, images in sets.items():
+        hits = _background_hits(images, samples)
+        out[name] = {"judges": {j: identity_under(fn, images, samples, scene_scale) for j, fn in judges.items()},
+                     "background_accuracy": hits.mean().item(),
+                     "background_accuracy_se_people": person_bootstrap(hits, identities),
+                     "chance_background": 1 / len(BACKGROUNDS)}
+    return out
+
+
+def mean_over_worlds(worlds: dict[int, dict]) -> dict:
+    """Each number's mean over the test worlds, its +- over people combined over the
+    (independent) worlds: sqrt(sum se^2) / W."""
+    first = next(iter(worlds.values()))
+    w = len(worlds)
+
+    def combine(get) -> tuple[float, float]:
+        values = [get(r) for r in worlds.values()]
+        return sum(v[0] for v in values) / w, (sum(v[1] ** 2 for v in values) ** 0.5) / w
+
+    out = {}
+    for set_name, r in first.items():
+        entry = {"judges": {}}
+        for judge in r["judges"]:
+            entry["judges"][judge] = {}
+            for metric in ("identity_top1", "face_sim", "identity_margin"):
+                m, se = combine(lambda x: (x[set_name]["judges"][judge][metric],
+                                           x[set_name]["judges"][judge][f"{metric}_se_people"]))
+                entry["judges"][judge][metric], entry["judges"][judge][f"{metric}_se_people"] = m, se
+            entry["judges"][judge]["chance_top1"] = r["judges"][judge]["chance_top1"]
+        m, se = combine(lambda x: (x[set_name]["background_accuracy"], x[set_name]["background_accuracy_se_people"]))
+        entry.update(background_accuracy=m, background_accuracy_se_people=se, chance_background=r["chance_background"])
+        out[set_name] = entry
+    return out
+
+
+def markdown(report: dict) -> str:
+    """results.md of the protocol: per judge, per world and their mean."""
+    lines = ["Test worlds (seeds no recipe trains or validates on), "
+             f"{report['people_per_world']} people each; +- is a bootstrap over people; "
+             "the seed spread is the standard deviation of top-1 over sampler seeds.", ""]
+    for judge, label in report["judges"].items():
+        lines += [f"### {judge}: {label}", "", "| world | generated top-1 | seed spread | face zeroed top-1 | "
+                  "real scenes top-1 | Face Sim | background |", "|---|---|---|---|---|---|---|"]
+        rows = [*((str(seed), r) for seed, r in report["worlds"].items()), ("mean", report["mean"])]
+        for name, r in rows:
+            g, z, real = (r[s]["judges"][judge] for s in ("generated", "generated_no_face", "real"))
+            spread = f"{g['identity_top1_seed_spread']:.3f}" if "identity_top1_seed_spread" in g else "-"
+            lines.append(f"| {name} | {g['identity_top1']:.3f} +- {g['identity_top1_se_people']:.3f} | {spread} | "
+                         f"{z['identity_top1']:.3f} +- {z['identity_top1_se_people']:.3f} | "
+                         f"{real['identity_top1']:.3f} | {g['face_sim']:.3f} +- {g['face_sim_se_people']:.3f} | "
+                         f"{r['generated']['background_accuracy']:.3f} +- "
+                         f"{r['generated']['background_accuracy_se_people']:.3f} |")
+        lines += ["", f"chance: top-1 {report['mean']['generated']['judges'][judge]['chance_top1']:.3f}, "
+                      f"background {report['mean']['generated']['chance_background']:.2f}", ""]
+    judge = report.get("judge_scores")
+    if judge:
+        lines.append(f"Independent judge: verification accuracy {judge['verification_accuracy']:.3f} on "
+                     f"{judge['pairs']} pairs of {judge['held_out_people']} judge-world people it never trained on.")
+    return "\n".join(lines) + "\n"
+
+
+JUDGE_LABELS = {
+    "independent judge": "a ResNet trained on the judge world's people, in no train, validation or test world; "
+                         "targets are read off it",
+    "face-ID ViT": "the world's face-ID network: the conditioning network (the encoder reads identity from it and "
+                   "regresses to it), so not an independent judge",
+}
+
+
+def world_spec_of_recipe(recipe: dict | None):
+    """The SyntheticSpec of the world a recipe's SyntheticIdentities data section renders
+    (the DataModule's defaults where it names none)."""
+    import inspect
+
+    from faceclip_zoo.synthetic.datamodule import SyntheticIdentities
+    from faceclip_zoo.synthetic.world import SyntheticSpec
+
+    data = (recipe or {}).get("data") or {}
+    ours = str(data.get("class_path", "")).endswith("SyntheticIdentities")
+    args = (data.get("init_args") or {}) if ours else {}
+    defaults = {n: p.default for n, p in inspect.signature(SyntheticIdentities).parameters.items()}
+    fields = {f.name for f in dataclasses.fields(SyntheticSpec)} - {"renderer_version"}
+    return SyntheticSpec(**{name: args.get(name, defaults[name]) for name in fields if name in defaults})
+
+
+def run_protocol(pipe, like, face_id: Callable, judge: Callable, judge_scores: dict | None = None,
+                 steps: int = 25, guidance: float | None = None, seed: int = 0, images_per_sample: int = 1,
+                 worlds: tuple[int, ...] = TEST_WORLD_SEEDS, people: int = TEST_PEOPLE) -> tuple[dict, list, dict]:
+    """The pipeline on every test world: generated with the face, with the face zeroed (same
+    prompts and seeds: identity's floor), and the real scenes (its ceiling), under both
+    judges; per world and the mean. Returns (report, the first world's samples, its image
+    sets) for the contact sheet."""
+    from faceclip_zoo.synthetic.scenes import generate_images
+
+    check_world_seed(like.seed, "the pipeline's training world")
+    judges = {"independent judge": judge, "face-ID ViT": face_id}
+    per_world, first = {}, None
+    for world in worlds:
+        samples = render_test_world(like, world, people)
+        sets = {name: generate_images(pipe, samples, with_face, steps, guidance, seed, images_per_sample=images_per_sample)
+                for name, with_face in (("generated", True), ("generated_no_face", False))}
+        sets["real"] = torch.stack([s["image"] for s in samples])
+        per_world[world] = score_world(judges, sets, samples, like.scene_scale)
+        first = first or (samples, sets)
+    report = {"protocol": "test worlds", "worlds": per_world, "mean": mean_over_worlds(per_world),
+              "judges": {name: JUDGE_LABELS[name] for name in judges}, "people_per_world": people,
+              "judge_scores": judge_scores, "world_like": dataclasses.asdict(like)}
+    return report, *first
+
+
+def _recipe_of(pipeline: str) -> dict | None:
+    """The recipe a pipeline folder (recipe.yaml) or a fit checkpoint (the run's config.yaml)
+    was trained with."""
+    import yaml
+
+    from faceclip_zoo.export import find_run_config
+
+    path = find_run_config(Path(pipeline)) if str(pipeline).endswith(".ckpt") else Path(pipeline) / "recipe.yaml"
+    try:
+        return yaml.safe_load(Path(path).read_text()) if path else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def on_test_worlds(pipeline: str, pipe, face_id, out: Path, size: int, steps: int, guidance: float | None,
+                    seed: int, images_per_sample: int, judge_config, people: int | None = None) -> dict:
+    import json
+
+    from faceclip_zoo.synthetic.judge import ensure_judge
+    from faceclip_zoo.synthetic.scenes import contact_sheet
+
+    recipe = _recipe_of(pipeline)
+    like = dataclasses.replace(world_spec_of_recipe(recipe), image_size=size)
+    priors = ((recipe or {}).get("data") or {}).get("init_args", {}).get("priors_dir", "checkpoints/synthetic")
+    judge, judge_scores = ensure_judge(priors, like, judge_config)
+    report, samples, sets = run_protocol(pipe, like, face_id, judge, judge_scores, steps=steps, guidance=guidance,
+                                         seed=seed, images_per_sample=images_per_sample, people=people or TEST_PEOPLE)
+    report.update(benchmark="synthetic", pipeline=str(pipeline),
+                  generation={"steps": steps, "seed": seed, "images_per_sample": images_per_sample,
+                              "guidance": guidance if guidance is not None else getattr(pipe, "default_guidance", None),
+                              "negative_prompt": ""})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(report))
+    contact_sheet(samples, sets, out / "contact_sheet.png")
+    return report
