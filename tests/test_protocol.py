@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from faceclip_zoo.synthetic.attributes import ATTRIBUTES, ReaderConfig, caption_attributes, majority_chance
 from faceclip_zoo.synthetic.judge import JudgeConfig, train_judge, judge_world_spec
 from faceclip_zoo.synthetic.protocol import (
     gallery_similarities, person_bootstrap, render_test_world, world_spec_of_recipe,
@@ -20,6 +21,7 @@ from faceclip_zoo.utils import UserError
 from conftest import REPO
 
 TINY_JUDGE = JudgeConfig(people=16, held_out=6, steps=60, batch_size=32)
+TINY_READER = ReaderConfig(steps=20, batch_size=32, width=8)
 
 
 def test_no_recipe_trains_or_validates_on_a_test_or_judge_world():
@@ -98,7 +100,10 @@ def test_the_synthetic_benchmark_reports_on_test_worlds_and_never_reads_the_vali
         raise AssertionError("the protocol read a validation split")
 
     monkeypatch.setattr(benchmark, "load_validation_samples", no_validation_world)
+    from faceclip_zoo.synthetic import attributes
+
     monkeypatch.setattr(judge_module, "JudgeConfig", lambda: TINY_JUDGE)
+    monkeypatch.setattr(attributes, "ReaderConfig", lambda: TINY_READER)
     monkeypatch.setattr("faceclip_zoo.synthetic.protocol.TEST_PEOPLE", 3)
     torch.manual_seed(0)
     face_vit = save_model_dir(FaceViT(FaceViTConfig.from_name("face-vit-tiny")).eval(), tmp_path / "vit")
@@ -121,6 +126,25 @@ def test_the_synthetic_benchmark_reports_on_test_worlds_and_never_reads_the_vali
     mean = report["mean"]["generated"]["judges"]["independent judge"]["identity_top1"]
     per_world = [w["generated"]["judges"]["independent judge"]["identity_top1"] for w in report["worlds"].values()]
     assert mean == pytest.approx(sum(per_world) / 3)
+    attrs = report["mean"]["generated"]["attributes"]
+    assert set(attrs) == set(ATTRIBUTES) and all(0 < a["chance"] <= 1 and 0 <= a["accuracy"] <= 1 for a in attrs.values())
+    assert set(report["caption_reader"]["held_out_accuracy"]) == set(ATTRIBUTES)
+    assert (tmp_path / "checkpoints" / "synthetic" / "caption-reader" / "model.safetensors").is_file()
     text = (out / "results.md").read_text()
     assert "independent judge" in text and "bootstrap over people" in text and "verification accuracy" in text
+    assert "Caption following" in text and "| expression |" in text
     assert (out / "contact_sheet.png").stat().st_size > 1000
+
+
+def test_every_synthetic_caption_names_its_attributes_and_chance_is_the_commonest_value():
+    records = generate(SyntheticSpec(train_identities=20, val_identities=0, guided_pairs=0, seed=5))["train"]
+    parsed = [caption_attributes(r.caption) for r in records]
+    assert all(parsed) and {p["hat"] for p in parsed} <= set(ATTRIBUTES["hat"])
+    assert caption_attributes("a photo of a smiling person wearing a red shirt and a blue hat and glasses, in front "
+                              "of a orange background, lit from the left") == {
+        "shirt": "red", "hat": "blue", "glasses": "yes", "expression": "smiling", "background": "orange",
+        "light": "left"}
+    assert caption_attributes("a red circle on a blue background") is None
+    chance = majority_chance([r.caption for r in records])
+    hats = [p["hat"] for p in parsed]
+    assert chance["hat"] == max(hats.count(v) for v in set(hats)) / len(hats) > 0.4  # mostly no hat

@@ -251,7 +251,7 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
                             face_id: str | None = None, steps: int = 25,
                             guidance: float | None = None, seed: int = 0, images_per_sample: int = 1,
                             device: str = "cpu", probes: bool = False, judge_config=None,
-                            people: int | None = None) -> dict:
+                            people: int | None = None, reader_config=None) -> dict:
     """`evaluate --benchmark synthetic`: scores a pipeline (an exported folder, or a diffusion
     fit checkpoint `.ckpt`) and writes results.json, results.md and contact_sheet.png into
     `out`. By default on the test worlds under the protocol (protocol.py: both judges, people
@@ -281,7 +281,7 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
         from faceclip_zoo.synthetic.protocol import on_test_worlds
 
         return on_test_worlds(pipeline, pipe, model, Path(out), size, steps, guidance, seed, images_per_sample,
-                              judge_config, people)
+                              judge_config, people, reader_config)
     samples = load_validation_samples(val, image_size=size)
     results, sets = evaluate_synthetic(pipe, samples, model, steps=steps, guidance=guidance, seed=seed,
                                        images_per_sample=images_per_sample, scene_scale=scene_scale_of(val))

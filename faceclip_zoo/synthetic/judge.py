@@ -75,7 +75,7 @@ def _faces_of(records, scene_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return scene_face_crop(_stack([r.scene for r in records]), scene_scale=scene_scale), _stack([r.crop for r in records])
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _augment(x: torch.Tensor, gen: torch.Generator, shift: int = 6) -> torch.Tensor:
     """What generated faces differ by: blur, a few pixels of shift, exposure."""
     import torchvision.transforms.functional as TF
 
@@ -84,7 +84,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     x = (x * gain).clamp(0, 1)
     sigma = float(torch.empty(()).uniform_(0.1, 2.0, generator=gen))
     x = TF.gaussian_blur(x, kernel_size=9, sigma=sigma)
-    dx, dy = torch.randint(-6, 7, (2,), generator=gen).tolist()
+    dx, dy = torch.randint(-shift, shift + 1, (2,), generator=gen).tolist()
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
 

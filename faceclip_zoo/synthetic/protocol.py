@@ -114,12 +114,15 @@ def _background_hits(images: torch.Tensor, samples: list[dict]) -> torch.Tensor:
 
 
 def score_world(judges: dict[str, Callable], sets: dict[str, torch.Tensor], samples: list[dict],
-                scene_scale: float) -> dict:
+                scene_scale: float, reader=None) -> dict:
     """Every image set (generated, generated with the face zeroed, the real scenes) under
-    every judge, and the background the captions name."""
+    every judge, the background the captions name (read from the corners), and with a
+    caption reader every captioned attribute, each with its chance (attributes.py)."""
+    from faceclip_zoo.synthetic.attributes import attribute_hits, majority_chance
     from faceclip_zoo.synthetic.faces import BACKGROUNDS
 
     identities = [s["identity"] for s in samples]
+    captions = [s["caption"] for s in samples]
     out = {}
     for name, images in sets.items():
         hits = _background_hits(images, samples)
@@ -127,6 +130,12 @@ def score_world(judges: dict[str, Callable], sets: dict[str, torch.Tensor], samp
                      "background_accuracy": hits.mean().item(),
                      "background_accuracy_se_people": person_bootstrap(hits, identities),
                      "chance_background": 1 / len(BACKGROUNDS)}
+        if reader is not None:
+            chance = majority_chance(captions)
+            out[name]["attributes"] = {
+                attr: {"accuracy": h.mean().item(), "se_people": person_bootstrap(h, identities),
+                       "chance": chance[attr]}
+                for attr, h in attribute_hits(reader, images, captions).items()}
     return out
 
 
@@ -152,6 +161,13 @@ def mean_over_worlds(worlds: dict[int, dict]) -> dict:
             entry["judges"][judge]["chance_top1"] = r["judges"][judge]["chance_top1"]
         m, se = combine(lambda x: (x[set_name]["background_accuracy"], x[set_name]["background_accuracy_se_people"]))
         entry.update(background_accuracy=m, background_accuracy_se_people=se, chance_background=r["chance_background"])
+        if "attributes" in r:
+            entry["attributes"] = {}
+            for attr in r["attributes"]:
+                m, se = combine(lambda x: (x[set_name]["attributes"][attr]["accuracy"],
+                                           x[set_name]["attributes"][attr]["se_people"]))
+                chance = sum(x[set_name]["attributes"][attr]["chance"] for x in worlds.values()) / w
+                entry["attributes"][attr] = {"accuracy": m, "se_people": se, "chance": chance}
         out[set_name] = entry
     return out
 
@@ -175,6 +191,16 @@ def markdown(report: dict) -> str:
                          f"{r['generated']['background_accuracy_se_people']:.3f} |")
         lines += ["", f"chance: top-1 {report['mean']['generated']['judges'][judge]['chance_top1']:.3f}, "
                       f"background {report['mean']['generated']['chance_background']:.2f}", ""]
+    mean = report["mean"]
+    if "attributes" in mean["generated"]:
+        lines += ["### Caption following (mean over the test worlds; the caption reader's reading)", "",
+                  "| attribute | generated | face zeroed | real scenes | chance (most common value) |",
+                  "|---|---|---|---|---|"]
+        for attr, g in mean["generated"]["attributes"].items():
+            z, real = mean["generated_no_face"]["attributes"][attr], mean["real"]["attributes"][attr]
+            lines.append(f"| {attr} | {g['accuracy']:.3f} +- {g['se_people']:.3f} | {z['accuracy']:.3f} | "
+                         f"{real['accuracy']:.3f} | {g['chance']:.3f} |")
+        lines.append("")
     judge = report.get("judge_scores")
     if judge:
         lines.append(f"Independent judge: verification accuracy {judge['verification_accuracy']:.3f} on "
@@ -206,7 +232,7 @@ def world_spec_of_recipe(recipe: dict | None):
     return SyntheticSpec(**{name: args.get(name, defaults[name]) for name in fields if name in defaults})
 
 
-def run_protocol(pipe, like, face_id: Callable, judge: Callable, judge_scores: dict | None = None,
+def run_protocol(pipe, like, face_id: Callable, judge: Callable, judge_scores: dict | None = None, reader=None,
                  steps: int = 25, guidance: float | None = None, seed: int = 0, images_per_sample: int = 1,
                  worlds: tuple[int, ...] = TEST_WORLD_SEEDS, people: int = TEST_PEOPLE) -> tuple[dict, list, dict]:
     """The pipeline on every test world: generated with the face, with the face zeroed (same
@@ -223,7 +249,7 @@ def run_protocol(pipe, like, face_id: Callable, judge: Callable, judge_scores: d
         sets = {name: generate_images(pipe, samples, with_face, steps, guidance, seed, images_per_sample=images_per_sample)
                 for name, with_face in (("generated", True), ("generated_no_face", False))}
         sets["real"] = torch.stack([s["image"] for s in samples])
-        per_world[world] = score_world(judges, sets, samples, like.scene_scale)
+        per_world[world] = score_world(judges, sets, samples, like.scene_scale, reader)
         first = first or (samples, sets)
     report = {"protocol": "test worlds", "worlds": per_world, "mean": mean_over_worlds(per_world),
               "judges": {name: JUDGE_LABELS[name] for name in judges}, "people_per_world": people,
@@ -246,9 +272,11 @@ def _recipe_of(pipeline: str) -> dict | None:
 
 
 def on_test_worlds(pipeline: str, pipe, face_id, out: Path, size: int, steps: int, guidance: float | None,
-                    seed: int, images_per_sample: int, judge_config, people: int | None = None) -> dict:
+                    seed: int, images_per_sample: int, judge_config=None, people: int | None = None,
+                    reader_config=None) -> dict:
     import json
 
+    from faceclip_zoo.synthetic.attributes import ensure_reader
     from faceclip_zoo.synthetic.judge import ensure_judge
     from faceclip_zoo.synthetic.scenes import contact_sheet
 
@@ -256,9 +284,11 @@ def on_test_worlds(pipeline: str, pipe, face_id, out: Path, size: int, steps: in
     like = dataclasses.replace(world_spec_of_recipe(recipe), image_size=size)
     priors = ((recipe or {}).get("data") or {}).get("init_args", {}).get("priors_dir", "checkpoints/synthetic")
     judge, judge_scores = ensure_judge(priors, like, judge_config)
-    report, samples, sets = run_protocol(pipe, like, face_id, judge, judge_scores, steps=steps, guidance=guidance,
+    reader, reader_scores = ensure_reader(priors, like, reader_config, judge_config)
+    report, samples, sets = run_protocol(pipe, like, face_id, judge, judge_scores, reader, steps=steps,
+                                         guidance=guidance,
                                          seed=seed, images_per_sample=images_per_sample, people=people or TEST_PEOPLE)
-    report.update(benchmark="synthetic", pipeline=str(pipeline),
+    report.update(benchmark="synthetic", pipeline=str(pipeline), caption_reader=reader_scores,
                   generation={"steps": steps, "seed": seed, "images_per_sample": images_per_sample,
                               "guidance": guidance if guidance is not None else getattr(pipe, "default_guidance", None),
                               "negative_prompt": ""})
