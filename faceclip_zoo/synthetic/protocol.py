@@ -101,7 +101,8 @@ def identity_under(judge: Callable, images: torch.Tensor, samples: list[dict], s
         values = torch.stack(runs).mean(0)  # per image, over seeds
         out[name] = values.mean().item()
         out[f"{name}_se_people"] = person_bootstrap(values, identities)
-        out[f"{name}_seed_spread"] = torch.stack([r.mean() for r in runs]).std().item() if seeds > 1 else 0.0
+        if seeds > 1:  # one seed has no spread to report
+            out[f"{name}_seed_spread"] = torch.stack([r.mean() for r in runs]).std().item()
     return out
 
 
