@@ -1,6 +1,7 @@
 """`ablation` end to end on a tiny world: every stage runs through the production commands
-(fit, cache, evaluate), each SDXL stage on its own cached copy of the world, and the
-results carry standard errors and the face-zeroed control."""
+(fit, cache, evaluate under the identity protocol), each SDXL stage on its own cached copy
+of the world, with and without the identity loss, and the results carry both judges,
+uncertainty over people and the face-zeroed control."""
 
 import json
 from pathlib import Path
@@ -23,7 +24,7 @@ def _shrunk(name: str, tmp_path: Path, world: dict, model_args: dict) -> Path:
     return path
 
 
-def test_ablation_runs_caches_and_reports_errors_and_the_zeroed_control(tmp_path):
+def test_ablation_runs_caches_and_reports_both_judges_and_the_identity_loss(tmp_path):
     from faceclip_zoo.evaluation.ablation import ablation
 
     priors = tmp_path / "priors"
@@ -37,18 +38,30 @@ def test_ablation_runs_caches_and_reports_errors_and_the_zeroed_control(tmp_path
     config.write_text(yaml.safe_dump({"ablation": {
         "out": str(tmp_path / "out"), "encoder_recipe": str(encoder_recipe), "diffusion_recipe": str(diffusion_recipe),
         "encoder_steps": 2, "diffusion_steps": 2, "variants": {"L1": ["image"], "L3": ["image", "identity", "text"]},
-        "eval": {"samples_per_identity": 2, "steps": 2, "guidance": 5.0, "batch_size": 4}}}))
+        "identity_loss": {"weight": 0.5, "fraction": 1.0},
+        "eval": {"steps": 2, "people": 3, "judge": {"people": 16, "held_out": 6, "steps": 30, "batch_size": 32},
+                 "reader": {"steps": 10, "batch_size": 32, "width": 8}}}}))
     results = ablation(str(config))
 
     rows = results["rows"]
-    assert list(rows) == ["L1", "L3", "diffusion-only", "L3, face zeroed"]
+    assert list(rows) == ["L1", "L1 + identity loss", "L3", "L3 + identity loss", "diffusion-only",
+                          "diffusion-only + identity loss"]
     for name, row in rows.items():
-        for metric in ("face_sim", "identity_top1", "clip_t", "background_accuracy"):
+        for metric in ("identity_top1", "identity_top1_conditioning", "identity_top1_face_zeroed", "face_sim",
+                       "background"):
             assert row[f"{metric}_se"] is not None and row[f"{metric}_se"] >= 0, (name, metric)
-    assert rows["L3, face zeroed"]["joint_identity_top1"] is None
+        assert row["joint_identity_top1"] is not None
     out = tmp_path / "out"
-    zeroed = json.loads((out / "L3-face-zeroed" / "eval" / "generation.json").read_text())
-    assert zeroed["generation"]["face"] == "zeroed"
+    report = json.loads((out / "eval" / "L3" / "results.json").read_text())
+    assert report["protocol"] == "test worlds" and report["people_per_world"] == 3
+    # the identity loss is the only difference between a variant's two SDXL stages
+    plain = yaml.safe_load((out / "L3" / "diffusion.yaml").read_text())
+    with_loss = yaml.safe_load((out / "L3" / "diffusion-identity-loss.yaml").read_text())
+    assert with_loss["model"]["init_args"].pop("identity_loss") == {"weight": 0.5, "fraction": 1.0}
+    for recipe in (plain, with_loss):
+        recipe["trainer"] = recipe["trainer"]["max_steps"]
+    assert "identity_loss" not in plain["model"]["init_args"]
+    assert plain["model"] == with_loss["model"] and plain["data"] == with_loss["data"]
     # each SDXL stage read its own world, its encoder's embeddings cached in it (the
     # diffusion-only encoder trains, so only its VAE latents)
     for variant, features in (("L1", 3), ("L3", 3), ("diffusion-only", 1)):
@@ -59,4 +72,6 @@ def test_ablation_runs_caches_and_reports_errors_and_the_zeroed_control(tmp_path
     l1 = json.loads((out / "L1" / "world" / "train" / "cache.json").read_text())["fingerprints"]
     l3 = json.loads((out / "L3" / "world" / "train" / "cache.json").read_text())["fingerprints"]
     assert l1["vae_latents"] == l3["vae_latents"] and l1["prompt_embeds"] != l3["prompt_embeds"]
-    assert "+-" in (out / "results.md").read_text()
+    text = (out / "results.md").read_text()
+    assert "+-" in text and "independent judge" in text and "L3 + identity loss" in text
+    assert (out / "fig2_tsne.png").is_file()

@@ -7,7 +7,7 @@ The world has 4 identities (many samples each) so that a few hundred steps suffi
 face-ID ViT (trained here) is both the encoder's face tower and the judge. The encoder's
 fuser and text tower are untrained: identity reaches the UNet through the id token and the
 fused face patches, as in the release. This is what the diffusion stage must do with any
-joint embedding; the held-out numbers of the full quickstart are in docs/sdxl.md.
+joint embedding; the held-out numbers of the full quickstart are in docs/evaluation.md.
 """
 
 from pathlib import Path
@@ -59,7 +59,7 @@ def test_generated_faces_carry_the_reference_identity(tmp_path):
     recipe["model"]["init_args"].update(encoder_l=str(tmp_path / "encoder"), encoder_g=str(tmp_path / "encoder"),
                                         vae_weights=str(tmp_path / "priors" / "vae"), num_samples=2, sample_steps=2)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    # frozen features cached first, as the 10-minute run in docs/sdxl.md does: a third fewer
+    # frozen features cached first, as the 10-minute quickstart fit does: a third fewer
     # seconds per step, the same training path
     assert main(["cache", "--recipe", str(tmp_path / "recipe.yaml"), "--progress", "false"]) == 0
     assert main(["fit", "--config", str(tmp_path / "recipe.yaml")]) == 0

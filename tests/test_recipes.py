@@ -83,8 +83,8 @@ def test_ablation_config_and_the_recipes_it_writes_parse(recipe, tmp_path, monke
     assert [lg.init_args.save_dir for lg in parsed.trainer.logger] == [str(tmp_path / "run")] * 2
 
 
-def test_ablation_reads_its_synthetic_world_from_the_recipe(tmp_path):
-    from faceclip_zoo.evaluation.ablation import synthetic_world
+def test_the_synthetic_world_is_read_from_the_recipe(tmp_path):
+    from faceclip_zoo.synthetic.benchmark import synthetic_world
     from faceclip_zoo.utils import UserError
 
     recipe = yaml.safe_load((REPO / "recipes" / "quickstart" / "sdxl.yaml").read_text())

@@ -64,12 +64,17 @@ def plain_sdxl_step(ctx: Context, unet, sched, batch: dict, lr: float):
     return make
 
 
+def sdxl_batch(ctx: Context, module) -> dict:
+    """A batch of cached features for the size's SDXL module."""
+    s, cond = ctx.size, module.condition
+    return _cached_batch(ctx, s.sdxl_batch, s.sdxl_image, module.unet.config.in_channels, module.vae_downsample,
+                         77, cond.embed_dim, cond.pooled_dim)
+
+
 def sdxl_row(ctx: Context) -> Row:
     s = ctx.size
     module = sdxl_module(ctx)
-    cond = module.condition
-    batch = _cached_batch(ctx, s.sdxl_batch, s.sdxl_image, module.unet.config.in_channels, module.vae_downsample,
-                          77, cond.embed_dim, cond.pooled_dim)
+    batch = sdxl_batch(ctx, module)
     plain = plain_sdxl_step(ctx, module.unet, module.noise_scheduler, batch, lr=1e-5)
     ours, peer = compare_lightning(module, batch, plain, ctx.device, ctx.precision, **ctx.compare_kwargs())
     ctx.results["sdxl_step_per_sample"] = ours.median / s.sdxl_batch
@@ -77,11 +82,9 @@ def sdxl_row(ctx: Context) -> Row:
                ours.median, peer.median, ours_mem=ours.peak, peer_mem=peer.peak, goal="<= 1.05")
 
 
-def flux_row(ctx: Context) -> Row:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
+def flux_module_and_batch(ctx: Context):
+    """The FLUX module of this size (built anew: it is freed before the next section) and a
+    batch of cached features for it."""
     from faceclip_zoo.tasks.flux import FluxJointModule
 
     s = ctx.size
@@ -90,9 +93,18 @@ def flux_row(ctx: Context) -> Row:
                                  transformer_overrides=s.flux_overrides, vae=s.flux_vae, condition_dropout=0.1,
                                  timestep_shift=3.0).to(ctx.device)
     cond = module.condition
-    lat_ch = module.vae_config["latent_channels"]
-    batch = _cached_batch(ctx, s.flux_batch, s.flux_image, lat_ch, module.vae_downsample,
-                          cond.face_t5.config.text_length, cond.embed_dim, cond.pooled_dim)
+    batch = _cached_batch(ctx, s.flux_batch, s.flux_image, module.vae_config["latent_channels"],
+                          module.vae_downsample, cond.face_t5.config.text_length, cond.embed_dim, cond.pooled_dim)
+    return module, batch
+
+
+def flux_row(ctx: Context) -> Row:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    s = ctx.size
+    module, batch = flux_module_and_batch(ctx)
     transformer = module.transformer
     latents, embeds, pooled = batch["vae_latents"], batch["prompt_embeds"], batch["pooled_prompt_embeds"]
     b, c, h, w = latents.shape

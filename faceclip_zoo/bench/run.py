@@ -31,15 +31,18 @@ from faceclip_zoo.utils import UserError, check_output_folder, require_at_least
 
 SECTIONS = ("encoder", "diffusion", "lora", "inference", "data")
 EXTRAS = ("align", "resume", "memory", "real-size")
+# sections with rows that the default run leaves out
+ROW_EXTRAS = ("identity-loss",)
 
 
 def _plan():
     """(section, runner) in the order that lets the SDXL stage be built once and freed
     before FLUX's is built."""
-    from faceclip_zoo.bench import data, diffusion, encoder, inference, lora
+    from faceclip_zoo.bench import data, diffusion, encoder, identity_loss, inference, lora
 
     return [("encoder", encoder.run), ("diffusion", diffusion.run_sdxl), ("lora", lora.run),
-            ("inference", inference.run), ("diffusion", diffusion.run_flux), ("data", data.run)]
+            ("inference", inference.run), ("identity-loss", identity_loss.run), ("diffusion", diffusion.run_flux),
+            ("data", data.run)]
 
 
 def bench(
@@ -65,6 +68,7 @@ def bench(
     Args:
         size: tiny (CPU, minutes), small, or real (the released sizes, one GPU).
         only: comma-separated sections: encoder, diffusion, lora, inference, data; extras: align, resume,
+            identity-loss (a diffusion step with and without the identity loss; not in the default run),
             memory (the one-GPU LoRA recipes' memory, estimated from parameter counts), real-size (the
             production recipes through `fit` on stand-in weights: faceclip_zoo/bench/real_size.py).
         device: auto (cuda when present), cpu, cuda, cuda:1, ...
@@ -89,9 +93,9 @@ def bench(
     if size not in SIZES:
         raise UserError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
     wanted = [s.strip() for s in only.split(",") if s.strip()]
-    unknown = set(wanted) - set(SECTIONS) - set(EXTRAS)
+    unknown = set(wanted) - set(SECTIONS) - set(ROW_EXTRAS) - set(EXTRAS)
     if unknown:
-        raise UserError(f"bench: unknown section(s) {sorted(unknown)}; choose from {SECTIONS + EXTRAS}")
+        raise UserError(f"bench: unknown section(s) {sorted(unknown)}; choose from {SECTIONS + ROW_EXTRAS + EXTRAS}")
     require_at_least({"--rounds": (rounds, 1), "--repeats": (repeats, 1), "--warmup": (warmup, 0),
                       "--encoder_batch": (encoder_batch, 1), "--steps": (steps, 1), "--resolution": (resolution, 64)})
     if out:
@@ -119,7 +123,7 @@ def bench(
     header = (f"machine: {machine()}\ndevice {device}, {precision}; size {size.name}: {size.note}\n"
               f"median of {ctx.rounds} x {ctx.repeats} timed repeats after {ctx.warmup} warm-up; "
               f"command: `{command.strip()}`")
-    if set(wanted) & set(SECTIONS):  # the extras say what they measure themselves
+    if set(wanted) & set(SECTIONS + ROW_EXTRAS):  # the extras say what they measure themselves
         print(header, flush=True)
     rows: list[Row] = []
     started = time.time()

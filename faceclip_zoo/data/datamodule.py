@@ -97,6 +97,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if all("original_size" in s for s in samples):
         batch["original_size"] = torch.tensor([list(s["original_size"]) for s in samples])
         batch["crop_top_left"] = torch.tensor([list(s["crop_top_left"]) for s in samples])
+    if any("face_landmarks" in s for s in samples):  # rows without them: NaN (the identity loss skips them)
+        nan = torch.full((5, 2), float("nan"))
+        batch["face_landmarks"] = torch.stack([s.get("face_landmarks", nan) for s in samples])
     for name in CACHED_FEATURES:
         # Face features are only needed (and only present) on rows with a face; the other
         # rows get zeros, which the model never reads (it goes by has_face).

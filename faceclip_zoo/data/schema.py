@@ -157,6 +157,7 @@ def decode_sample(raw: dict[str, Any], image_size: int, face_size: int,
     w, h = target.size
     size = nearest_bucket(h, w, buckets) if buckets else image_size
     image, crop = resize_crop(target, size)
+    landmarks = _landmarks_in_image(meta, (h, w), image.shape[-2:], crop)
     out: dict[str, Any] = {
         "key": key,
         "caption": caption,
@@ -167,6 +168,8 @@ def decode_sample(raw: dict[str, Any], image_size: int, face_size: int,
         "original_size": tuple(meta.get("original_size") or (h, w)),
         "crop_top_left": crop,
     }
+    if landmarks is not None:
+        out["face_landmarks"] = landmarks
     ref_ext = next((e for e in REF_EXTS if e in raw), None)
     if ref_ext is not None:
         # Stored at the crop's own size (448 from `prepare`), resized here as the release
@@ -184,6 +187,21 @@ def decode_sample(raw: dict[str, Any], image_size: int, face_size: int,
                 raise CorruptSample(f"{where}: cached feature {name}.npy is unreadable") from None
             out[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
     return out
+
+
+def _landmarks_in_image(meta: dict, stored_hw: tuple[int, int], image_hw, crop: tuple[int, int]
+                        ) -> torch.Tensor | None:
+    """`prepare`'s 5 landmarks (pixels of the original photo, whose (h, w) is
+    original_size) -> pixels of the training image [5, 2]: through the stored copy's
+    resize, then resize_crop's cover-resize and centre crop. None without them."""
+    marks, original = meta.get("landmarks"), meta.get("original_size")
+    if not marks or not original:
+        return None
+    points = torch.tensor(marks, dtype=torch.float32).reshape(-1, 2)
+    (oh, ow), (sh, sw), (th, tw) = original, stored_hw, tuple(image_hw)
+    points = points * torch.tensor([sw / ow, sh / oh])  # stored copy (prepare's max_image_side)
+    s = max(tw / sw, th / sh) if (sw, sh) != (tw, th) else 1.0
+    return points * s - torch.tensor([crop[1], crop[0]], dtype=torch.float32)
 
 
 def strip_face(sample: dict[str, Any]) -> dict[str, Any]:

@@ -59,7 +59,9 @@ def cosface_loss(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
 def _optimise(params, batch_loss, steps: int, lr: float, weight_decay: float) -> float:
     """AdamW with a one-cycle schedule; `batch_loss()` draws a batch and returns its loss."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # OneCycleLR divides by (warm-up steps - 1): exactly 10 steps would make that zero
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=0.1 if steps != 10 else 0.2)
     for _ in range(steps):
         loss = batch_loss()
         opt.zero_grad(set_to_none=True)

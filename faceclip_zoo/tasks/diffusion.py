@@ -23,6 +23,7 @@ from diffusers.training_utils import EMAModel
 from faceclip_zoo.models.adapters import LoraSettings, add_lora, count_parameters, quantize_frozen
 from faceclip_zoo.models.diffusers_models import load_diffusers_weights
 from faceclip_zoo.models.io import read_config
+from faceclip_zoo.tasks.identity_loss import IdentityLossSettings, identity_loss, identity_rows, load_face_network
 from faceclip_zoo.tasks.optim import configure as configure_optimization
 from faceclip_zoo.tasks.resilience import ResilientTask
 from faceclip_zoo.utils import UserError, recipe_that_exports
@@ -129,6 +130,10 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
             hp["lora"] = hp["lora"].to_dict()
         if (hp.get("quantize_base") or hp.get("base_dtype")) and not hp.get("lora"):
             raise UserError("quantize_base / base_dtype freeze the base: they apply to LoRA runs (set lora)")
+        if isinstance(hp.get("identity_loss"), IdentityLossSettings):
+            hp["identity_loss"] = hp["identity_loss"].to_dict()
+        self.identity_settings = IdentityLossSettings.from_dict(hp.get("identity_loss"))
+        self._identity_network: list[torch.nn.Module] = []  # a list: not a submodule, never in checkpoints
         if hp.get("lora"):
             # its checkpoints hold only what trains; the frozen base comes from the pipeline
             # folder (or the components) it started from, loaded again on resume
@@ -328,6 +333,50 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         if p <= 0.0:
             return None
         return torch.rand(b, device=self.device, generator=generator) < p
+
+    # ------------------------------------------------------------------ identity loss
+    def encoder_face_network(self) -> torch.nn.Module:
+        """The conditioning encoder's face ViT (identity_loss.network "encoder")."""
+        raise NotImplementedError
+
+    def condition_masks(self, batch: dict, b: int, generator: torch.Generator | None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(condition dropped, face zeroed, identity-loss rows, their noise level in
+        [0, max_noise)): the last two None unless the identity loss is on and training (no
+        random draw then, so runs without it keep their random streams)."""
+        drop, no_face = self.drop_mask(b, generator), self.face_drop_mask(b, generator)
+        settings = self.identity_settings
+        if settings is None or not self.training or settings.weight == 0:
+            return drop, no_face, None, None
+        eligible = batch["has_face"].to(self.device) & ~drop
+        if no_face is not None:
+            eligible = eligible & ~no_face
+        rows = identity_rows(batch, eligible, settings, generator)
+        level = torch.rand(b, device=self.device, generator=generator) * settings.max_noise
+        return drop, no_face, rows, level
+
+    @property
+    def identity_network(self) -> torch.nn.Module:
+        if not self._identity_network:
+            self._identity_network.append(load_face_network(self.identity_settings.network,
+                                                            self.encoder_face_network()))
+        return self._identity_network[0].to(self.device)
+
+    def add_identity_loss(self, loss: torch.Tensor, batch: dict, rows: torch.Tensor | None,
+                          clean_latents: torch.Tensor) -> torch.Tensor:
+        """loss + weight x the identity loss of the rows' predicted clean latents (scaled,
+        as the denoiser sees them; tasks/identity_loss.py)."""
+        if rows is None or not bool(rows.any()):
+            return loss
+        scale, shift = self.latent_scale
+        marks = batch.get("face_landmarks")
+        term = identity_loss(lambda z: self.vae.decode((z / scale + shift).to(self.vae.dtype)).sample,
+                             clean_latents[rows], batch["face"].to(self.device)[rows], self.identity_network,
+                             self.identity_settings, self.vae_downsample,
+                             landmarks=None if marks is None else marks.to(self.device)[rows])
+        self.log("train/identity_loss", term, batch_size=int(rows.sum()))
+        self.log("train/diffusion_loss", loss, batch_size=len(batch["caption"]))
+        return loss + self.identity_settings.weight * term
 
     # ------------------------------------------------------------------ steps
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -36,6 +36,7 @@ from faceclip_zoo.models.adapters import LoraSettings, Quantization
 from faceclip_zoo.tasks.diffusion import (
     JointDiffusionModule, load_model_weights, pipeline_parts, refuse_with_pipeline, resolve_model_spec,
 )
+from faceclip_zoo.tasks.identity_loss import IdentityLossSettings
 from faceclip_zoo.tasks.optim import default_optimizer
 from faceclip_zoo.tasks.sdxl import resolve_scheduler_config
 from faceclip_zoo.utils import UserError, load_strict
@@ -50,6 +51,15 @@ def resolve_clip_text(spec: str) -> tuple[dict[str, Any], Path | None]:
         return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures",
                                                                                      "transformers_version")}, path
     return clip_text_config(spec), None
+
+
+def clean_latents(noisy: torch.Tensor, packed_velocity: torch.Tensor, sigmas: torch.Tensor, downsample: int
+                  ) -> torch.Tensor:
+    """z_0 implied by a packed velocity prediction at z_s: z_s = (1 - s) z_0 + s eps and
+    the prediction is eps - z_0, so z_0 = z_s - s v."""
+    h, w = noisy.shape[-2:]
+    velocity = FluxPipeline._unpack_latents(packed_velocity.float(), h * downsample, w * downsample, downsample)
+    return noisy.float() - sigmas.float()[:, None, None, None] * velocity
 
 
 class FluxJointModule(JointDiffusionModule):
@@ -85,6 +95,7 @@ class FluxJointModule(JointDiffusionModule):
         lora, quantize_base, base_dtype: adapters on the frozen transformer, as
             SDXLJointModule; quantize_base also quantises FaceT5's T5 encoder (frozen
             unless train_encoders).
+        identity_loss: the identity loss at a few low-noise rows, as SDXLJointModule.
     """
 
     DENOISER = "transformer"
@@ -126,6 +137,7 @@ class FluxJointModule(JointDiffusionModule):
         lora: Optional[LoraSettings] = None,
         quantize_base: Optional[Quantization] = None,
         base_dtype: Optional[Literal["bfloat16", "float16"]] = None,
+        identity_loss: Optional[IdentityLossSettings] = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -239,9 +251,12 @@ class FluxJointModule(JointDiffusionModule):
                             f"of {2 * self.vae_downsample}")
         noise = torch.randn(latents.shape, dtype=latents.dtype, device=self.device, generator=generator)
         sigmas = self.sample_sigmas(b, (h // 2) * (w // 2), generator)
+        drop, no_face, id_rows, id_level = self.condition_masks(batch, b, generator)
+        if id_rows is not None:  # the identity loss's rows at low noise, where x0 holds a face
+            sigmas = torch.where(id_rows, id_level.to(sigmas.dtype), sigmas)
         s = sigmas.to(latents.dtype)[:, None, None, None]
         noisy = (1 - s) * latents + s * noise
-        embeds, pooled = self.embed(batch, self.drop_mask(b, generator), self.face_drop_mask(b, generator))
+        embeds, pooled = self.embed(batch, drop, no_face)
         dtype = self.transformer.dtype
         guidance = (torch.full((b,), self.hparams.train_guidance, device=self.device, dtype=dtype)
                     if self.transformer_config.get("guidance_embeds") else None)
@@ -255,7 +270,13 @@ class FluxJointModule(JointDiffusionModule):
         target = FluxPipeline._pack_latents(noise - latents, b, c, h, w)
         weight = compute_loss_weighting_for_sd3(self.hparams.loss_weighting, sigmas).float()
         per_sample = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2))
-        return (weight * per_sample).mean()
+        if id_rows is None:
+            return (weight * per_sample).mean()
+        return self.add_identity_loss((weight * per_sample).mean(), batch, id_rows,
+                                      clean_latents(noisy, pred, sigmas, self.vae_downsample))
+
+    def encoder_face_network(self) -> torch.nn.Module:
+        return self.condition.face_t5.face_encoder
 
     def pipeline(self, use_ema: bool = True):
         """A FaceT5FluxPipeline over this module's (shared) components."""

@@ -37,6 +37,7 @@ from faceclip_zoo.models.adapters import LoraSettings, Quantization
 from faceclip_zoo.tasks.diffusion import (
     JointDiffusionModule, load_model_weights, pipeline_parts, refuse_with_pipeline, resolve_model_spec,
 )
+from faceclip_zoo.tasks.identity_loss import IdentityLossSettings
 from faceclip_zoo.tasks.optim import default_optimizer
 from faceclip_zoo.utils import UserError, load_strict, recipe_that_exports
 
@@ -107,6 +108,8 @@ class SDXLJointModule(JointDiffusionModule):
             float8 (GPUs with float8), weight-only (torchao).
         base_dtype: LoRA runs: keep the frozen UNet, VAE and encoders in bfloat16 / float16
             (with precision bf16-mixed / 16-mixed); the adapters stay float32.
+        identity_loss: add the identity loss (weight, fraction, max_noise, region, network:
+            tasks/identity_loss.py) at a few low-noise rows per batch; full and LoRA runs.
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class SDXLJointModule(JointDiffusionModule):
         lora: Optional[LoraSettings] = None,
         quantize_base: Optional[Quantization] = None,
         base_dtype: Optional[Literal["bfloat16", "float16"]] = None,
+        identity_loss: Optional[IdentityLossSettings] = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -258,8 +262,12 @@ class SDXLJointModule(JointDiffusionModule):
         if self.hparams.noise_offset:
             noise = noise + self.hparams.noise_offset * torch.randn(b, latents.shape[1], 1, 1, **kw)
         t = self.sample_timesteps(b, generator)
+        drop, no_face, id_rows, id_level = self.condition_masks(batch, b, generator)
+        if id_rows is not None:  # the identity loss's rows at low noise, where x0 holds a face
+            n = self.noise_scheduler.config.num_train_timesteps
+            t = torch.where(id_rows, (id_level * n).long().clamp_(0, n - 1), t)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        embeds, pooled = self.embed(batch, self.drop_mask(b, generator), self.face_drop_mask(b, generator))
+        embeds, pooled = self.embed(batch, drop, no_face)
         pred = self.unet(noisy, t, embeds.to(noisy.dtype),
                          added_cond_kwargs={"text_embeds": pooled.to(noisy.dtype),
                                             "time_ids": self.time_ids(batch, latents)}).sample
@@ -277,7 +285,20 @@ class SDXLJointModule(JointDiffusionModule):
             snr = compute_snr(self.noise_scheduler, t)
             clipped = snr.clamp(max=self.hparams.snr_gamma)
             per_sample = per_sample * (clipped / (snr + 1 if kind == "v_prediction" else snr))
-        return per_sample.mean()
+        if id_rows is None:
+            return per_sample.mean()
+        return self.add_identity_loss(per_sample.mean(), batch, id_rows, self.predicted_clean(noisy, pred, t))
+
+    def predicted_clean(self, noisy: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """z_0 implied by the UNet's prediction at z_t (epsilon or v)."""
+        alphas = self.noise_scheduler.alphas_cumprod.to(device=noisy.device)[t].float()[:, None, None, None]
+        a, s = alphas.sqrt(), (1 - alphas).sqrt()
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return a * noisy.float() - s * pred.float()
+        return (noisy.float() - s * pred.float()) / a.clamp(min=1e-4)
+
+    def encoder_face_network(self) -> torch.nn.Module:
+        return self.condition.branch_l.face_encoder
 
     def pipeline(self, use_ema: bool = True):
         """A FaceCLIPSDXLPipeline over this module's (shared) components."""
