@@ -18,7 +18,9 @@ from faceclip_zoo.models.adapters import LoraSettings
 from faceclip_zoo.tasks.flux import clean_latents
 from faceclip_zoo.config import FaceViTConfig
 from faceclip_zoo.models.face_vit import FaceViT
-from faceclip_zoo.tasks.identity_loss import IdentityLossSettings, face_region, identity_loss, identity_rows
+from faceclip_zoo.tasks.identity_loss import (
+    IdentityLossSettings, face_region, identity_loss, identity_rows, jitter_matrices,
+)
 from faceclip_zoo.tasks.sdxl import SDXLJointModule
 from faceclip_zoo.utils import UserError
 
@@ -133,8 +135,8 @@ def test_the_loss_reaches_the_unet_and_lowers_itself():
     terms = []
     real = type(m).add_identity_loss
 
-    def spy(self, loss, b, rows, clean):
-        total = real(self, loss * 0, b, rows, clean)
+    def spy(self, loss, b, rows, clean, generator=None):
+        total = real(self, loss * 0, b, rows, clean, generator)
         terms.append(float(total.detach()))
         return total
 
@@ -159,8 +161,8 @@ def test_lora_runs_take_it_and_dropped_rows_never_do():
               lora=LoraSettings(rank=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     seen = []
     real = type(m).add_identity_loss
-    m.add_identity_loss = (lambda self, loss, b, rows, clean: seen.append(rows.clone()) or real(
-        self, loss * 0, b, rows, clean)).__get__(m)
+    m.add_identity_loss = (lambda self, loss, b, rows, clean, gen=None: seen.append(rows.clone()) or real(
+        self, loss * 0, b, rows, clean, gen)).__get__(m)
     loss = m.diffusion_loss(batch(), torch.Generator().manual_seed(0))
     loss.backward()
     assert seen[0].tolist() == [True, True, False, True]  # the faceless row takes no part
@@ -171,8 +173,9 @@ def test_lora_runs_take_it_and_dropped_rows_never_do():
     assert m.condition_masks(batch(), 4, None)[2] is None
 
 
+@pytest.mark.parametrize("jitter", [0.0, 0.08])
 @pytest.mark.parametrize("region", ["landmarks", [0.25, 0.1, 0.75, 0.6]])
-def test_only_the_face_window_is_decoded_and_it_gives_the_same_crop(region):
+def test_only_the_face_window_is_decoded_and_it_gives_the_same_crop(region, jitter):
     """Decoding each row's latent window around its face gives the crop that decoding the
     whole latent gives (a pointwise decoder: nearest upsampling by the VAE's factor)."""
 
@@ -186,11 +189,14 @@ def test_only_the_face_window_is_decoded_and_it_gives_the_same_crop(region):
         shapes.append(tuple(z.shape[-2:]))
         return F.interpolate(z, scale_factor=down, mode="nearest")
 
-    settings = IdentityLossSettings(region=region)
+    settings = IdentityLossSettings(region=region, jitter=jitter)
     faces = torch.rand(2, 3, 112, 112)
-    windowed = identity_loss(decode, latents, faces, network, settings, down, landmarks=marks)
+    windowed = identity_loss(decode, latents, faces, network, settings, down, landmarks=marks,
+                             generator=torch.Generator().manual_seed(5))
     assert all(s[0] < 32 and s[1] < 32 for s in shapes), shapes  # windows, not the whole latent
-    crops = face_region((decode(latents) + 1) / 2, region, network.config.image_size, marks)
+    size = network.config.image_size
+    moves = jitter_matrices(2, size, jitter, torch.Generator().manual_seed(5)) if jitter else None
+    crops = face_region((decode(latents) + 1) / 2, region, size, marks, jitter=moves)
     with torch.no_grad():
         full = (1 - F.cosine_similarity(network(crops)[0], network(faces)[0], dim=-1)).mean()
     torch.testing.assert_close(windowed, full, atol=1e-5, rtol=1e-5)
@@ -217,10 +223,23 @@ def test_flux_takes_it_through_its_own_clean_latent():
 
     m.transformer.forward = transformer
     real = type(m).add_identity_loss
-    m.add_identity_loss = (lambda self, loss, b, rows, clean: seen.update(rows=rows.clone()) or real(
-        self, loss * 0, b, rows, clean)).__get__(m)
+    m.add_identity_loss = (lambda self, loss, b, rows, clean, gen=None: seen.update(rows=rows.clone()) or real(
+        self, loss * 0, b, rows, clean, gen)).__get__(m)
     loss = m.diffusion_loss(batch(has_face=(True, True, True, True)), torch.Generator().manual_seed(0))
     loss.backward()
     rows = seen["rows"]
     assert int(rows.sum()) == 2 and (seen["timestep"][rows] < 0.2).all()
     assert m.transformer.proj_out.weight.grad.abs().sum() > 0
+
+
+def test_jitter_moves_each_crop_and_nothing_else():
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 3, 48, 48, generator=g)
+    still = face_region(image, "image", 32, jitter=jitter_matrices(3, 32, 0.0, g))
+    torch.testing.assert_close(still, face_region(image, [0, 0, 1, 1], 32))  # no jitter: the plain crop
+    moved = face_region(image, "image", 32, jitter=jitter_matrices(3, 32, 0.1, torch.Generator().manual_seed(1)))
+    again = face_region(image, "image", 32, jitter=jitter_matrices(3, 32, 0.1, torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(moved, again)  # drawn from the training generator: reproducible
+    assert (moved - still).abs().mean() > 0.05
+    with pytest.raises(UserError, match="jitter"):
+        IdentityLossSettings(jitter=0.6)

@@ -203,8 +203,11 @@ def test_flux_lora_export_equals_merge(tmp_path, tiny_shards, flux_base):
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, tiny_shards, quickstart_sdxl_dir, kind):
     """kill -9 after step 3 of an 8-step epoch of the LoRA quickstart (int8 base) and of the
     full SDXL quickstart, resume from the last checkpoint: the trained weights (adapters /
-    UNet, EMA) and the optimiser state end bitwise where the uninterrupted run's end."""
-    model_args = ({"pipeline": str(quickstart_sdxl_dir)} if kind == "sdxl-lora" else
+    UNet, EMA) and the optimiser state end bitwise where the uninterrupted run's end. The
+    LoRA run also trains with the identity loss (its rows, noise levels and crop jitter are
+    drawn from the resumable training generator)."""
+    model_args = ({"pipeline": str(quickstart_sdxl_dir),
+                   "identity_loss": {"weight": 0.5, "fraction": 0.5, "jitter": 0.05}} if kind == "sdxl-lora" else
                   {"encoder_l": "faceclip-tiny", "encoder_g": "faceclip-tiny"})
 
     def recipe(name, kill=None):
@@ -236,6 +239,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, tiny_shards, quickst
     assert a["global_step"] == b["global_step"] == 8
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all("lora_" in k for k in a["state_dict"]) == (kind == "sdxl-lora")
+    assert (a["hyper_parameters"].get("identity_loss") is not None) == (kind == "sdxl-lora")
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     ema_a, ema_b = (c["faceclip_zoo"].get("ema", {}).get("weights", {}) for c in (a, b))

@@ -363,7 +363,7 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         return self._identity_network[0].to(self.device)
 
     def add_identity_loss(self, loss: torch.Tensor, batch: dict, rows: torch.Tensor | None,
-                          clean_latents: torch.Tensor) -> torch.Tensor:
+                          clean_latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """loss + weight x the identity loss of the rows' predicted clean latents (scaled,
         as the denoiser sees them; tasks/identity_loss.py)."""
         if rows is None or not bool(rows.any()):
@@ -373,7 +373,7 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         term = identity_loss(lambda z: self.vae.decode((z / scale + shift).to(self.vae.dtype)).sample,
                              clean_latents[rows], batch["face"].to(self.device)[rows], self.identity_network,
                              self.identity_settings, self.vae_downsample,
-                             landmarks=None if marks is None else marks.to(self.device)[rows])
+                             landmarks=None if marks is None else marks.to(self.device)[rows], generator=generator)
         self.log("train/identity_loss", term, batch_size=int(rows.sum()))
         self.log("train/diffusion_loss", loss, batch_size=len(batch["caption"]))
         return loss + self.identity_settings.weight * term

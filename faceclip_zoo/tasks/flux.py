@@ -273,7 +273,7 @@ class FluxJointModule(JointDiffusionModule):
         if id_rows is None:
             return (weight * per_sample).mean()
         return self.add_identity_loss((weight * per_sample).mean(), batch, id_rows,
-                                      clean_latents(noisy, pred, sigmas, self.vae_downsample))
+                                      clean_latents(noisy, pred, sigmas, self.vae_downsample), generator)
 
     def encoder_face_network(self) -> torch.nn.Module:
         return self.condition.face_t5.face_encoder

@@ -48,6 +48,10 @@ class IdentityLossSettings:
         region: "image", "landmarks", or [left, top, right, bottom] in fractions of the image.
         network: "encoder" (the conditioning encoder's face ViT) or a face ViT model
             directory (`face_vit` config.json + model.safetensors).
+        jitter: shift and scale each row's face crop at random by up to this fraction of
+            its side (0.05: a few pixels), so that no pixel pattern read through one exact
+            crop can satisfy the face network (the images must hold the face, not an
+            adversarial pattern for one network).
     """
 
     weight: float = 0.1
@@ -55,12 +59,15 @@ class IdentityLossSettings:
     max_noise: float = 0.3
     region: Union[str, list[float]] = "image"
     network: str = "encoder"
+    jitter: float = 0.0
 
     def __post_init__(self):
         if self.weight < 0:
             raise UserError(f"identity_loss.weight must be >= 0, got {self.weight}")
         if not 0.0 < self.fraction <= 1.0:
             raise UserError(f"identity_loss.fraction must be in (0, 1], got {self.fraction}")
+        if not 0.0 <= self.jitter < 0.5:
+            raise UserError(f"identity_loss.jitter must be in [0, 0.5), got {self.jitter}")
         if not 0.0 < self.max_noise <= 1.0:
             raise UserError(f"identity_loss.max_noise must be in (0, 1], got {self.max_noise}")
         if isinstance(self.region, str):
@@ -137,16 +144,35 @@ def latent_windows(region, image_hw: tuple[int, int], size: int, landmarks: torc
     return out
 
 
+def jitter_matrices(n: int, size: int, amount: float, generator: torch.Generator | None) -> torch.Tensor:
+    """[n, 3, 3]: crop pixels -> crop pixels, each a random scale in 1 +- amount about the
+    crop's centre and a shift of up to amount x size."""
+    device = generator.device if generator is not None else "cpu"
+    u = (torch.rand(n, 3, generator=generator, device=device).cpu().double() * 2 - 1) * amount
+    scale, c = 1 + u[:, 0], size / 2
+    out = torch.zeros(n, 3, 3, dtype=torch.float64)
+    out[:, 0, 0] = out[:, 1, 1] = scale
+    out[:, 0, 2] = c - scale * c + u[:, 1] * size
+    out[:, 1, 2] = c - scale * c + u[:, 2] * size
+    out[:, 2, 2] = 1
+    return out
+
+
 def face_region(images: torch.Tensor, region, size: int, landmarks: torch.Tensor | None = None,
-                image_hw: tuple[int, int] | None = None, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                image_hw: tuple[int, int] | None = None, offset: tuple[int, int] = (0, 0),
+                jitter: torch.Tensor | None = None) -> torch.Tensor:
     """The face crops [B, 3, size, size] of images [B, 3, H, W] (differentiable). `images`
     may be a window of a training image of `image_hw` whose top-left pixel is `offset`
-    (x, y): a box and landmarks are in that image's pixels."""
-    if region == "image":
+    (x, y): a box and landmarks are in that image's pixels. `jitter` ([B, 3, 3], crop pixels
+    -> crop pixels) moves each crop."""
+    if region == "image" and jitter is None:
         return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    region = [0.0, 0.0, 1.0, 1.0] if region == "image" else region
     window_hw = tuple(images.shape[-2:])
     shift = torch.tensor([[1, 0, -offset[0]], [0, 1, -offset[1]], [0, 0, 1]], dtype=torch.float64)
     to_image = crop_to_image(region, image_hw or window_hw, size, landmarks).expand(len(images), 3, 3)
+    if jitter is not None:
+        to_image = to_image @ jitter
     theta = _to_normalised(window_hw) @ shift @ to_image @ torch.linalg.inv(_to_normalised((size, size)))
     grid = F.affine_grid(theta[:, :2].to(device=images.device, dtype=torch.float32), [len(images), 3, size, size],
                          align_corners=False)
@@ -172,21 +198,26 @@ def identity_rows(batch: dict, eligible: torch.Tensor, settings: IdentityLossSet
 
 
 def identity_loss(decode, clean_latents: torch.Tensor, faces: torch.Tensor, network: torch.nn.Module, settings,
-                  downsample: int, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+                  downsample: int, landmarks: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """mean(1 - cos) between the face network's identity of the face regions decoded from
     `clean_latents` (`decode`: latents -> images in [-1, 1]; only each row's latent window
     around its face is decoded) and of the reference crops (in [0, 1])."""
     size = network.config.image_size
+    n = len(clean_latents)
+    jitter = jitter_matrices(n, size, settings.jitter, generator) if settings.jitter > 0 else None
     image_hw = (clean_latents.shape[-2] * downsample, clean_latents.shape[-1] * downsample)
-    windows = latent_windows(settings.region, image_hw, size, landmarks, downsample)
+    windows = latent_windows(settings.region, image_hw, size, landmarks, downsample,
+                             margin=2 + int(settings.jitter * size / downsample + 0.999))
     if windows is None:
-        crops = face_region(((decode(clean_latents).float() + 1) / 2).clamp(0, 1), "image", size)
+        crops = face_region(((decode(clean_latents).float() + 1) / 2).clamp(0, 1), "image", size, jitter=jitter)
     else:
         crops = []
         for i, (top, left, bottom, right) in enumerate(windows):
             window = ((decode(clean_latents[i:i + 1, :, top:bottom, left:right]).float() + 1) / 2).clamp(0, 1)
             crops.append(face_region(window, settings.region, size, None if landmarks is None else landmarks[i:i + 1],
-                                     image_hw=image_hw, offset=(left * downsample, top * downsample)))
+                                     image_hw=image_hw, offset=(left * downsample, top * downsample),
+                                     jitter=None if jitter is None else jitter[i:i + 1]))
         crops = torch.cat(crops)
     dtype = next(network.parameters()).dtype
     generated = network(crops.to(dtype))[0].float()

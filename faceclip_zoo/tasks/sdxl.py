@@ -287,7 +287,8 @@ class SDXLJointModule(JointDiffusionModule):
             per_sample = per_sample * (clipped / (snr + 1 if kind == "v_prediction" else snr))
         if id_rows is None:
             return per_sample.mean()
-        return self.add_identity_loss(per_sample.mean(), batch, id_rows, self.predicted_clean(noisy, pred, t))
+        return self.add_identity_loss(per_sample.mean(), batch, id_rows, self.predicted_clean(noisy, pred, t),
+                                      generator)
 
     def predicted_clean(self, noisy: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z_0 implied by the UNet's prediction at z_t (epsilon or v)."""
