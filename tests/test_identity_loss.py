@@ -2,6 +2,7 @@
 norm_crop from prepare's landmarks, carried through decoding), the clean latent each family
 implies, and that the loss reaches the trained weights (full and LoRA) and lowers itself."""
 
+import json
 import warnings
 
 import numpy as np
@@ -243,3 +244,18 @@ def test_jitter_moves_each_crop_and_nothing_else():
     assert (moved - still).abs().mean() > 0.05
     with pytest.raises(UserError, match="jitter"):
         IdentityLossSettings(jitter=0.6)
+
+
+def test_the_judge_can_never_train_the_model(tmp_path):
+    """The identity loss reads a face ViT the training may read; evaluation's independent
+    judge (a ResNet folder of its own kind) is refused as its network."""
+    from faceclip_zoo.synthetic.judge import FaceJudge
+    from faceclip_zoo.models.io import write_safetensors
+
+    folder = tmp_path / "judge-resnet"
+    folder.mkdir()
+    write_safetensors(folder / "model.safetensors", FaceJudge().state_dict())
+    (folder / "config.json").write_text(json.dumps({"model_type": "synthetic_face_judge"}))
+    m = SDXLJointModule(identity_loss=IdentityLossSettings(network=str(folder)))
+    with pytest.raises(UserError, match="synthetic_face_judge"):
+        m.identity_network
