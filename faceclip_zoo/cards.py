@@ -21,14 +21,10 @@ PROJECT_LICENSE = "apache-2.0"
 RELEASE_LICENSE = "cc-by-nc-4.0"
 RELEASE_REPO = "ByteDance/FaceCLIP"
 
+# The kinds of folder that are not a pipeline family's (those describe themselves:
+# pipelines/family.py CARD_SUMMARY, CARD_TAGS, PIPELINE_TAG)
 KINDS = {
     # kind: (what it is, library_name, pipeline_tag, tags)
-    "sdxl_pipeline": ("a FaceCLIP-SDXL text-to-image pipeline (FaceCLIPSDXLPipeline): two FaceCLIP "
-                      "branches, an SDXL UNet, its VAE and sampler", "diffusers", "text-to-image",
-                      ["sdxl", "text-to-image"]),
-    "flux_pipeline": ("a FaceT5-FLUX text-to-image pipeline (FaceT5FluxPipeline): the FaceT5 encoder, "
-                      "a CLIP-L text model, a FLUX transformer, its VAE and sampler", "diffusers",
-                      "text-to-image", ["flux", "text-to-image"]),
     "model_dir": ("a faceclip_zoo model directory (model.safetensors + config.json)",
                   "faceclip_zoo", "feature-extraction", ["encoder"]),
     "diffusers_model": ("a diffusers model folder converted from the official release", "diffusers",
@@ -37,13 +33,10 @@ KINDS = {
              "diffusers", "text-to-image", ["lora", "text-to-image"]),
 }
 
+PIPELINE_LOAD = ("from faceclip_zoo.pipelines.export import load_pipeline\n"
+                 "pipe = load_pipeline(\"{path}\")\n"
+                 "image = pipe(\"a photo of a person in a red hat\", face_image=\"me.jpg\").images[0]")
 LOAD = {
-    "sdxl_pipeline": ("from faceclip_zoo.pipelines.export import load_pipeline\n"
-                      "pipe = load_pipeline(\"{path}\")\n"
-                      "image = pipe(\"a photo of a person in a red hat\", face_image=\"me.jpg\").images[0]"),
-    "flux_pipeline": ("from faceclip_zoo.pipelines.export import load_pipeline\n"
-                      "pipe = load_pipeline(\"{path}\")\n"
-                      "image = pipe(\"a photo of a person in a red hat\", face_image=\"me.jpg\").images[0]"),
     "model_dir": ("from faceclip_zoo.models import load_model_dir\n"
                   "model = load_model_dir(\"{path}\")\n"
                   "# a FaceCLIP / FaceT5 encoder: model.encode([\"a photo of a person\"], aligned_faces)"),
@@ -134,9 +127,17 @@ def inherited_lineage(recipe_text: str | None) -> tuple[bool, str | None]:
 def render_card(folder: Path, facts: CardFacts) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
-    if facts.kind not in KINDS:
-        raise UserError(f"no model card for kind {facts.kind!r}; known: {sorted(KINDS)}")
-    what, library, task, tags = KINDS[facts.kind]
+    from faceclip_zoo.pipelines.family import pipeline_classes
+
+    families = pipeline_classes()
+    if facts.kind in families:
+        family = families[facts.kind]
+        (what, library, task, tags), load = (family.CARD_SUMMARY, "diffusers", family.PIPELINE_TAG,
+                                             list(family.CARD_TAGS)), PIPELINE_LOAD
+    elif facts.kind in KINDS:
+        (what, library, task, tags), load = KINDS[facts.kind], LOAD[facts.kind]
+    else:
+        raise UserError(f"no model card for kind {facts.kind!r}; known: {sorted(KINDS) + sorted(families)}")
     what = facts.what or what
     data = ModelCardData(
         license=RELEASE_LICENSE if facts.from_release else PROJECT_LICENSE,
@@ -146,8 +147,8 @@ def render_card(folder: Path, facts: CardFacts) -> str:
     )
     lines = [f"# {folder.name}", "", f"This folder holds {what}, written by "
              "faceclip_zoo (an open training framework for FaceCLIP).", "",
-             "## How to load", "", "```python", LOAD[facts.kind].format(path=folder.as_posix(), base=facts.adapts or "<base pipeline>"), "```", ""]
-    if facts.kind in ("sdxl_pipeline", "flux_pipeline"):
+             "## How to load", "", "```python", load.format(path=folder.as_posix(), base=facts.adapts or "<base pipeline>"), "```", ""]
+    if facts.kind in families:
         lines += ["```bash", f"python -m faceclip_zoo generate --pipeline {folder.as_posix()} --face me.jpg "
                   "--prompt \"a photo of a person in a red hat\" --out out.png", "```", ""]
     lines += ["## Provenance", "", f"- Made by: {facts.made_by}",
@@ -189,7 +190,7 @@ def describe_folder(folder: Path) -> tuple[str, str]:
     if own.get("kind") == "lora":
         return "lora", None
     if (folder / "model_index.json").is_file():
-        from faceclip_zoo.pipelines.export import pipeline_classes
+        from faceclip_zoo.pipelines.family import pipeline_classes
 
         name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
         kinds = {cls.__name__: kind for kind, cls in pipeline_classes().items()}

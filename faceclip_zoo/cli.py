@@ -68,7 +68,7 @@ ZOO_COMMANDS: dict[str, ZooCommand] = {
                            "encoder -> zero-shot, t-SNE"),
     "ablation": ZooCommand("faceclip_zoo.evaluation.ablation:ablation",
                            "the paper's loss ablation (Table 3) and Fig. 2 in miniature, synthetic identities"),
-    "prepare": ZooCommand("faceclip_zoo.data.prepare:prepare", "photos + captions -> aligned, filtered training shards",
+    "prepare": ZooCommand("faceclip_zoo.prepare:prepare", "photos + captions -> aligned, filtered training shards",
                           _prepared),
     "cache": ZooCommand("faceclip_zoo.cache:cache", "fit recipe + shards -> frozen-model outputs stored in the shards",
                         _cached),

@@ -62,18 +62,15 @@ class DemoSession:
         self.pipeline_dir = str(pipeline)
         self.pipe = open_pipeline(pipeline, device, dtype)
         self.pipe.set_progress_bar_config(disable=True)
-        self.kind = "FLUX" if hasattr(self.pipe, "transformer") else "SDXL"
+        self.kind = self.pipe.FAMILY
         self.native_size = self.pipe.default_size()
         self.multiple = self.pipe.size_multiple()
         self._lock = threading.Lock()  # one generation at a time on the one pipeline
 
     def defaults(self) -> dict:
-        """The pipeline's own guidance (shown as the slider's start): an SDXL folder's stored
-        default (its recipe's, else the release's 5.0); FLUX: the release's true CFG."""
-        from faceclip_zoo.pipelines.defaults import FLUX_DEFAULTS
-
-        return {"guidance": FLUX_DEFAULTS["true_cfg_scale"] if self.kind == "FLUX"
-                else self.pipe.default_guidance, "size": self.native_size}
+        """The pipeline's own guidance (shown as the slider's start): the folder's stored
+        default (its recipe's, else the release's: SDXL 5.0, FLUX's true CFG 3.5)."""
+        return {"guidance": self.pipe.default_guidance, "size": self.native_size}
 
     def check(self, request: Request) -> None:
         """Settings out of range -> UserError naming the setting and its range."""

@@ -326,7 +326,7 @@ def test_clip_t_with_a_transformers_clip_folder(tmp_path):
 
 def test_synthetic_benchmark_scores_ceilings_generations_and_the_no_face_control(tmp_path, quickstart_sdxl_dir, tiny_shards):
     from faceclip_zoo.cli import main
-    from faceclip_zoo.synthetic.benchmark import identity_scores, load_validation_samples
+    from faceclip_zoo.evaluation.synthetic_benchmark import identity_scores, load_validation_samples
     from faceclip_zoo.models.face_vit import FaceViTIdentity
 
     torch.manual_seed(0)
@@ -378,7 +378,7 @@ def test_identity_oracle_trains_only_its_token_map_and_is_scored_from_its_checkp
     export; `evaluate --benchmark synthetic` scores it straight from its fit checkpoint."""
     from faceclip_zoo.cli import main
     from faceclip_zoo.evaluation.oracle import OracleSDXLModule
-    from faceclip_zoo.synthetic.benchmark import pipeline_of_fit_checkpoint
+    from faceclip_zoo.evaluation.synthetic_benchmark import pipeline_of_fit_checkpoint
 
     torch.manual_seed(0)
     encoder_dir = save_model_dir(FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")).eval(), tmp_path / "enc")
@@ -424,7 +424,7 @@ def test_probes_read_identity_from_the_condition_and_the_loss_gap_by_timestep(tm
                                                                               tiny_shards):
     from faceclip_zoo.cli import main
     from faceclip_zoo.synthetic.faces import render, sample_identity, sample_variation
-    from faceclip_zoo.synthetic.probes import TIMESTEPS, head_mask, identity_in_embeddings
+    from faceclip_zoo.evaluation.probes import TIMESTEPS, head_mask, identity_in_embeddings
 
     # the head's box, in latent pixels, is where a rendered scene differs from its background
     rng = np.random.default_rng(0)
@@ -485,9 +485,9 @@ def test_linear_generator_draws_what_the_condition_determines():
     background word, its held-out images show both; with the face zeroed, the background only."""
     from types import SimpleNamespace
 
-    from faceclip_zoo.synthetic.benchmark import image_scores, reference_vectors
+    from faceclip_zoo.evaluation.synthetic_benchmark import image_scores, reference_vectors
     from faceclip_zoo.synthetic.faces import BACKGROUNDS
-    from faceclip_zoo.synthetic.probes import linear_generator
+    from faceclip_zoo.evaluation.probes import linear_generator
 
     gen = torch.Generator().manual_seed(0)
     names = list(BACKGROUNDS)

@@ -155,7 +155,7 @@ def test_prepare_counts_every_path_it_is_given(tmp_path, photos, monkeypatch):
 
     from PIL import Image
 
-    from faceclip_zoo.data.prepare import prepare
+    from faceclip_zoo.prepare import prepare
 
     root = tmp_path / "in"
     (root / "locked").mkdir(parents=True)

@@ -17,7 +17,7 @@ import yaml
 
 from faceclip_zoo.cli import main
 from faceclip_zoo.config import FaceCLIPConfig
-from faceclip_zoo.synthetic.benchmark import evaluate_synthetic, load_validation_samples
+from faceclip_zoo.evaluation.synthetic_benchmark import evaluate_synthetic, load_validation_samples
 from faceclip_zoo.models import FaceCLIPEncoder, load_model_dir
 from faceclip_zoo.models.face_vit import FaceViTIdentity
 from faceclip_zoo.models.io import save_model_dir

@@ -249,7 +249,7 @@ def test_jitter_moves_each_crop_and_nothing_else():
 def test_the_judge_can_never_train_the_model(tmp_path):
     """The identity loss reads a face ViT the training may read; evaluation's independent
     judge (a ResNet folder of its own kind) is refused as its network."""
-    from faceclip_zoo.synthetic.judge import FaceJudge
+    from faceclip_zoo.evaluation.judge import FaceJudge
     from faceclip_zoo.models.io import write_safetensors
 
     folder = tmp_path / "judge-resnet"

@@ -58,3 +58,45 @@ def test_no_import_cycle():
 def test_the_cycle_finder_finds_cycles():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+# The package's folders from the bottom up. A module may import its own folder, those below
+# it and the package's top-level modules (config, utils, the commands), never a folder above:
+# the synthetic world sits with data, its benchmark and judges with evaluation.
+LAYERS = [{"models"}, {"data", "synthetic"}, {"pipelines"}, {"tasks"}, {"evaluation", "bench"}]
+
+
+def _folder(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else None
+
+
+def _layer(folder: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if folder in names)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for name, imports in sorted(graph.items()):
+        here = _folder(name)
+        if here is None:
+            continue
+        for target in sorted(imports):
+            there = _folder(target)
+            if there is not None and _layer(there) > _layer(here):
+                found.append(f"{name} -> {target}")
+    return found
+
+
+def test_no_folder_imports_one_above_it():
+    mods = _modules()
+    folders = {_folder(m) for m in mods} - {None}
+    assert folders == set().union(*LAYERS), "a new folder needs its place in LAYERS"
+    graph = {name: _imports(path, name, mods) for name, path in mods.items()}
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_finds_an_upward_import():
+    graph = {"faceclip_zoo.data.x": {"faceclip_zoo.tasks.y"}, "faceclip_zoo.tasks.y": {"faceclip_zoo.data.x"},
+             "faceclip_zoo.cli": {"faceclip_zoo.bench.z"}}
+    assert upward_imports(graph) == ["faceclip_zoo.data.x -> faceclip_zoo.tasks.y"]

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from faceclip_zoo.data.prepare import Filters, prepare
+from faceclip_zoo.prepare import Filters, prepare
 from faceclip_zoo.utils import UserError
 
 
@@ -185,7 +185,7 @@ def test_manifest_describes_the_run(hostile_run):
 def test_rerun_is_idempotent_and_does_no_work(hostile, hostile_run, monkeypatch):
     out, manifest = hostile_run
     before = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
-    import faceclip_zoo.data.prepare as prep
+    import faceclip_zoo.prepare as prep
 
     monkeypatch.setattr(prep, "process_record", lambda *a, **k: pytest.fail("re-processed a finished input"))
     again = prepare(str(hostile), str(out), detector="mtcnn", samples_per_shard=4, progress=False)

@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import REPO
 from test_prepare import _cli, _photo, astronaut, read_rejects, read_shards  # noqa: F401 (fixture)
 
-from faceclip_zoo.data.prepare import prepare
+from faceclip_zoo.prepare import prepare
 
 IMG2DATASET = "img2dataset==1.47.0"
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from faceclip_zoo.synthetic.attributes import ATTRIBUTES, ReaderConfig, caption_attributes, majority_chance
-from faceclip_zoo.synthetic.judge import JudgeConfig, train_judge, judge_world_spec
-from faceclip_zoo.synthetic.protocol import (
+from faceclip_zoo.evaluation.attributes import ATTRIBUTES, ReaderConfig, caption_attributes, majority_chance
+from faceclip_zoo.evaluation.judge import JudgeConfig, train_judge, judge_world_spec
+from faceclip_zoo.evaluation.protocol import (
     gallery_similarities, person_bootstrap, render_test_world, world_spec_of_recipe,
 )
 from faceclip_zoo.synthetic.world import RESERVED_SEEDS, TEST_WORLD_SEEDS, SyntheticSpec, generate
@@ -94,17 +94,17 @@ def test_the_synthetic_benchmark_reports_on_test_worlds_and_never_reads_the_vali
     from faceclip_zoo.config import FaceViTConfig
     from faceclip_zoo.models.face_vit import FaceViT
     from faceclip_zoo.models.io import save_model_dir
-    from faceclip_zoo.synthetic import benchmark, judge as judge_module
+    from faceclip_zoo.evaluation import judge as judge_module, synthetic_benchmark as benchmark
 
     def no_validation_world(*args, **kwargs):
         raise AssertionError("the protocol read a validation split")
 
     monkeypatch.setattr(benchmark, "load_validation_samples", no_validation_world)
-    from faceclip_zoo.synthetic import attributes
+    from faceclip_zoo.evaluation import attributes
 
     monkeypatch.setattr(judge_module, "JudgeConfig", lambda: TINY_JUDGE)
     monkeypatch.setattr(attributes, "ReaderConfig", lambda: TINY_READER)
-    monkeypatch.setattr("faceclip_zoo.synthetic.protocol.TEST_PEOPLE", 3)
+    monkeypatch.setattr("faceclip_zoo.evaluation.protocol.TEST_PEOPLE", 3)
     torch.manual_seed(0)
     face_vit = save_model_dir(FaceViT(FaceViTConfig.from_name("face-vit-tiny")).eval(), tmp_path / "vit")
     monkeypatch.chdir(tmp_path)  # the judge is trained into the default priors folder, under here

@@ -49,7 +49,7 @@ def _parse_options(function, recipe: Path, *args: str):
 
 @pytest.mark.parametrize("recipe", PREPARE, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_prepare_recipe_parses(recipe):
-    from faceclip_zoo.data.prepare import prepare
+    from faceclip_zoo.prepare import prepare
 
     cfg = _parse_options(prepare, recipe, "--input", "photos", "--out", "shards")
     assert cfg.filters.multiple_faces in ("largest", "reject") and cfg.face_size == 448
@@ -84,7 +84,7 @@ def test_ablation_config_and_the_recipes_it_writes_parse(recipe, tmp_path, monke
 
 
 def test_the_synthetic_world_is_read_from_the_recipe(tmp_path):
-    from faceclip_zoo.synthetic.benchmark import synthetic_world
+    from faceclip_zoo.evaluation.synthetic_benchmark import synthetic_world
     from faceclip_zoo.utils import UserError
 
     recipe = yaml.safe_load((REPO / "recipes" / "quickstart" / "sdxl.yaml").read_text())

@@ -59,7 +59,7 @@ def test_scene_face_crop_finds_the_face_at_every_framing():
 
     import torch
 
-    from faceclip_zoo.synthetic.benchmark import scene_face_crop
+    from faceclip_zoo.evaluation.synthetic_benchmark import scene_face_crop
 
     rng = np.random.default_rng(5)
     ident = sample_identity(rng)

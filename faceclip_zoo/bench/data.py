@@ -69,7 +69,7 @@ def prepare_row(ctx: Context) -> Row:
     from faceclip_zoo.bench.prepare_photos import write_photos
     from faceclip_zoo.data.detect import build_detector
     from faceclip_zoo.data.images import load_image
-    from faceclip_zoo.data.prepare import prepare
+    from faceclip_zoo.prepare import prepare
 
     s = ctx.size
     n = s.prepare_photos
@@ -111,7 +111,7 @@ def scale_row(ctx: Context) -> Row:
     import torch
 
     from faceclip_zoo.bench.prepare_photos import write_photos
-    from faceclip_zoo.data.prepare import prepare
+    from faceclip_zoo.prepare import prepare
 
     s = ctx.size
     n = 4 * s.prepare_photos

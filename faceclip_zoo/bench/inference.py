@@ -23,7 +23,7 @@ def pipeline_rows(ctx: Context) -> list[Row]:
     module = sdxl_module(ctx).eval()
     pipe = FaceCLIPSDXLPipeline.from_module(module, use_ema=False).to(ctx.device, ctx.dtype)
     pipe.set_progress_bar_config(disable=True)
-    sdxl = pipe.sdxl_pipeline()
+    sdxl = pipe.diffusers_pipeline()
     prompt = ctx.captions(1)[0]
     face_size = module.condition.face_size
     crop = torch.rand(3, face_size, face_size, generator=torch.Generator().manual_seed(0))

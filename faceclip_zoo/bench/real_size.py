@@ -224,7 +224,7 @@ def run_recipe(run: RecipeRun, *, size: str, device: str, standins: Path, shards
 def prepare_shards(folder: Path, photos: int, side: int) -> Path:
     """Shards `prepare` makes from real photos (skimage's astronaut, varied): what the runs read."""
     from faceclip_zoo.bench.prepare_photos import write_photos
-    from faceclip_zoo.data.prepare import prepare
+    from faceclip_zoo.prepare import prepare
 
     out = folder / "shards"
     if (out / "manifest.json").is_file():

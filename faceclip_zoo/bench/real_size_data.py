@@ -41,7 +41,7 @@ def data_rates(device: str, size: str, work: Path, cache_config: Path | None) ->
     """-> {"prepare": [{batch, photos, accepted, seconds, photos_per_second}], "cache": {...}}
     (also work/data.json)."""
     from faceclip_zoo.cache import cache
-    from faceclip_zoo.data.prepare import prepare
+    from faceclip_zoo.prepare import prepare
 
     photos = 64 if device == "cuda" else (8 if size == "real" else 4)
     side = 1024 if size == "real" else 512

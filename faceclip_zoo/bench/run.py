@@ -36,13 +36,13 @@ ROW_EXTRAS = ("identity-loss",)
 
 
 def _plan():
-    """(section, runner) in the order that lets the SDXL stage be built once and freed
-    before FLUX's is built."""
+    """(section, runner, whether the shared SDXL stage is freed first) in the order that lets
+    the SDXL stage be built once and freed before FLUX's is built."""
     from faceclip_zoo.bench import data, diffusion, encoder, identity_loss, inference, lora
 
-    return [("encoder", encoder.run), ("diffusion", diffusion.run_sdxl), ("lora", lora.run),
-            ("inference", inference.run), ("identity-loss", identity_loss.run), ("diffusion", diffusion.run_flux),
-            ("data", data.run)]
+    return [("encoder", encoder.run, False), ("diffusion", diffusion.run_sdxl, False), ("lora", lora.run, False),
+            ("inference", inference.run, False), ("identity-loss", identity_loss.run, False),
+            ("diffusion", diffusion.run_flux, True), ("data", data.run, False)]
 
 
 def bench(
@@ -127,10 +127,10 @@ def bench(
         print(header, flush=True)
     rows: list[Row] = []
     started = time.time()
-    for name, runner in _plan():
+    for name, runner, free_shared in _plan():
         if name not in wanted:
             continue
-        if runner.__module__.endswith("diffusion") and runner.__name__ == "run_flux":
+        if free_shared:
             ctx.shared.clear()  # the SDXL stage is done with: free it before FLUX's
             release_memory(device)
         t = time.time()

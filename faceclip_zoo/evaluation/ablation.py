@@ -70,7 +70,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     for key in ("encoder_recipe", "diffusion_recipe"):
         if not Path(cfg[key]).is_file():
             raise UserError(f"{p}: {key} {cfg[key]} not found")
-    from faceclip_zoo.synthetic.benchmark import synthetic_world
+    from faceclip_zoo.evaluation.synthetic_benchmark import synthetic_world
 
     synthetic_world(cfg["diffusion_recipe"])  # its pipelines are scored on test worlds drawn like its world
     unknown = sorted(set(cfg["eval"]) - set(DEFAULTS["eval"]))
@@ -224,10 +224,10 @@ def run_ablation(cfg: dict[str, Any]) -> dict[str, Any]:
     from faceclip_zoo.evaluation.encoder import identity_structure
     from faceclip_zoo.models.io import load_model_dir
     from faceclip_zoo.pipelines.export import load_pipeline
-    from faceclip_zoo.synthetic.attributes import ReaderConfig
-    from faceclip_zoo.synthetic.benchmark import run_synthetic_benchmark
-    from faceclip_zoo.synthetic.judge import JudgeConfig
-    from faceclip_zoo.synthetic.protocol import TEST_PEOPLE, _recipe_of, render_test_world, world_spec_of_recipe
+    from faceclip_zoo.evaluation.attributes import ReaderConfig
+    from faceclip_zoo.evaluation.synthetic_benchmark import run_synthetic_benchmark
+    from faceclip_zoo.evaluation.judge import JudgeConfig
+    from faceclip_zoo.evaluation.protocol import TEST_PEOPLE, _recipe_of, render_test_world, world_spec_of_recipe
     from faceclip_zoo.synthetic.world import TEST_WORLD_SEEDS
 
     out = Path(cfg["out"])

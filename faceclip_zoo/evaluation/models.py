@@ -138,7 +138,7 @@ class FaceLocator:
             return F.interpolate(to_tensor(image)[None], size=(self.size, self.size), mode="bilinear",
                                  antialias=True, align_corners=False)[0]
         if self.mode == "synthetic-scene":
-            from faceclip_zoo.synthetic.benchmark import scene_face_crop
+            from faceclip_zoo.evaluation.synthetic_benchmark import scene_face_crop
 
             return scene_face_crop(to_tensor(image)[None], self.size, self.scene_scale)[0]
         from faceclip_zoo.data.align import crop_face

@@ -79,7 +79,7 @@ def evaluate(
         pipeline: an exported pipeline folder (SDXL or FLUX); with --benchmark synthetic
             also an SDXL oracle fit checkpoint.
         benchmark: a benchmark spec YAML (see faceclip_zoo/evaluation/spec.py), or
-            "synthetic": the held-out synthetic identities (faceclip_zoo/synthetic/benchmark.py).
+            "synthetic": the held-out synthetic identities (faceclip_zoo/evaluation/synthetic_benchmark.py).
         batch_size: images per pipeline call (default: the spec's).
         device: cpu, cuda, cuda:1, ... (auto: cuda when present).
         dtype: auto: bfloat16 on CUDA, float32 on CPU.
@@ -108,7 +108,7 @@ def evaluate(
         if not benchmark:
             raise UserError("--pipeline needs --benchmark <spec.yaml> or --benchmark synthetic")
         if benchmark == "synthetic":
-            from faceclip_zoo.synthetic.benchmark import run_synthetic_benchmark
+            from faceclip_zoo.evaluation.synthetic_benchmark import run_synthetic_benchmark
 
             device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
             results = run_synthetic_benchmark(pipeline, out, synthetic_val, face_id, steps, guidance, seed,

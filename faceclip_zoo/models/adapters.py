@@ -65,8 +65,8 @@ class LoraSettings:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict | "LoraSettings") -> "LoraSettings":
-        return d if isinstance(d, LoraSettings) else cls(**d)
+    def from_dict(cls, d: "dict | LoraSettings | None") -> "LoraSettings | None":
+        return d if d is None or isinstance(d, LoraSettings) else cls(**d)
 
 
 def add_lora(model: torch.nn.Module, settings: LoraSettings, denoiser: str) -> None:

@@ -3,8 +3,8 @@
     prompt_embeds        = FaceT5(prompt, face)                    [B, 512, 4096]
     pooled_prompt_embeds = CLIP-L text model pooler output(prompt)  [B, 768] (no face)
 
-The unconditional branch is a zero face and the negative (or empty) prompt. Same
-interface as SDXLCondition, so the Lightning tasks, caching and pipelines drive both.
+The unconditional branch is a zero face and the negative (or empty) prompt
+(models/condition.py: what the families share).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from faceclip_zoo.models.condition import FaceFeatures, JointCondition
 from faceclip_zoo.models.facet5 import FaceT5Encoder
-from faceclip_zoo.models.sdxl_condition import FaceFeatures, SDXLCondition
 
 
-class FluxCondition(nn.Module):
+class FluxCondition(JointCondition):
     def __init__(self, face_t5: FaceT5Encoder, clip_text: nn.Module, clip_tokenizer):
         super().__init__()
         self.face_t5 = face_t5
@@ -38,19 +38,10 @@ class FluxCondition(nn.Module):
     def pooled_dim(self) -> int:
         return self.clip_text.config.hidden_size
 
-    @property
-    def face_size(self) -> int:
-        return self.face_t5.config.face.image_size
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.clip_text.eval()  # frozen
         return self
-
-    average_references = staticmethod(SDXLCondition.average_references)
-
-    def face_features(self, face_images: torch.Tensor) -> tuple[FaceFeatures]:
-        return (self.face_t5.encode_face(face_images),)
 
     @torch.no_grad()
     def pooled(self, prompts: Sequence[str], device) -> torch.Tensor:
@@ -59,20 +50,11 @@ class FluxCondition(nn.Module):
                                   padding="max_length", truncation=True, return_tensors="pt").input_ids
         return self.clip_text(ids.to(device)).pooler_output
 
-    def forward(
-        self, prompts: Sequence[str], face_images: torch.Tensor | None, has_face: torch.Tensor,
-        face_features: tuple[FaceFeatures] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (prompt_embeds [B, L, W], pooled [B, clip width])."""
+    def forward(self, prompts: Sequence[str], face_images: torch.Tensor | None, has_face: torch.Tensor,
+                face_features: tuple[FaceFeatures] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (prompt_embeds [B, L, W], pooled [B, clip width]) (see JointCondition.forward)."""
         device = has_face.device
         ids = self.face_t5.tokenize(prompts).to(device)
         feats = None if face_features is None else face_features[0]
         out = self.face_t5(face_images, ids, has_face, face_features=feats)
         return out.embeds, self.pooled(prompts, device).to(out.embeds.dtype)
-
-    @torch.no_grad()
-    def unconditional(self, prompts: Sequence[str], device, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The release's negative branch: zero face and the given (negative) prompts."""
-        b, size = len(prompts), self.face_size
-        faces = torch.zeros(b, 3, size, size, device=device, dtype=dtype)
-        return self(prompts, faces, torch.zeros(b, dtype=torch.bool, device=device))

@@ -23,54 +23,59 @@ from faceclip_zoo.models.facet5 import FaceT5Encoder
 from faceclip_zoo.utils import UserError
 
 
-class FaceCLIPEncoderModel(ModelMixin, ConfigMixin):
+class JointEncoderModel(ModelMixin, ConfigMixin):
+    """One of our joint encoders as a diffusers component. Subclasses name the model type
+    (as our model directories do), the config.json key of its config, and build `encoder`."""
+
     config_name = "config.json"
+    MODEL_TYPE: str
+    CONFIG_KEY: str
+
+    @classmethod
+    def from_encoder(cls, encoder) -> "JointEncoderModel":
+        with torch.device("meta"):
+            model = cls(**{cls.CONFIG_KEY: encoder.config.to_dict()})
+        model.encoder = encoder
+        return model
+
+    @classmethod
+    def from_export(cls, path: str | os.PathLike) -> "JointEncoderModel":
+        """From one of our model directories (export or convert output)."""
+        from faceclip_zoo.models.io import load_model_dir
+
+        return cls.from_encoder(load_model_dir(path, expect=cls.MODEL_TYPE))
+
+    def forward(self, face_images, input_ids, has_face, face_features=None) -> JointOutput:
+        return self.encoder(face_images, input_ids, has_face, face_features=face_features)
+
+
+class FaceCLIPEncoderModel(JointEncoderModel):
+    """A FaceCLIP branch (config.json holds the FaceCLIPConfig)."""
+
+    MODEL_TYPE, CONFIG_KEY = "faceclip", "faceclip_config"
 
     @register_to_config
     def __init__(self, faceclip_config: dict[str, Any] | None = None):
         super().__init__()
-        cfg = FaceCLIPConfig.from_dict(faceclip_config) if faceclip_config else FaceCLIPConfig()
-        self.encoder = FaceCLIPEncoder(cfg)
-
-    @classmethod
-    def from_encoder(cls, encoder: FaceCLIPEncoder) -> "FaceCLIPEncoderModel":
-        with torch.device("meta"):
-            model = cls(faceclip_config=encoder.config.to_dict())
-        model.encoder = encoder
-        return model
-
-    @classmethod
-    def from_export(cls, path: str | os.PathLike) -> "FaceCLIPEncoderModel":
-        """From one of our model directories (export or convert output)."""
-        from faceclip_zoo.models.io import load_model_dir
-
-        return cls.from_encoder(load_model_dir(path, expect="faceclip"))
-
-    def forward(self, face_images, input_ids, has_face, face_features=None) -> JointOutput:
-        return self.encoder(face_images, input_ids, has_face, face_features=face_features)
+        self.encoder = FaceCLIPEncoder(FaceCLIPConfig.from_dict(faceclip_config) if faceclip_config
+                                       else FaceCLIPConfig())
 
 
-class FaceT5EncoderModel(ModelMixin, ConfigMixin):
-    """The FaceT5 encoder as a diffusers component (config.json holds the FaceT5Config;
-    its T5 tokenizer is the pipeline's `tokenizer_2` component)."""
+class FaceT5EncoderModel(JointEncoderModel):
+    """The FaceT5 encoder (config.json holds the FaceT5Config; its T5 tokenizer is the
+    pipeline's `tokenizer_2` component)."""
 
-    config_name = "config.json"
+    MODEL_TYPE, CONFIG_KEY = "facet5", "facet5_config"
 
     @register_to_config
     def __init__(self, facet5_config: dict[str, Any] | None = None):
         super().__init__()
-        cfg = FaceT5Config.from_dict(facet5_config) if facet5_config else FaceT5Config()
-        self.encoder = FaceT5Encoder(cfg)
+        self.encoder = FaceT5Encoder(FaceT5Config.from_dict(facet5_config) if facet5_config else FaceT5Config())
 
-    @classmethod
-    def from_encoder(cls, encoder: FaceT5Encoder) -> "FaceT5EncoderModel":
-        with torch.device("meta"):
-            model = cls(facet5_config=encoder.config.to_dict())
-        model.encoder = encoder
-        return model
 
-    def forward(self, face_images, input_ids, has_face, face_features=None) -> JointOutput:
-        return self.encoder(face_images, input_ids, has_face, face_features=face_features)
+def encoder_component_classes() -> dict[str, type[JointEncoderModel]]:
+    """Our encoder component classes by the `_class_name` their folders' config.json carries."""
+    return {cls.__name__: cls for cls in JointEncoderModel.__subclasses__()}
 
 
 class _NoTextEncoderNotes(logging.Filter):

@@ -1,6 +1,5 @@
-"""Pipeline folders: the registry of pipeline kinds, saving and loading, and what the
-pipeline classes share when they build themselves from a task (SDXLJointModule ->
-FaceCLIPSDXLPipeline, FluxJointModule -> FaceT5FluxPipeline; see their `from_module` and
+"""Pipeline folders: saving and loading any family's pipeline (the registry of families is
+pipelines/family.py; each class builds itself from a task with `from_module` and
 `from_checkpoint`).
 
 A pipeline folder is diffusers' own layout (model_index.json, one sub-folder per
@@ -16,17 +15,8 @@ from pathlib import Path
 
 import torch
 
+from faceclip_zoo.pipelines.family import pipeline_classes  # noqa: F401 (the registry, read from here too)
 from faceclip_zoo.utils import UserError
-
-
-def pipeline_classes() -> dict[str, type]:
-    """The registry of pipeline kinds, by the kind name a fit checkpoint's export entry and
-    a folder's faceclip_zoo.json carry. Each class builds itself from a live task module
-    (`from_module`) or a fit checkpoint (`from_checkpoint`)."""
-    from faceclip_zoo.pipelines.flux import FaceT5FluxPipeline
-    from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
-
-    return {cls.ZOO_KIND: cls for cls in (FaceCLIPSDXLPipeline, FaceT5FluxPipeline)}
 
 
 def save_pipeline(pipe, out: str | os.PathLike, recipe: str | None = None,

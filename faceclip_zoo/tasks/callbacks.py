@@ -95,7 +95,7 @@ class ExportOnFitEnd(Callback):
                 for logger in trainer.loggers:  # the last metrics reach the model card
                     logger.save()
                 recipe = find_run_config(folder / "checkpoints" / "x")
-                lora = bool(getattr(pl_module, "hparams", {}).get("lora"))
+                lora = getattr(pl_module, "lora_settings", None) is not None
                 out = export_checkpoint(str(ckpt), self.dirpath, part=self.part, recipe=str(recipe) if recipe else None,
                                         merge=self.merge and lora, overwrite=True)
                 log.info("exported to %s", out)

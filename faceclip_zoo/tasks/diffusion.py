@@ -1,150 +1,222 @@
-"""What the diffusion stages share (SDXLJointModule, FluxJointModule).
+"""What every diffusion family's task shares (SDXLJointModule, FluxJointModule): one
+declaration of the shared constructor arguments and of everything built from them.
 
-A subclass builds `self.condition` (SDXLCondition / FluxCondition: the same interface),
-the denoiser (named by DENOISER: "unet" / "transformer"), `self.vae` + `self.vae_config`,
-and implements `diffusion_loss(batch, generator)`, `pipeline()` and `export_spec()`.
+A family's task subclasses JointDiffusionModule, points `PIPELINE` at its pipeline class
+(pipelines/family.py: kind, denoiser, component folders, defaults), declares only its own
+arguments (its encoders, denoiser and loss) and passes the rest on (`**kwargs`: LightningCLI
+and jsonargparse read the shared ones from here); it builds `self.condition` (a
+models/condition.py JointCondition), calls `build_denoiser_and_vae`, and implements
+`diffusion_loss(batch, generator)`, `load_encoder_weights()` and `condition_spec()`.
 This base owns the rest: VAE latents (cached or computed), the condition with dropout,
 EMA of the denoiser (diffusers' EMAModel) saved by name in checkpoints, the validation
-loss and image grid, and the optimiser; and the adapter runs: a pipeline folder as the
-starting point, its denoiser frozen (optionally in bf16 or quantised weight-only) under
-LoRA / DoRA adapters that alone train, and checkpoints that hold only what trains.
+loss and image grid, the identity loss, and the optimiser; and the adapter runs: a
+pipeline folder as the starting point, its denoiser frozen (optionally in bf16 or
+quantised weight-only) under LoRA / DoRA adapters that alone train, and checkpoints that
+hold only what trains.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
+from lightning.pytorch.cli import OptimizerCallable
 
-from faceclip_zoo.models.adapters import LoraSettings, add_lora, count_parameters, quantize_frozen
-from faceclip_zoo.models.diffusers_models import load_diffusers_weights
-from faceclip_zoo.models.io import read_config
+from faceclip_zoo.models.adapters import LoraSettings, Quantization, add_lora, count_parameters, quantize_frozen
+from faceclip_zoo.models.diffusers_models import (
+    build_diffusers, check_same_architecture, load_diffusers_weights, resolve_diffusers_config,
+)
+from faceclip_zoo.models.weights import empty_weights
+from faceclip_zoo.tasks.diffusion_parts import pipeline_parts, refuse_with_pipeline, resolve_scheduler_config
 from faceclip_zoo.tasks.identity_loss import IdentityLossSettings, identity_loss, identity_rows, load_face_network
-from faceclip_zoo.tasks.optim import configure as configure_optimization
+from faceclip_zoo.tasks.optim import configure as configure_optimization, default_optimizer
 from faceclip_zoo.tasks.resilience import ResilientTask
 from faceclip_zoo.utils import UserError, recipe_that_exports
 
 log = logging.getLogger(__name__)
 
 
-# Our encoders as components of a pipeline folder (pipelines/components.py wrappers):
-# class name -> (model type, the config.json key holding the encoder's config)
-PIPELINE_ENCODERS = {"FaceCLIPEncoderModel": ("faceclip", "faceclip_config"),
-                     "FaceT5EncoderModel": ("facet5", "facet5_config")}
-# A pipeline folder's component sub-folders, by pipeline class
-PIPELINE_PARTS = {
-    "FaceCLIPSDXLPipeline": ("face_encoder", "face_encoder_2", "unet", "vae", "scheduler"),
-    "FaceT5FluxPipeline": ("face_encoder", "tokenizer_2", "text_encoder", "tokenizer", "transformer", "vae",
-                           "scheduler"),
-}
-
-
-def pipeline_parts(folder: str, expected: str) -> dict[str, str]:
-    """The component folders of a pipeline folder (an `export` or `convert` output) that a
-    run starts from: part name -> path."""
-    path = Path(folder)
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise UserError(f"pipeline {folder} is not a pipeline folder (no model_index.json); give an `export` or "
-                        "`convert` output")
-    found = json.loads(index.read_text()).get("_class_name")
-    if found != expected:
-        raise UserError(f"pipeline {folder} holds a {found!r}; this task starts from a {expected}")
-    parts = {name: path / name for name in PIPELINE_PARTS[expected]}
-    missing = [name for name, p in parts.items() if not p.is_dir()]
-    if missing:
-        raise UserError(f"pipeline {folder} lacks its {', '.join(missing)} folder(s)")
-    return {name: str(p) for name, p in parts.items()}
-
-
-def refuse_with_pipeline(pipeline: str | None, given: dict, defaults: dict) -> None:
-    """A run that starts from a pipeline folder takes every component from it."""
-    clash = sorted(k for k, v in given.items() if v != defaults[k])
-    if pipeline and clash:
-        raise UserError(f"pipeline {pipeline} supplies every component; leave {', '.join(clash)} unset "
-                        "(or drop pipeline and name the components one by one)")
-
-
-def load_model_weights(folder: Path, what: str):
-    """The weights of a model directory (model.safetensors) or of our encoder component in
-    a pipeline folder (diffusion_pytorch_model.safetensors, under `encoder.`), read lazily
-    (models/weights.py) so a real-size encoder is loaded tensor by tensor."""
-    from faceclip_zoo.models.weights import open_weights
-
-    component = folder / "diffusion_pytorch_model.safetensors"
-    if component.is_file() and not (folder / "model.safetensors").is_file():
-        return open_weights(component, "diffusion_pytorch_model", what).under("encoder.")
-    return open_weights(folder / "model.safetensors", "model", what)
-
-
-def resolve_model_spec(spec: str, config_cls, model_type: str):
-    """A named config (random init: tests, from-scratch runs), a faceclip_zoo model
-    directory (an `export` or `convert` output) or the encoder component of a pipeline
-    folder -> (config, weights dir or None)."""
-    path = Path(spec)
-    if (path / "config.json").exists():
-        meta = json.loads((path / "config.json").read_text())
-        if meta.get("_class_name") in PIPELINE_ENCODERS:
-            found, key = PIPELINE_ENCODERS[meta["_class_name"]]
-            if found != model_type:
-                raise UserError(f"{path} holds a {found!r} encoder; a {model_type!r} one is needed")
-            return config_cls.from_dict(meta[key]), path
-        found, cfg = read_config(path)
-        if found != model_type:
-            raise UserError(f"{path} holds a {found!r} model; a {model_type!r} directory is needed")
-        return cfg, path
-    try:
-        return config_cls.from_name(spec), None
-    except (KeyError, ValueError):
-        recipe = recipe_that_exports(spec)
-        if recipe:
-            raise UserError(f"{spec} holds no {model_type} model yet; make it first with `python -m faceclip_zoo fit "
-                            f"--config {recipe}`") from None
-        raise UserError(f"{spec!r} is neither a {model_type} model directory (with config.json; run its "
-                        "quickstart / export, or `convert` the release) nor a named config") from None
-
-
 class JointDiffusionModule(ResilientTask, L.LightningModule):
-    DENOISER = "unet"
+    """The shared part of a family's diffusion stage. Args (every family):
+
+    Args:
+        train_encoders: also fine-tune the joint encoders' trainable parts (default frozen,
+            as in the paper's diffusion stage).
+        vae, vae_weights: the frozen VAE: a named diffusers config (random init) or a
+            diffusers folder; vae_weights: its weights (folder or .safetensors).
+        scheduler: the training noise schedule, also the exported sampler: named, or a
+            scheduler folder; None: the family's own (`sdxl-scheduler`, `flux-scheduler`).
+        scheduler_overrides: changes to the scheduler config, for training and the exported
+            sampler alike.
+        timestep_sampling: density of the training noise level: "uniform", "logit_normal"
+            (logit_mean, logit_std; SD3's) or "mode" (mode_scale); None: the family's own
+            (SDXL uniform, FLUX logit-normal).
+        condition_dropout: probability of the unconditional condition (zero face, empty
+            prompt) per sample, for classifier-free guidance.
+        face_dropout: probability of zeroing only the face (caption kept) per sample; 1.0
+            trains a text-to-image base that never sees a face.
+        ema_decay: keep an EMA of the denoiser (exported instead of the raw weights).
+        gradient_checkpointing: recompute the denoiser's activations in backward.
+        optimizer, warmup_steps, lr_schedule: the optimiser (default AdamW) and its schedule.
+        lr_scales: parameter-name substring -> factor on the lr of the trainable parameters
+            whose name contains it, e.g. {attn2: 2.0}; a substring naming none is an error.
+        num_samples, sample_steps, sample_guidance, sample_seed: the image grid written at
+            every validation (fixed references of the validation set); sample_guidance is also
+            the exported pipeline's default guidance (None: the release's, SDXL 5.0, FLUX 3.5).
+        pipeline: start from a pipeline folder of the family (an `export` or `convert`
+            output): every component from it instead of naming each.
+        lora: train LoRA / DoRA adapters on the frozen denoiser instead of the whole
+            denoiser (rank, alpha, dropout, target_modules, init, use_dora). Checkpoints then
+            hold only the adapters; `export` writes them in diffusers' LoRA format, and, for a
+            run from a `pipeline` folder, `export --merge true` that pipeline with them folded in.
+        quantize_base: LoRA runs: the frozen denoiser's Linear weights (and the family's
+            other large frozen parts) in int8 (any device) or float8, weight-only (torchao).
+        base_dtype: LoRA runs: the frozen denoiser, VAE and encoders in bfloat16 / float16
+            (with precision bf16-mixed / 16-mixed); the adapters stay float32.
+        identity_loss: add the identity loss (weight, fraction, max_noise, region, network,
+            jitter: tasks/identity_loss.py) at a few low-noise rows per batch.
+    """
+
+    PIPELINE: type  # the family's pipeline class (pipelines/family.py ZooPipeline)
+    TIMESTEP_SAMPLING: str  # the family's default density of training noise levels
     # Frozen-model outputs that `python -m faceclip_zoo cache` can store in the shards.
     CACHEABLE = ("vae_latents", "prompt_embeds", "pooled_prompt_embeds")
 
-    def _init_common(self, optimizer) -> None:
-        if not 0.0 <= self.hparams.condition_dropout < 1.0:
-            raise UserError(f"condition_dropout must be in [0, 1), got {self.hparams.condition_dropout}")
-        if not 0.0 <= self.hparams.get("face_dropout", 0.0) <= 1.0:
-            raise UserError(f"face_dropout must be in [0, 1], got {self.hparams.face_dropout}")
+    def __init__(
+        self,
+        train_encoders: bool = False,
+        vae: str = "vae-tiny",
+        vae_weights: Optional[str] = None,
+        scheduler: Optional[str] = None,
+        scheduler_overrides: Optional[dict[str, Any]] = None,
+        timestep_sampling: Optional[Literal["uniform", "logit_normal", "mode"]] = None,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        condition_dropout: float = 0.1,
+        face_dropout: float = 0.0,
+        ema_decay: Optional[float] = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        lr_scales: Optional[dict[str, float]] = None,
+        num_samples: int = 4,
+        sample_steps: int = 20,
+        sample_guidance: Optional[float] = None,
+        sample_seed: int = 0,
+        pipeline: Optional[str] = None,
+        lora: Optional[LoraSettings] = None,
+        quantize_base: Optional[Quantization] = None,
+        base_dtype: Optional[Literal["bfloat16", "float16"]] = None,
+        identity_loss: Optional[IdentityLossSettings] = None,
+    ):
+        super().__init__()
+        # the family's own arguments too: Lightning collects them from the subclass's frame
+        self.save_hyperparameters(ignore=["optimizer"])
+        hp, family = self.hparams, self.PIPELINE
+        # the family's defaults, resolved once (checkpoints record what the run used)
+        if hp.scheduler is None:
+            hp.scheduler = family.DEFAULT_SCHEDULER
+        if hp.timestep_sampling is None:
+            hp.timestep_sampling = self.TIMESTEP_SAMPLING
+        if hp.sample_guidance is None:
+            hp.sample_guidance = float(family.RELEASE_DEFAULTS[family.GUIDANCE_ARGUMENT])
+        if not 0.0 <= hp.condition_dropout < 1.0:
+            raise UserError(f"condition_dropout must be in [0, 1), got {hp.condition_dropout}")
+        if not 0.0 <= hp.face_dropout <= 1.0:
+            raise UserError(f"face_dropout must be in [0, 1], got {hp.face_dropout}")
         self.optimizer_factory = optimizer
         self.ema: EMAModel | None = None
         self._weights_loaded = False
         self._null_condition: tuple[torch.Tensor, torch.Tensor] | None = None
         self._samples: list[dict] = []
         self.skipped_samples = 0
-        hp = self.hparams
         self._adapted = False
-        if isinstance(hp.get("lora"), LoraSettings):  # a plain dict: checkpoints load with weights_only
-            hp["lora"] = hp["lora"].to_dict()
-        if (hp.get("quantize_base") or hp.get("base_dtype")) and not hp.get("lora"):
+        # typed settings for the code; plain dicts in hparams, so checkpoints load with weights_only
+        self.lora_settings = LoraSettings.from_dict(lora)
+        if self.lora_settings is not None:
+            hp["lora"] = self.lora_settings.to_dict()
+        if (quantize_base or base_dtype) and self.lora_settings is None:
             raise UserError("quantize_base / base_dtype freeze the base: they apply to LoRA runs (set lora)")
-        if isinstance(hp.get("identity_loss"), IdentityLossSettings):
-            hp["identity_loss"] = hp["identity_loss"].to_dict()
-        self.identity_settings = IdentityLossSettings.from_dict(hp.get("identity_loss"))
+        if isinstance(identity_loss, IdentityLossSettings):
+            hp["identity_loss"] = identity_loss.to_dict()
+        self.identity_settings = IdentityLossSettings.from_dict(identity_loss)
         self._identity_network: list[torch.nn.Module] = []  # a list: not a submodule, never in checkpoints
-        if hp.get("lora"):
+        if self.lora_settings is not None:
             # its checkpoints hold only what trains; the frozen base comes from the pipeline
             # folder (or the components) it started from, loaded again on resume
             self.strict_loading = False
 
+    # ------------------------------------------------------------------ building (subclasses)
+    def family_parts(self, **given: Any) -> dict[str, Any]:
+        """The family's component arguments (its own, given here, with the shared vae,
+        vae_weights and scheduler) as this run uses them: a run from a pipeline folder takes
+        every component from the folder and refuses any named beside it."""
+        hp = self.hparams
+        parts = {**given, "vae": hp.vae, "vae_weights": hp.vae_weights, "scheduler": hp.scheduler}
+        if hp.pipeline:
+            defaults = {**self.argument_defaults(), "scheduler": self.PIPELINE.DEFAULT_SCHEDULER}
+            refuse_with_pipeline(hp.pipeline, parts, defaults)
+            parts.update(pipeline_parts(hp.pipeline, self.PIPELINE))
+        return parts
+
+    def build_denoiser_and_vae(self, parts: dict[str, Any], overrides: Optional[dict[str, Any]]) -> None:
+        """The denoiser (`<DENOISER>`, `<DENOISER>_config`; its weights from
+        `<DENOISER>_weights` or its folder), the frozen VAE and the scheduler config. Parts
+        whose weights are named are built without memory and filled in setup. Called after
+        the condition is built (random-init parts draw from the global generator in order)."""
+        name = self.PIPELINE.DENOISER
+        spec, weights = parts[name], parts.get(f"{name}_weights")
+        if weights and not Path(weights).exists():
+            # e.g. the SDXL quickstart's text-to-image base, made by its own recipe
+            maker = recipe_that_exports(Path(weights).parent)
+            if maker:
+                raise UserError(f"{weights} does not exist yet; make it first with "
+                                f"`python -m faceclip_zoo fit --config {maker}`")
+        self._denoiser_src = weights or (spec if Path(spec).is_dir() else None)
+        self._vae_src = parts["vae_weights"] or (parts["vae"] if Path(parts["vae"]).is_dir() else None)
+        config = {**resolve_diffusers_config(spec, name), **(overrides or {})}
+        setattr(self, f"{name}_config", config)
+        with empty_weights(self._denoiser_src is not None):
+            setattr(self, name, build_diffusers(config))
+        self.vae_config = resolve_diffusers_config(parts["vae"], "vae")
+        with empty_weights(self._vae_src is not None):
+            self.vae = build_diffusers(self.vae_config)
+        self.scheduler_config = {**resolve_scheduler_config(parts["scheduler"]),
+                                 **(self.hparams.scheduler_overrides or {})}
+
+    def freeze_frozen_parts(self) -> None:
+        """The VAE always, the encoders unless train_encoders (their trainable parts train
+        then); gradient checkpointing on the denoiser when asked."""
+        self.vae.requires_grad_(False)
+        trainable = self.condition.trainable_parameter_names() if self.hparams.train_encoders else set()
+        for name, p in self.condition.named_parameters():
+            p.requires_grad_(name in trainable)
+        if self.hparams.gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+
     @property
     def denoiser(self) -> torch.nn.Module:
-        return getattr(self, self.DENOISER)
+        return getattr(self, self.PIPELINE.DENOISER)
+
+    def pipeline(self, use_ema: bool = True):
+        """The family's pipeline over this module's (shared) components."""
+        return self.PIPELINE.from_module(self, use_ema=use_ema)
 
     # ------------------------------------------------------------------ weights
     def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self.hparams.ema_decay and self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise UserError("ema_decay with an FSDP strategy is not supported yet (the EMA would copy sharded "
+                            "parameters); set ema_decay: null or train with DDP")
         if not self._weights_loaded:
             self.load_pretrained_weights()
             self.refuse_unloaded()
@@ -154,7 +226,7 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
                 from faceclip_zoo.cache_fingerprint import check_cached_features
 
                 check_cached_features(self, datamodule)  # before the base is quantized / cast
-        if self.hparams.get("lora") and not self._adapted:
+        if self.lora_settings is not None and not self._adapted:
             self.adapt_denoiser()
         if self.hparams.ema_decay and self.ema is None:
             self.ema = EMAModel([p for _, p in self.trained_denoiser_parameters()], decay=self.hparams.ema_decay)
@@ -173,46 +245,66 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         or quantise it (weight-only), then add the adapters (kept in float32)."""
         from diffusers.training_utils import cast_training_params
 
-        hp = self.hparams
-        if hp.get("base_dtype") and self._trainer is not None and "mixed" not in str(self.trainer.precision):
+        hp, name = self.hparams, self.PIPELINE.DENOISER
+        if hp.base_dtype and self._trainer is not None and "mixed" not in str(self.trainer.precision):
             raise UserError(f"base_dtype {hp.base_dtype} needs precision bf16-mixed (or 16-mixed): autocast runs "
                             f"the float32 adapters against the {hp.base_dtype} base; got {self.trainer.precision}")
         denoiser = self.denoiser
         denoiser.requires_grad_(False)
-        if hp.get("base_dtype"):
+        if hp.base_dtype:
             dtype = getattr(torch, hp.base_dtype)
             denoiser.to(dtype)
             self.vae.to(dtype)
             if not hp.train_encoders:
                 self.condition.to(dtype)
-        if hp.get("quantize_base"):
+        if hp.quantize_base:
             # on the run's device (fit sets the model up on the host, then moves it): see quantize_frozen
             device = self.trainer.strategy.root_device if self._trainer is not None else None
             for part in (denoiser, *self.quantizable_frozen_parts()):
                 quantize_frozen(part, hp.quantize_base, device)
-        add_lora(denoiser, LoraSettings.from_dict(hp.lora), self.DENOISER)
+        add_lora(denoiser, self.lora_settings, name)
         cast_training_params(denoiser, dtype=torch.float32)
         trained, total = count_parameters(denoiser)
-        log.info("LoRA on the %s: %s of %s parameters train", self.DENOISER, f"{trained:,}", f"{total:,}")
+        log.info("LoRA on the %s: %s of %s parameters train", name, f"{trained:,}", f"{total:,}")
         self._adapted = True
 
     def load_pretrained_weights(self) -> None:
+        """The named weights: the family's encoders, then the denoiser and the VAE."""
+        self.load_encoder_weights()
+        if self._denoiser_src:
+            what = f"{self.PIPELINE.DENOISER} weights"
+            if Path(self._denoiser_src).is_dir():
+                check_same_architecture(self.denoiser, self._denoiser_src, what)
+            load_diffusers_weights(self.denoiser, self._denoiser_src, what, dtype=self.frozen_dtype())
+        self._load_vae(self._vae_src)
+
+    def load_encoder_weights(self) -> None:
+        """Load the family's named encoder weights (subclasses)."""
         raise NotImplementedError
 
     def frozen_dtype(self) -> torch.dtype | None:
         """The dtype frozen weights are loaded in: a LoRA run's base_dtype (the file's
         tensors are cast as they are read, never held in float32), else None (as built)."""
         hp = self.hparams
-        return getattr(torch, hp.base_dtype) if hp.get("lora") and hp.get("base_dtype") else None
-
+        return getattr(torch, hp.base_dtype) if self.lora_settings is not None and hp.base_dtype else None
 
     @classmethod
     def argument_defaults(cls) -> dict:
-        """The constructor's defaults (a run from a pipeline folder leaves its component
-        arguments so)."""
-        import inspect
+        """The constructor defaults of the family's task and of this base (a run from a
+        pipeline folder leaves its component arguments so)."""
+        out = {}
+        for klass in reversed(cls.__mro__):
+            init = vars(klass).get("__init__")
+            if init is not None and issubclass(klass, JointDiffusionModule):
+                out.update({k: v.default for k, v in inspect.signature(init).parameters.items()
+                            if v.default is not inspect.Parameter.empty})
+        return out
 
-        return {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
+    def noise_density(self, b: int, generator: torch.Generator | None) -> torch.Tensor:
+        """b draws in (0, 1) from timestep_sampling's density (diffusers' SD3 helper)."""
+        hp = self.hparams
+        return compute_density_for_timestep_sampling(hp.timestep_sampling, b, hp.logit_mean, hp.logit_std,
+                                                     hp.mode_scale, device=self.device, generator=generator)
 
     def _load_vae(self, src: str | None) -> None:
         if src:
@@ -336,8 +428,9 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
 
     # ------------------------------------------------------------------ identity loss
     def encoder_face_network(self) -> torch.nn.Module:
-        """The conditioning encoder's face ViT (identity_loss.network "encoder")."""
-        raise NotImplementedError
+        """The conditioning encoder's face ViT (identity_loss.network "encoder"): the first
+        joint encoder's."""
+        return self.condition.branches[0].face_encoder
 
     def condition_masks(self, batch: dict, b: int, generator: torch.Generator | None
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -435,15 +528,25 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def export_spec(self) -> dict:
-        """What `export` needs to rebuild the pipeline from the checkpoint alone."""
+        """What `export` needs to rebuild the pipeline from the checkpoint alone: each part's
+        config and state-dict prefix (the family's encoders: condition_spec)."""
+        name = self.PIPELINE.DENOISER
+        encoders, prefixes = self.condition_spec()
+        return {"model_type": self.PIPELINE.ZOO_KIND, **encoders,
+                name: getattr(self, f"{name}_config"), "vae": self.vae_config, "scheduler": self.scheduler_config,
+                "guidance_scale": self.hparams.sample_guidance,  # the exported pipeline's default
+                "prefixes": {**prefixes, name: f"{name}.", "vae": "vae."}}
+
+    def condition_spec(self) -> tuple[dict, dict[str, str]]:
+        """(the encoders' export entries, their state-dict prefixes) (subclasses)."""
         raise NotImplementedError
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         spec = self.export_spec()
-        if self.hparams.get("lora"):
+        if self.lora_settings is not None:
             hp = self.hparams
-            spec["lora"] = {"settings": dict(hp.lora), "denoiser": self.DENOISER,
+            spec["lora"] = {"settings": self.lora_settings.to_dict(), "denoiser": self.PIPELINE.DENOISER,
                             # export --merge folds the adapters into this folder's pipeline
                             "base": str(Path(hp.pipeline).resolve()) if hp.get("pipeline") else None,
                             "quantize_base": hp.get("quantize_base"), "base_dtype": hp.get("base_dtype")}
@@ -461,7 +564,7 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        if self.hparams.get("lora"):
+        if self.lora_settings is not None:
             # loaded non-strictly (the base is not in it): everything that trains must be
             missing = sorted(n for n, p in self.named_parameters() if p.requires_grad and n not in
                              checkpoint["state_dict"])
@@ -476,7 +579,7 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         names = [n for n, _ in self.trained_denoiser_parameters()]
         missing = [n for n in names if n not in ema["weights"]]
         if missing:
-            raise UserError(f"checkpoint EMA lacks {len(missing)} {self.DENOISER} weights (e.g. {missing[0]})")
+            raise UserError(f"checkpoint EMA lacks {len(missing)} {self.PIPELINE.DENOISER} weights (e.g. {missing[0]})")
         for shadow, n in zip(self.ema.shadow_params, names):
             shadow.data.copy_(ema["weights"][n])
         self.ema.optimization_step = ema["optimization_step"]

@@ -23,22 +23,16 @@ from typing import Any, Literal, Optional
 
 import torch
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-from lightning.pytorch.cli import OptimizerCallable
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 from faceclip_zoo.config import FaceT5Config
-from faceclip_zoo.models.diffusers_models import build_diffusers, load_diffusers_weights, resolve_diffusers_config
 from faceclip_zoo.models.facet5 import FaceT5Encoder
 from faceclip_zoo.models.flux_condition import FluxCondition
 from faceclip_zoo.models.weights import empty_weights, open_weights
 from faceclip_zoo.models.text_encoders import build_clip_text_model, build_clip_tokenizer, clip_text_config
-from faceclip_zoo.models.adapters import LoraSettings, Quantization
-from faceclip_zoo.tasks.diffusion import (
-    JointDiffusionModule, load_model_weights, pipeline_parts, refuse_with_pipeline, resolve_model_spec,
-)
-from faceclip_zoo.tasks.identity_loss import IdentityLossSettings
-from faceclip_zoo.tasks.optim import default_optimizer
-from faceclip_zoo.tasks.sdxl import resolve_scheduler_config
+from faceclip_zoo.pipelines.flux import FaceT5FluxPipeline
+from faceclip_zoo.tasks.diffusion import JointDiffusionModule
+from faceclip_zoo.tasks.diffusion_parts import load_model_weights, resolve_model_spec
 from faceclip_zoo.utils import UserError, load_strict
 
 
@@ -63,7 +57,9 @@ def clean_latents(noisy: torch.Tensor, packed_velocity: torch.Tensor, sigmas: to
 
 
 class FluxJointModule(JointDiffusionModule):
-    """Fine-tunes a FLUX transformer on the FaceT5 joint embedding.
+    """Fine-tunes a FLUX transformer on the FaceT5 joint embedding. The arguments every
+    family shares (VAE, scheduler, dropout, EMA, optimiser, samples, pipeline, LoRA,
+    identity loss) are JointDiffusionModule's; FLUX's own:
 
     Args:
         encoder: FaceT5 encoder: a faceclip_zoo directory (export / convert output) or a
@@ -73,32 +69,19 @@ class FluxJointModule(JointDiffusionModule):
         clip_text: CLIP-L text model for pooled_prompt_embeds: a transformers folder
             (FLUX.1-dev/text_encoder, or convert's clip-l-text) or a named config.
         clip_tokenizer: its tokenizer folder (default: OpenAI's vocabulary, from open_clip).
-        train_encoders: also fine-tune FaceT5's trainable parts (fuser, projections).
         transformer: named diffusers config (`flux-dev-transformer`, `flux-transformer-tiny`)
             or a FluxTransformer2DModel folder; transformer_weights: its weights (folder,
-            .safetensors, or the release's dit.pt).
-        vae, vae_weights: the frozen AutoencoderKL (FLUX.1-dev/vae: 16 channels).
-        scheduler: the flow-matching schedule (`flux-scheduler` or a scheduler folder);
-            the exported sampler.
-        timestep_sampling: "logit_normal" (logit_mean, logit_std), "mode" (mode_scale) or
-            "uniform" density of sigma.
+            .safetensors, or the release's dit.pt); transformer_overrides change the config.
         timestep_shift: None = FLUX's resolution-dependent shift (mu from the image's
             sequence length, as the sampler does); a number = that fixed shift.
         loss_weighting: "none", "sigma_sqrt" or "cosmap" (SD3's schemes).
         train_guidance: the distilled-guidance input during training.
-        condition_dropout, face_dropout, ema_decay, gradient_checkpointing, optimizer, warmup_steps,
-        lr_schedule, lr_scales: as SDXLJointModule.
-        sample_*: the validation grid (sample_guidance = true CFG scale, release 3.5).
-        pipeline: start from a FaceT5FluxPipeline folder (an `export` or `convert` output):
-            its FaceT5 encoder and tokenizer, CLIP text model and tokenizer, transformer,
-            VAE and scheduler, instead of naming each.
-        lora, quantize_base, base_dtype: adapters on the frozen transformer, as
-            SDXLJointModule; quantize_base also quantises FaceT5's T5 encoder (frozen
-            unless train_encoders).
-        identity_loss: the identity loss at a few low-noise rows, as SDXLJointModule.
+    quantize_base also quantises FaceT5's T5 encoder (frozen unless train_encoders);
+    sample_guidance is the true CFG scale (release 3.5).
     """
 
-    DENOISER = "transformer"
+    PIPELINE = FaceT5FluxPipeline
+    TIMESTEP_SAMPLING = "logit_normal"
 
     def __init__(
         self,
@@ -106,87 +89,39 @@ class FluxJointModule(JointDiffusionModule):
         t5_tokenizer: Optional[str] = None,
         clip_text: str = "clip-text-tiny",
         clip_tokenizer: Optional[str] = None,
-        train_encoders: bool = False,
         transformer: str = "flux-transformer-tiny",
         transformer_overrides: Optional[dict[str, Any]] = None,
         transformer_weights: Optional[str] = None,
-        vae: str = "vae-tiny",
-        vae_weights: Optional[str] = None,
-        scheduler: str = "flux-scheduler",
-        scheduler_overrides: Optional[dict[str, Any]] = None,
-        timestep_sampling: Literal["logit_normal", "mode", "uniform"] = "logit_normal",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-        mode_scale: float = 1.29,
         timestep_shift: Optional[float] = None,
         loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none",
         train_guidance: float = 1.0,
-        condition_dropout: float = 0.1,
-        face_dropout: float = 0.0,
-        ema_decay: Optional[float] = None,
-        gradient_checkpointing: bool = False,
-        optimizer: OptimizerCallable = default_optimizer,
-        warmup_steps: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-        lr_scales: Optional[dict[str, float]] = None,
-        num_samples: int = 4,
-        sample_steps: int = 20,
-        sample_guidance: float = 3.5,
-        sample_seed: int = 0,
-        pipeline: Optional[str] = None,
-        lora: Optional[LoraSettings] = None,
-        quantize_base: Optional[Quantization] = None,
-        base_dtype: Optional[Literal["bfloat16", "float16"]] = None,
-        identity_loss: Optional[IdentityLossSettings] = None,
+        **kwargs: Any,
     ):
-        super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
-        self._init_common(optimizer)
-        if pipeline:
-            refuse_with_pipeline(pipeline, dict(
-                encoder=encoder, t5_tokenizer=t5_tokenizer, clip_text=clip_text, clip_tokenizer=clip_tokenizer,
-                transformer=transformer, transformer_weights=transformer_weights, vae=vae, vae_weights=vae_weights,
-                scheduler=scheduler), self.argument_defaults())
-            parts = pipeline_parts(pipeline, "FaceT5FluxPipeline")
-            encoder, t5_tokenizer, clip_text = parts["face_encoder"], parts["tokenizer_2"], parts["text_encoder"]
-            clip_tokenizer, transformer, vae = parts["tokenizer"], parts["transformer"], parts["vae"]
-            scheduler = parts["scheduler"]
-        self.clip_tokenizer_dir = clip_tokenizer  # recorded for export
-        self._transformer_src = transformer_weights or (transformer if Path(transformer).is_dir() else None)
-        self._vae_src = vae_weights or (vae if Path(vae).is_dir() else None)
-        enc_cfg, self._encoder_dir = resolve_model_spec(encoder, FaceT5Config, "facet5")
+        super().__init__(**kwargs)
+        parts = self.family_parts(encoder=encoder, t5_tokenizer=t5_tokenizer, clip_text=clip_text,
+                                  clip_tokenizer=clip_tokenizer, transformer=transformer,
+                                  transformer_weights=transformer_weights)
+        self.clip_tokenizer_dir = parts["clip_tokenizer"]  # recorded for export
+        enc_cfg, self._encoder_dir = resolve_model_spec(parts["encoder"], FaceT5Config, "facet5")
         # parts whose weights are named are built without memory and filled in setup
         with empty_weights(self._encoder_dir is not None):
             face_t5 = FaceT5Encoder(enc_cfg)
+        t5_tokenizer = parts["t5_tokenizer"]
         if not t5_tokenizer and self._encoder_dir is not None and (self._encoder_dir / "tokenizer").is_dir():
             t5_tokenizer = str(self._encoder_dir / "tokenizer")
         self.t5_tokenizer_dir = t5_tokenizer  # recorded for export
         if t5_tokenizer:
             face_t5.set_tokenizer(t5_tokenizer)
-        self.clip_text_config, self._clip_dir = resolve_clip_text(clip_text)
+        self.clip_text_config, self._clip_dir = resolve_clip_text(parts["clip_text"])
         with empty_weights(self._clip_dir is not None):
             clip_text_model = build_clip_text_model(self.clip_text_config)
-        self.condition = FluxCondition(face_t5, clip_text_model, build_clip_tokenizer(clip_tokenizer))
-        self.transformer_config = {**resolve_diffusers_config(transformer, "transformer"),
-                                   **(transformer_overrides or {})}
-        with empty_weights(self._transformer_src is not None):
-            self.transformer = build_diffusers(self.transformer_config)
-        self.vae_config = resolve_diffusers_config(vae, "vae")
-        with empty_weights(self._vae_src is not None):
-            self.vae = build_diffusers(self.vae_config)
+        self.condition = FluxCondition(face_t5, clip_text_model, build_clip_tokenizer(parts["clip_tokenizer"]))
+        self.build_denoiser_and_vae(parts, transformer_overrides)
         if self.vae_config.get("shift_factor") is None:  # FluxPipeline decodes with it: 0 = none
             self.vae_config["shift_factor"] = 0.0
             self.vae.register_to_config(shift_factor=0.0)
-        self.scheduler_config = {**resolve_scheduler_config(scheduler), **(scheduler_overrides or {})}
         self._check_dims()
-
-        self.vae.requires_grad_(False)
-        self.condition.clip_text.requires_grad_(False)
-        trainable = set(face_t5.trainable_parameter_names()) if train_encoders else set()
-        for name, p in face_t5.named_parameters():
-            p.requires_grad_(name in trainable)
-        if gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+        self.freeze_frozen_parts()
 
     def _check_dims(self) -> None:
         cfg, cond = self.transformer_config, self.condition
@@ -201,7 +136,7 @@ class FluxJointModule(JointDiffusionModule):
                             f"({self.vae_config.get('latent_channels')}): FLUX packs 2x2 latent patches")
 
     # ------------------------------------------------------------------ weights
-    def load_pretrained_weights(self) -> None:
+    def load_encoder_weights(self) -> None:
         frozen = self.frozen_dtype()
         if self._encoder_dir is not None:
             load_strict(self.condition.face_t5, load_model_weights(self._encoder_dir, "encoder"),
@@ -209,29 +144,17 @@ class FluxJointModule(JointDiffusionModule):
         if self._clip_dir is not None:
             load_strict(self.condition.clip_text, open_weights(self._clip_dir, "model", "clip_text"),
                         f"clip_text {self._clip_dir}", dtype=frozen)
-        if self._transformer_src:
-            load_diffusers_weights(self.transformer, self._transformer_src, "transformer weights", dtype=frozen)
-        self._load_vae(self._vae_src)
 
     def quantizable_frozen_parts(self) -> list[torch.nn.Module]:
         # FaceT5's T5-XXL encoder (4.8 B parameters: 9.5 GB in bf16) beside the transformer
         # is what keeps a FLUX LoRA run off a 24 GB card; frozen unless train_encoders.
         return [] if self.hparams.train_encoders else [self.condition.face_t5.t5_encoder]
 
-    def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if self.hparams.ema_decay and self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            raise UserError("ema_decay with an FSDP strategy is not supported yet (the EMA would copy sharded "
-                            "parameters); set ema_decay: null or train with DDP")
-        super().setup(stage)
-
     # ------------------------------------------------------------------ flow matching
     def sample_sigmas(self, b: int, seq_len: int, generator: torch.Generator | None) -> torch.Tensor:
         """sigma in (0, 1) per sample: the density, then the sampler's shift."""
         hp = self.hparams
-        u = compute_density_for_timestep_sampling(hp.timestep_sampling, b, hp.logit_mean, hp.logit_std,
-                                                  hp.mode_scale, device=self.device, generator=generator)
+        u = self.noise_density(b, generator)
         if hp.timestep_shift is not None:
             shift = float(hp.timestep_shift)
         elif self.scheduler_config.get("use_dynamic_shifting"):
@@ -275,23 +198,7 @@ class FluxJointModule(JointDiffusionModule):
         return self.add_identity_loss((weight * per_sample).mean(), batch, id_rows,
                                       clean_latents(noisy, pred, sigmas, self.vae_downsample), generator)
 
-    def encoder_face_network(self) -> torch.nn.Module:
-        return self.condition.face_t5.face_encoder
-
-    def pipeline(self, use_ema: bool = True):
-        """A FaceT5FluxPipeline over this module's (shared) components."""
-        from faceclip_zoo.pipelines.flux import FaceT5FluxPipeline
-
-        return FaceT5FluxPipeline.from_module(self, use_ema=use_ema)
-
-    # ------------------------------------------------------------------ checkpoints
-    def export_spec(self) -> dict:
-        return {
-            "model_type": "flux_pipeline",
-            "encoder": self.condition.face_t5.config.to_dict(),
-            "clip_text": self.clip_text_config,
-            "t5_tokenizer": self.t5_tokenizer_dir, "clip_tokenizer": self.clip_tokenizer_dir,
-            "transformer": self.transformer_config, "vae": self.vae_config, "scheduler": self.scheduler_config,
-            "prefixes": {"encoder": "condition.face_t5.", "clip_text": "condition.clip_text.",
-                         "transformer": "transformer.", "vae": "vae."},
-        }
+    def condition_spec(self) -> tuple[dict, dict[str, str]]:
+        return ({"encoder": self.condition.face_t5.config.to_dict(), "clip_text": self.clip_text_config,
+                 "t5_tokenizer": self.t5_tokenizer_dir, "clip_tokenizer": self.clip_tokenizer_dir},
+                {"encoder": "condition.face_t5.", "clip_text": "condition.clip_text."})

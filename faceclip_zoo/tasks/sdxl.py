@@ -15,7 +15,6 @@ shards when they hold them.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -23,23 +22,16 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
-from lightning.pytorch.cli import OptimizerCallable
+from diffusers.training_utils import compute_snr
 
-from faceclip_zoo.config import DIFFUSERS_CONFIGS, FaceCLIPConfig, diffusers_config
-from faceclip_zoo.models.diffusers_models import (
-    build_diffusers, check_same_architecture, load_diffusers_weights, resolve_diffusers_config,
-)
+from faceclip_zoo.config import FaceCLIPConfig
 from faceclip_zoo.models.faceclip import FaceCLIPEncoder
 from faceclip_zoo.models.sdxl_condition import SDXLCondition
 from faceclip_zoo.models.weights import empty_weights
-from faceclip_zoo.models.adapters import LoraSettings, Quantization
-from faceclip_zoo.tasks.diffusion import (
-    JointDiffusionModule, load_model_weights, pipeline_parts, refuse_with_pipeline, resolve_model_spec,
-)
-from faceclip_zoo.tasks.identity_loss import IdentityLossSettings
-from faceclip_zoo.tasks.optim import default_optimizer
-from faceclip_zoo.utils import UserError, load_strict, recipe_that_exports
+from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
+from faceclip_zoo.tasks.diffusion import JointDiffusionModule
+from faceclip_zoo.tasks.diffusion_parts import load_model_weights, resolve_model_spec
+from faceclip_zoo.utils import UserError, load_strict
 
 log = logging.getLogger(__name__)
 
@@ -49,140 +41,54 @@ def resolve_encoder(spec: str) -> tuple[FaceCLIPConfig, Path | None]:
     return resolve_model_spec(spec, FaceCLIPConfig, "faceclip")
 
 
-def resolve_scheduler_config(spec: str) -> dict[str, Any]:
-    if spec in DIFFUSERS_CONFIGS:
-        return diffusers_config(spec)
-    path = Path(spec)
-    for name in ("scheduler_config.json", "config.json"):
-        if (path / name).exists():
-            return json.loads((path / name).read_text())
-    raise UserError(f"scheduler {spec!r} is neither a named config nor a folder with scheduler_config.json")
-
-
 def _config_without_meta(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 class SDXLJointModule(JointDiffusionModule):
-    """Fine-tunes an SDXL UNet on the FaceCLIP joint embedding.
+    """Fine-tunes an SDXL UNet on the FaceCLIP joint embedding. The arguments every family
+    shares (VAE, scheduler, dropout, EMA, optimiser, samples, pipeline, LoRA, identity loss)
+    are JointDiffusionModule's; SDXL's own:
 
     Args:
         encoder_l, encoder_g: the two FaceCLIP branches: encoder directories (exported or
             converted) or named configs. The quickstart uses one tiny branch for both.
-        train_encoders: also fine-tune the branches' trainable parts (default frozen).
         unet: named diffusers config (`sdxl-unet`, `sdxl-unet-tiny`) or a diffusers UNet
             folder (its weights are loaded); unet_overrides change the config.
         unet_weights: UNet weights (folder, .safetensors or the release's unet.pt).
-        vae, vae_weights: the same for the frozen AutoencoderKL.
-        scheduler: training noise schedule: named (`sdxl-scheduler`) or a scheduler folder;
-            it is also the pipeline's sampler. prediction_type overrides its own.
-        scheduler_overrides: changes to the scheduler config, applied to training and to
-            the exported sampler alike, e.g. {rescale_betas_zero_snr: true,
-            timestep_spacing: trailing} (zero terminal SNR, Lin et al. 2024: at t=T the
-            model sees pure noise, so it must take the image's colours from the condition;
-            needs v_prediction).
-        timestep_sampling: density of the training timestep: "uniform" (SDXL's own),
-            "logit_normal" (logit_mean, logit_std; SD3's, more weight on mid noise) or "mode"
-            (mode_scale), as FluxJointModule's sigma.
-        condition_dropout: probability of the unconditional condition per sample.
-        face_dropout: probability of zeroing only the face (the caption kept) per sample;
-            1.0 trains a text-to-image base that never sees a face (the quickstart's base).
+        prediction_type: overrides the scheduler's (epsilon or v_prediction). With the
+            scheduler override {rescale_betas_zero_snr: true, timestep_spacing: trailing}
+            (zero terminal SNR, Lin et al. 2024: at t=T the model sees pure noise, so it must
+            take the image's colours from the condition) it must be v_prediction.
         noise_offset: std of a per-channel constant added to the noise.
         snr_gamma: min-SNR-gamma loss weighting (5.0 is the usual value); None = plain MSE.
-        ema_decay: keep an EMA of the UNet (exported instead of the raw weights).
-        gradient_checkpointing: recompute UNet activations in backward.
-        lr_scales: parameter-name substring -> factor on the optimizer's lr for the
-            parameters whose name contains it, e.g. {attn2: 2.0} (the UNet's cross-attention)
-            or {resnets: 0.5}; a substring that names no trainable parameter is an error.
-        sample_prompts / sample_steps / sample_guidance / num_samples: the image grid
-            written at every validation (fixed references from the validation set);
-            sample_guidance is also the exported pipeline's default guidance.
-        pipeline: start from a FaceCLIPSDXLPipeline folder (an `export` or `convert`
-            output): its encoders, UNet, VAE and scheduler, instead of naming each.
-        lora: train LoRA / DoRA adapters on the frozen UNet instead of the whole UNet
-            (rank, alpha, dropout, target_modules, init, use_dora). Checkpoints then hold
-            only the adapters; `export` writes them in diffusers' LoRA format, and, for a
-            run from a `pipeline` folder, `export --merge true` that pipeline with them
-            folded in.
-        quantize_base: LoRA runs: the frozen UNet's Linear weights in int8 (any device) or
-            float8 (GPUs with float8), weight-only (torchao).
-        base_dtype: LoRA runs: keep the frozen UNet, VAE and encoders in bfloat16 / float16
-            (with precision bf16-mixed / 16-mixed); the adapters stay float32.
-        identity_loss: add the identity loss (weight, fraction, max_noise, region, network:
-            tasks/identity_loss.py) at a few low-noise rows per batch; full and LoRA runs.
     """
+
+    PIPELINE = FaceCLIPSDXLPipeline
+    TIMESTEP_SAMPLING = "uniform"  # SDXL's own
 
     def __init__(
         self,
         encoder_l: str = "faceclip-tiny",
         encoder_g: str = "faceclip-tiny",
-        train_encoders: bool = False,
         unet: str = "sdxl-unet-tiny",
         unet_overrides: Optional[dict[str, Any]] = None,
         unet_weights: Optional[str] = None,
-        vae: str = "vae-tiny",
-        vae_weights: Optional[str] = None,
-        scheduler: str = "sdxl-scheduler",
         prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None,
-        scheduler_overrides: Optional[dict[str, Any]] = None,
-        timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-        mode_scale: float = 1.29,
-        condition_dropout: float = 0.1,
-        face_dropout: float = 0.0,
         noise_offset: float = 0.0,
         snr_gamma: Optional[float] = None,
-        ema_decay: Optional[float] = None,
-        gradient_checkpointing: bool = False,
-        optimizer: OptimizerCallable = default_optimizer,
-        warmup_steps: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-        lr_scales: Optional[dict[str, float]] = None,
-        num_samples: int = 4,
-        sample_steps: int = 20,
-        sample_guidance: float = 5.0,
-        sample_seed: int = 0,
-        pipeline: Optional[str] = None,
-        lora: Optional[LoraSettings] = None,
-        quantize_base: Optional[Quantization] = None,
-        base_dtype: Optional[Literal["bfloat16", "float16"]] = None,
-        identity_loss: Optional[IdentityLossSettings] = None,
+        **kwargs: Any,
     ):
-        super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
-        self._init_common(optimizer)
-        if pipeline:
-            refuse_with_pipeline(pipeline, dict(encoder_l=encoder_l, encoder_g=encoder_g, unet=unet, vae=vae,
-                                                scheduler=scheduler, unet_weights=unet_weights,
-                                                vae_weights=vae_weights), self.argument_defaults())
-            parts = pipeline_parts(pipeline, "FaceCLIPSDXLPipeline")
-            encoder_l, encoder_g = parts["face_encoder"], parts["face_encoder_2"]
-            unet, vae, scheduler = parts["unet"], parts["vae"], parts["scheduler"]
-        self._unet_src = unet_weights or (unet if Path(unet).is_dir() else None)
-        self._vae_src = vae_weights or (vae if Path(vae).is_dir() else None)
-
-        (cfg_l, self._dir_l), (cfg_g, self._dir_g) = resolve_encoder(encoder_l), resolve_encoder(encoder_g)
-        if unet_weights and not Path(unet_weights).exists():
-            # e.g. the SDXL quickstart's text-to-image base, made by its own recipe
-            maker = recipe_that_exports(Path(unet_weights).parent)
-            if maker:
-                raise UserError(f"{unet_weights} does not exist yet; make it first with "
-                                f"`python -m faceclip_zoo fit --config {maker}`")
+        super().__init__(**kwargs)
+        parts = self.family_parts(encoder_l=encoder_l, encoder_g=encoder_g, unet=unet, unet_weights=unet_weights)
+        (cfg_l, self._dir_l), (cfg_g, self._dir_g) = resolve_encoder(parts["encoder_l"]), resolve_encoder(parts["encoder_g"])
         # parts whose weights are named are built without memory and filled in setup
         with empty_weights(self._dir_l is not None):
             branch_l = FaceCLIPEncoder(cfg_l)
         with empty_weights(self._dir_g is not None):
             branch_g = FaceCLIPEncoder(cfg_g)
         self.condition = SDXLCondition(branch_l, branch_g)
-        self.unet_config = {**resolve_diffusers_config(unet, "unet"), **(unet_overrides or {})}
-        with empty_weights(self._unet_src is not None):
-            self.unet = build_diffusers(self.unet_config)
-        self.vae_config = resolve_diffusers_config(vae, "vae")
-        with empty_weights(self._vae_src is not None):
-            self.vae = build_diffusers(self.vae_config)
-        self.scheduler_config = resolve_scheduler_config(scheduler)
-        self.scheduler_config.update(scheduler_overrides or {})
+        self.build_denoiser_and_vae(parts, unet_overrides)
         if prediction_type:
             self.scheduler_config["prediction_type"] = prediction_type
         if self.scheduler_config.get("rescale_betas_zero_snr") and \
@@ -199,14 +105,7 @@ class SDXLJointModule(JointDiffusionModule):
                         "and the high-noise steps almost none; plain v-prediction loss (snr_gamma: null) "
                         "learns the condition much faster")
         self._check_dims()
-
-        self.vae.requires_grad_(False)
-        for branch in self.condition.branches:
-            trainable = set(branch.trainable_parameter_names()) if train_encoders else set()
-            for name, p in branch.named_parameters():
-                p.requires_grad_(name in trainable)
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+        self.freeze_frozen_parts()
 
     def _check_dims(self) -> None:
         cfg, cond = self.unet_config, self.condition
@@ -222,18 +121,13 @@ class SDXLJointModule(JointDiffusionModule):
                             f"{self.vae_config.get('latent_channels')}")
 
     # ------------------------------------------------------------------ weights
-    def load_pretrained_weights(self) -> None:
+    def load_encoder_weights(self) -> None:
         frozen = self.frozen_dtype()
         for branch, folder, what in ((self.condition.branch_l, self._dir_l, "encoder_l"),
                                      (self.condition.branch_g, self._dir_g, "encoder_g")):
             if folder is not None:
                 load_strict(branch, load_model_weights(folder, what), f"{what} {folder}",
                             dtype=None if self.hparams.train_encoders else frozen)
-        if self._unet_src:
-            if Path(self._unet_src).is_dir():
-                check_same_architecture(self.unet, self._unet_src, "unet weights")
-            load_diffusers_weights(self.unet, self._unet_src, "unet weights", dtype=frozen)
-        self._load_vae(self._vae_src)
 
     def time_ids(self, batch: dict, latents: torch.Tensor) -> torch.Tensor:
         """SDXL micro-conditioning: (original h, w, crop top, left, target h, w)."""
@@ -247,11 +141,10 @@ class SDXLJointModule(JointDiffusionModule):
     # ------------------------------------------------------------------ loss
     def sample_timesteps(self, b: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training timesteps (integers in [0, num_train_timesteps)) from timestep_sampling."""
-        hp, n = self.hparams, self.noise_scheduler.config.num_train_timesteps
-        if hp.timestep_sampling == "uniform":
+        n = self.noise_scheduler.config.num_train_timesteps
+        if self.hparams.timestep_sampling == "uniform":
             return torch.randint(0, n, (b,), device=self.device, generator=generator)
-        u = compute_density_for_timestep_sampling(hp.timestep_sampling, b, hp.logit_mean, hp.logit_std,
-                                                  hp.mode_scale, device=self.device, generator=generator)
+        u = self.noise_density(b, generator)
         return (u * n).long().clamp_(0, n - 1).to(self.device)
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -298,23 +191,7 @@ class SDXLJointModule(JointDiffusionModule):
             return a * noisy.float() - s * pred.float()
         return (noisy.float() - s * pred.float()) / a.clamp(min=1e-4)
 
-    def encoder_face_network(self) -> torch.nn.Module:
-        return self.condition.branch_l.face_encoder
-
-    def pipeline(self, use_ema: bool = True):
-        """A FaceCLIPSDXLPipeline over this module's (shared) components."""
-        from faceclip_zoo.pipelines.sdxl import FaceCLIPSDXLPipeline
-
-        return FaceCLIPSDXLPipeline.from_module(self, use_ema=use_ema)
-
-    # ------------------------------------------------------------------ checkpoints
-    def export_spec(self) -> dict:
-        return {
-            "model_type": "sdxl_pipeline",
-            "encoder_l": self.condition.branch_l.config.to_dict(),
-            "encoder_g": self.condition.branch_g.config.to_dict(),
-            "unet": self.unet_config, "vae": self.vae_config, "scheduler": self.scheduler_config,
-            "guidance_scale": self.hparams.sample_guidance,  # the exported pipeline's default
-            "prefixes": {"encoder_l": "condition.branch_l.", "encoder_g": "condition.branch_g.",
-                         "unet": "unet.", "vae": "vae."},
-        }
+    def condition_spec(self) -> tuple[dict, dict[str, str]]:
+        cond = self.condition
+        return ({"encoder_l": cond.branch_l.config.to_dict(), "encoder_g": cond.branch_g.config.to_dict()},
+                {"encoder_l": "condition.branch_l.", "encoder_g": "condition.branch_g."})

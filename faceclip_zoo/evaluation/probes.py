@@ -25,6 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from faceclip_zoo.utils import UserError
+
 TIMESTEPS = (999, 900, 800, 700, 600, 500, 400, 300, 200, 100)
 
 
@@ -172,9 +174,13 @@ def loss_by_timestep(module, samples: list[dict], timesteps=TIMESTEPS, batch_siz
 
 
 def module_of_pipeline(pipeline: str):
-    """The SDXLJointModule over a pipeline folder's encoders, UNet, VAE and scheduler."""
+    """The SDXLJointModule over a pipeline folder's encoders, UNet, VAE and scheduler (the
+    probes read SDXL's UNet and noise schedule)."""
     from faceclip_zoo.tasks import SDXLJointModule
 
+    if str(pipeline).endswith(".ckpt") or not SDXLJointModule.PIPELINE.is_family_folder(pipeline):
+        raise UserError(f"--probes runs the SDXL training code on the pipeline: it needs an SDXL pipeline folder, "
+                        f"got {pipeline}")
     module = SDXLJointModule(pipeline=pipeline)
     module.setup("fit")
     return module.eval()

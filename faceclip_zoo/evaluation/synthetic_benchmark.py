@@ -263,7 +263,7 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
     from faceclip_zoo.models.face_vit import FaceViTIdentity
     from faceclip_zoo.models.io import load_model_dir
     from faceclip_zoo.pipelines.export import load_pipeline
-    from faceclip_zoo.utils import UserError, require_file
+    from faceclip_zoo.utils import require_file
 
     world_val, world_face_id = world_of_pipeline(pipeline)
     on_test_worlds = val is None and not probes
@@ -278,7 +278,7 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
     model = FaceViTIdentity(load_model_dir(face_id, expect="face_vit")).eval()
     size = int(pipe.vae.config.sample_size)
     if on_test_worlds:
-        from faceclip_zoo.synthetic.protocol import on_test_worlds
+        from faceclip_zoo.evaluation.protocol import on_test_worlds
 
         return on_test_worlds(pipeline, pipe, model, Path(out), size, steps, guidance, seed, images_per_sample,
                               judge_config, people, reader_config)
@@ -295,10 +295,8 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
               "results": results}
     text = markdown(results)
     if probes:
-        from faceclip_zoo.synthetic import probes as probe
+        from faceclip_zoo.evaluation import probes as probe
 
-        if type(pipe).__name__ != "FaceCLIPSDXLPipeline" or str(pipeline).endswith(".ckpt"):
-            raise UserError("--probes runs the SDXL training code on the pipeline: it needs an SDXL pipeline folder")
         module = probe.module_of_pipeline(pipeline).to(device)
         train = load_validation_samples(str(Path(val).parent / "train"), image_size=size)
         report["probes"] = {"identity_in_embeddings": probe.identity_in_embeddings(module, model, train, samples),

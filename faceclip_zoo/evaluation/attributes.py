@@ -86,7 +86,7 @@ def _targets(captions: list[str]) -> dict[str, torch.Tensor]:
 
 
 def train_reader(records, config: ReaderConfig, seed: int) -> tuple[CaptionReader, dict]:
-    from faceclip_zoo.synthetic.judge import _augment
+    from faceclip_zoo.evaluation.judge import _augment
     from faceclip_zoo.synthetic.priors import _optimise, _stack
 
     torch.manual_seed(seed)
@@ -129,7 +129,7 @@ def ensure_reader(priors_dir: str | Path, like, config: ReaderConfig | None = No
     """The caption reader for worlds rendered like `like`, trained once on the judge world
     and kept in <priors_dir>/caption-reader."""
     from faceclip_zoo.models.io import atomic_write, write_safetensors
-    from faceclip_zoo.synthetic.judge import JudgeConfig, judge_world_spec
+    from faceclip_zoo.evaluation.judge import JudgeConfig, judge_world_spec
     from faceclip_zoo.synthetic.world import generate
     from faceclip_zoo.utils import load_strict
 

@@ -119,7 +119,7 @@ def score_world(judges: dict[str, Callable], sets: dict[str, torch.Tensor], samp
     """Every image set (generated, generated with the face zeroed, the real scenes) under
     every judge, the background the captions name (read from the corners), and with a
     caption reader every captioned attribute, each with its chance (attributes.py)."""
-    from faceclip_zoo.synthetic.attributes import attribute_hits, majority_chance
+    from faceclip_zoo.evaluation.attributes import attribute_hits, majority_chance
     from faceclip_zoo.synthetic.faces import BACKGROUNDS
 
     identities = [s["identity"] for s in samples]
@@ -277,8 +277,8 @@ def on_test_worlds(pipeline: str, pipe, face_id, out: Path, size: int, steps: in
                     reader_config=None) -> dict:
     import json
 
-    from faceclip_zoo.synthetic.attributes import ensure_reader
-    from faceclip_zoo.synthetic.judge import ensure_judge
+    from faceclip_zoo.evaluation.attributes import ensure_reader
+    from faceclip_zoo.evaluation.judge import ensure_judge
     from faceclip_zoo.synthetic.scenes import contact_sheet
 
     recipe = _recipe_of(pipeline)
