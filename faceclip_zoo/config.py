@@ -246,7 +246,9 @@ class CLIPConfig(_Named):
 @dataclass
 class T5Config(_Named):
     """A T5 v1.1 encoder as transformers' T5EncoderModel builds it (gated GELU, RMSNorm,
-    relative position bias shared from the first layer).
+    relative position bias shared from the first layer), or, with architecture "umt5", an
+    umT5 encoder (UMT5EncoderModel: the same blocks, a relative position bias in every
+    layer, a 256k multilingual vocabulary; Wan 2.1's text encoder).
 
     tokenizer: None = the real T5 v1.1 SentencePiece vocabulary, read from a local folder
     at build time (e.g. FLUX.1-dev/tokenizer_2, or <model dir>/tokenizer); "builtin-words"
@@ -264,8 +266,13 @@ class T5Config(_Named):
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"
     tokenizer: Optional[str] = None
+    architecture: str = "t5"  # "t5" (T5EncoderModel) or "umt5" (UMT5EncoderModel)
 
     registry: ClassVar[dict[str, "T5Config"]] = {}
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ("t5", "umt5"):
+            raise ConfigError(f"T5Config.architecture must be 't5' or 'umt5', got {self.architecture!r}")
 
     def transformers_kwargs(self) -> dict[str, Any]:
         return dict(d_model=self.d_model, num_layers=self.num_layers, num_heads=self.num_heads,
@@ -407,6 +414,11 @@ _register(
 # The release's own forward (see FaceT5Config.release_compat): what `convert` writes.
 _register(FaceT5Config, "facet5-xxl-release", FaceT5Config.from_name("facet5-xxl", name="facet5-xxl-release",
                                                                      release_compat=True))
+# google/umt5-xxl encoder (Wan 2.1's text encoder): T5 v1.1 XXL's shape, a 256k vocabulary
+_register(T5Config, "umt5-xxl", T5Config(vocab_size=256384, architecture="umt5"))
+_register(T5Config, "umt5-tiny", T5Config.from_name("t5-tiny", architecture="umt5"))
+_register(FaceT5Config, "facet5-umt5-xxl", FaceT5Config.from_name("facet5-xxl", name="facet5-umt5-xxl",
+                                                                 t5=T5Config.from_name("umt5-xxl")))
 _register(
     FaceT5Config,
     "facet5-tiny",
@@ -414,6 +426,8 @@ _register(
                  face=FaceViTConfig.from_name("face-vit-tiny"),
                  fusion=FusionConfig.from_name("fusion-t5-tiny"), text_length=32),
 )
+_register(FaceT5Config, "facet5-umt5-tiny", FaceT5Config.from_name("facet5-tiny", name="facet5-umt5-tiny",
+                                                                  t5=T5Config.from_name("umt5-tiny")))
 
 _register(
     CLIPConfig,

@@ -248,3 +248,39 @@ def test_facet5_encoder_module_trains_fuser_only_and_loads_t5_weights(tmp_path):
     bad.save_pretrained(tmp_path / "t5-bad")
     with pytest.raises(UserError, match="do not match the encoder's T5"):
         FaceT5EncoderModule(t5_weights=str(tmp_path / "t5-bad")).setup("fit")
+
+
+def test_the_backbone_swaps_to_umt5_by_name(tmp_path):
+    """`encoder: facet5-umt5-tiny` puts transformers' UMT5EncoderModel (Wan 2.1's text
+    encoder family) under FaceT5: a position bias in every block; its weights load from a
+    UMT5EncoderModel folder; a T5 v1.1 folder is refused; the directory round trip keeps it."""
+    from transformers import T5Config as HFT5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    from faceclip_zoo.tasks import FaceT5EncoderModule
+
+    cfg = FaceT5Config.from_name("facet5-umt5-tiny")
+    assert cfg.t5.architecture == "umt5" and FaceT5Config.from_name("facet5-tiny").t5.architecture == "t5"
+    assert FaceT5Config.from_name("facet5-umt5-xxl").t5.vocab_size == 256384
+    torch.manual_seed(0)
+    umt5 = UMT5EncoderModel(UMT5Config(**cfg.t5.transformers_kwargs()))
+    umt5.save_pretrained(tmp_path / "umt5")
+    m = FaceT5EncoderModule(encoder="facet5-umt5-tiny", t5_weights=str(tmp_path / "umt5"))
+    m.setup("fit")
+    backbone = m.encoder.t5_encoder
+    assert isinstance(backbone, UMT5EncoderModel)
+    bias = "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert torch.equal(backbone.state_dict()[bias], umt5.state_dict()[bias])  # in every block, unlike T5
+    b = {"image": torch.rand(4, 3, 64, 64), "face": torch.rand(4, 3, 112, 112),
+         "has_face": torch.tensor([True, True, False, True]), "caption": PROMPTS * 2,
+         "identity": ["a", "b", "", "a"]}
+    losses, _ = m.compute_losses(b)
+    assert sorted(losses) == ["identity", "image", "text"] and all(torch.isfinite(v) for v in losses.values())
+    save_model_dir(m.encoder.eval(), tmp_path / "enc")
+    back = load_model_dir(tmp_path / "enc", expect="facet5")
+    assert isinstance(back.t5_encoder, UMT5EncoderModel)
+    faces = torch.rand(2, 3, 112, 112)
+    assert torch.equal(back.encode(PROMPTS, faces).embeds, m.encoder.encode(PROMPTS, faces).embeds)
+    t5 = T5EncoderModel(HFT5Config(**FaceT5Config.from_name("facet5-tiny").t5.transformers_kwargs()))
+    t5.save_pretrained(tmp_path / "t5")
+    with pytest.raises(UserError, match="relative_attention_bias"):
+        FaceT5EncoderModule(encoder="facet5-umt5-tiny", t5_weights=str(tmp_path / "t5")).setup("fit")

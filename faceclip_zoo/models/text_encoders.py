@@ -28,7 +28,13 @@ CLIP_VOCAB_SIZE = 49408
 
 # ------------------------------------------------------------------------------ T5
 def build_t5_encoder(cfg: T5Config) -> torch.nn.Module:
-    """transformers T5EncoderModel of the config, random init (weights loaded by the caller)."""
+    """transformers T5EncoderModel (or UMT5EncoderModel, architecture "umt5") of the config,
+    random init (weights loaded by the caller). Both keep the same module names (shared,
+    encoder.block.N, encoder.final_layer_norm); umT5 has a position bias in every block."""
+    if cfg.architecture == "umt5":
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        return UMT5EncoderModel(UMT5Config(**cfg.transformers_kwargs()))
     from transformers import T5Config as HFT5Config, T5EncoderModel
 
     return T5EncoderModel(HFT5Config(**cfg.transformers_kwargs()))
