@@ -145,7 +145,7 @@ def test_sdxl_default_negative_prompt_is_the_release_one(release_pipe, monkeypat
             seen.update(kwargs)
             raise StopIteration
 
-    monkeypatch.setattr(pipe, "sdxl_pipeline", lambda: Capture())
+    monkeypatch.setattr(pipe, "diffusers_pipeline", lambda: Capture())
     cond = SDXLCondition(pipe.face_encoder.encoder, pipe.face_encoder_2.encoder)
     for negative in (None, ""):
         with pytest.raises(StopIteration):
