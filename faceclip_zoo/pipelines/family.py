@@ -15,6 +15,8 @@ diffusion family").
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -54,9 +56,6 @@ class ZooPipeline(FaceInputMixin):
     @classmethod
     def is_family_folder(cls, folder) -> bool:
         """Whether a folder holds this family's pipeline (diffusers' record of its class)."""
-        import json
-        from pathlib import Path
-
         index = Path(folder) / "model_index.json"
         return index.is_file() and json.loads(index.read_text()).get("_class_name") == cls.__name__
 
