@@ -35,7 +35,7 @@ KINDS = {
 
 PIPELINE_LOAD = ("from faceclip_zoo.pipelines.export import load_pipeline\n"
                  "pipe = load_pipeline(\"{path}\")\n"
-                 "image = pipe(\"a photo of a person in a red hat\", face_image=\"me.jpg\").images[0]")
+                 "{output} = pipe(\"a photo of a person in a red hat\", face_image=\"me.jpg\").{field}[0]")
 LOAD = {
     "model_dir": ("from faceclip_zoo.models import load_model_dir\n"
                   "model = load_model_dir(\"{path}\")\n"
@@ -139,6 +139,7 @@ def render_card(folder: Path, facts: CardFacts) -> str:
     else:
         raise UserError(f"no model card for kind {facts.kind!r}; known: {sorted(KINDS) + sorted(families)}")
     what = facts.what or what
+    video = facts.kind in families and families[facts.kind].OUTPUT == "frames"
     data = ModelCardData(
         license=RELEASE_LICENSE if facts.from_release else PROJECT_LICENSE,
         library_name=library, pipeline_tag=task,
@@ -147,10 +148,12 @@ def render_card(folder: Path, facts: CardFacts) -> str:
     )
     lines = [f"# {folder.name}", "", f"This folder holds {what}, written by "
              "faceclip_zoo (an open training framework for FaceCLIP).", "",
-             "## How to load", "", "```python", load.format(path=folder.as_posix(), base=facts.adapts or "<base pipeline>"), "```", ""]
+             "## How to load", "", "```python", load.format(path=folder.as_posix(), base=facts.adapts or "<base pipeline>",
+                                            output="frames" if video else "image",
+                                            field="frames" if video else "images"), "```", ""]
     if facts.kind in families:
         lines += ["```bash", f"python -m faceclip_zoo generate --pipeline {folder.as_posix()} --face me.jpg "
-                  "--prompt \"a photo of a person in a red hat\" --out out.png", "```", ""]
+                  f"--prompt \"a photo of a person in a red hat\" --out {'out.mp4' if video else 'out.png'}", "```", ""]
     lines += ["## Provenance", "", f"- Made by: {facts.made_by}",
               f"- Base model: {facts.base_model or 'none (trained from the recipe, no pre-trained base)'}"]
     if facts.starts_from:
@@ -163,7 +166,8 @@ def render_card(folder: Path, facts: CardFacts) -> str:
         lines += ["## Metrics (last validation of the run)", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(facts.metrics.items())] + [""]
     if facts.samples:
-        lines += ["## Samples", "", "Each row: reference face | real image | generated, fixed held-out pairs.", ""]
+        shown = "generated frames" if video else "generated"
+        lines += ["## Samples", "", f"Each row: reference face | real image | {shown}, fixed held-out pairs.", ""]
         lines += [f"![{p.stem}](samples/{p.name})" for p in facts.samples] + [""]
     licence = ("CC-BY-NC-4.0, the licence of the official FaceCLIP weights these derive from (non-commercial)"
                if facts.from_release else "Apache-2.0 (trained by this project's code; no third-party weights)")

@@ -533,6 +533,55 @@ DIFFUSERS_CONFIGS: dict[str, dict[str, Any]] = {
         guidance_embeds=True, in_channels=16, joint_attention_dim=32, num_attention_heads=2,
         num_layers=1, num_single_layers=1, patch_size=1, pooled_projection_dim=32,
     ),
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json (1.42 B parameters)
+    "wan-1.3b-transformer": dict(
+        _class_name="WanTransformer3DModel", patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128,
+        in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+        added_kv_proj_dim=None, rope_max_seq_len=1024,
+    ),
+    # Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json (14.3 B parameters)
+    "wan-14b-transformer": dict(
+        _class_name="WanTransformer3DModel", patch_size=[1, 2, 2], num_attention_heads=40, attention_head_dim=128,
+        in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+        added_kv_proj_dim=None, rope_max_seq_len=1024,
+    ),
+    # Wan's transformer shrunk for CPU: 4-channel latents in 1x2x2 patches, fed by
+    # facet5-umt5-tiny (width 32)
+    "wan-transformer-tiny": dict(
+        _class_name="WanTransformer3DModel", patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16,
+        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    ),
+    # Wan 2.1's video VAE (Wan-AI/Wan2.1-T2V-*-Diffusers vae/config.json): causal 3-D
+    # convolutions, 16 channels, x8 in space and x4 in time (1 + 4k frames -> 1 + k
+    # latent frames); latents normalised per channel by latents_mean / latents_std
+    "wan-vae": dict(
+        _class_name="AutoencoderKLWan", base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+        attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0,
+        latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+        latents_std=[2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160],
+        scale_factor_temporal=4, scale_factor_spatial=8,
+    ),
+    # the same VAE shrunk for CPU: 4 channels, x4 in space, x2 in time (9 frames -> 5);
+    # its latent statistics are measured after training, as Wan's were
+    "wan-vae-tiny": dict(
+        _class_name="AutoencoderKLWan", base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+        attn_scales=[], temperal_downsample=[False, True], dropout=0.0, latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4, scale_factor_temporal=2, scale_factor_spatial=4,
+    ),
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.json: UniPC on flow
+    # sigmas shifted by 3.0 (the 480p setting; Wan uses 5.0 at 720p)
+    "wan-scheduler": dict(
+        _class_name="UniPCMultistepScheduler", beta_end=0.02, beta_schedule="linear", beta_start=0.0001,
+        final_sigmas_type="zero", flow_shift=3.0, lower_order_final=True, num_train_timesteps=1000,
+        predict_x0=True, prediction_type="flow_prediction", sample_max_value=1.0, solver_order=2,
+        solver_type="bh2", steps_offset=0, thresholding=False, timestep_spacing="linspace",
+        use_flow_sigmas=True, use_karras_sigmas=False,
+    ),
 }
 
 

@@ -1,4 +1,4 @@
-"""`python -m faceclip_zoo generate`: images of a person from an exported pipeline.
+"""`python -m faceclip_zoo generate`: images (or videos) of a person from an exported pipeline.
 
     python -m faceclip_zoo generate --pipeline checkpoints/quickstart-sdxl \\
         --face me.png --prompt "a photo of a person in front of a blue background" --out out.png
@@ -9,7 +9,9 @@ FaceT5FluxPipeline. Several references of one person: `--face a.png --face+ b.pn
 guidance 5.0 (or the guidance a trained folder stores: its recipe's sample_guidance); FLUX
 flow-matching Euler, 50 steps, true CFG 3.5 (--guidance) with distilled guidance 1.0
 (--distilled_guidance); both with the release's negative text (pipelines/defaults.py).
-The size defaults to the model's native one.
+The size defaults to the model's native one. A video pipeline (FaceT5WanPipeline) writes
+an MP4 (`--out clip.mp4`) and an animated GIF preview beside it (clip.gif); `--frames`
+sets its length (default: the folder's, else Wan's 81) and `--fps` its rate.
 """
 
 from __future__ import annotations
@@ -102,8 +104,10 @@ def generate(
     offload: Optional[Literal["model", "sequential"]] = None,
     overwrite: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    frames: Optional[int] = None,
+    fps: int = 16,
 ) -> list[Path]:
-    """Images of a person from an exported or converted pipeline folder.
+    """Images (or videos) of a person from an exported or converted pipeline folder.
 
     Args:
         pipeline: an exported pipeline folder (SDXL or FLUX).
@@ -113,7 +117,8 @@ def generate(
         align: auto: photos are aligned like the training data, aligned crops kept as they
             are; always: re-align; never: the faces are aligned crops already (e.g. synthetic).
         negative_prompt: default the release's negative text for the model; "" for none.
-        out: output PNG (out-K.png for num_images > 1).
+        out: output PNG (out-K.png for num_images > 1); for a video pipeline an MP4 (the
+            default out.png becomes out.mp4), with an animated GIF preview beside it.
         seed: the generator's seed.
         steps: denoising steps.
         guidance: classifier-free guidance (SDXL default: the folder's stored guidance, else 5.0;
@@ -135,6 +140,8 @@ def generate(
             layer: least memory, slowest): diffusers' CPU offload, CUDA only.
         overwrite: replace existing output files (otherwise refused before sampling).
         max_pixels: photos declaring more pixels are refused from their header (default 50 M).
+        frames: video pipelines: frames per video (default the folder's; Wan needs 1 + 4k).
+        fps: video pipelines: the MP4's and preview's frame rate (Wan's 16).
     """
     from faceclip_zoo.data.images import open_photo
 
@@ -143,6 +150,15 @@ def generate(
     for name, side in (("--height", height), ("--width", width)):
         if side is not None and not 16 <= side <= 4096:
             raise UserError(f"{name} must be between 16 and 4096 pixels, got {side}")
+    video = is_video_pipeline(pipeline)
+    if video:
+        out = "out.mp4" if out == "out.png" else out
+        if Path(out).suffix.lower() != ".mp4":
+            raise UserError(f"{pipeline} makes videos: name an .mp4 file as --out (got {out})")
+    elif frames is not None:
+        raise UserError(f"--frames applies to video pipelines; {pipeline} makes images")
+    if frames is not None and frames < 1 or fps < 1:
+        raise UserError("--frames and --fps must be at least 1")
     # everything the run will read or write is checked before the model loads and samples
     paths = output_paths(out, num_images)
     for path in paths:
@@ -163,14 +179,33 @@ def generate(
     for name, side in (("--height", height), ("--width", width)):
         if side is not None and side % multiple:
             raise UserError(f"{name} must be a multiple of {multiple} for this pipeline, got {side}")
-    images = pipe(
+    result = pipe(
         prompt, face_image=photos, negative_prompt=negative_prompt, num_inference_steps=steps,
         height=height, width=width, num_images_per_prompt=num_images,
         generator=torch.Generator(device="cpu").manual_seed(seed), align=align,
-        **pipe.guidance_arguments(guidance, distilled_guidance),
-    ).images
-    for image, path in zip(images, paths):
+        **pipe.guidance_arguments(guidance, distilled_guidance), **({"num_frames": frames} if frames else {}),
+    )
+    for image, path in zip(getattr(result, pipe.OUTPUT), paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        print(f"wrote {path}")
+        if video:
+            from faceclip_zoo.data.video import write_mp4, write_preview
+
+            write_mp4(image, path, fps)
+            print(f"wrote {path} ({len(image)} frames) and {write_preview(image, path.with_suffix('.gif'), fps)}")
+        else:
+            image.save(path)
+            print(f"wrote {path}")
     return paths
+
+
+def is_video_pipeline(path: str) -> bool:
+    """Whether a pipeline folder (or a LoRA export's base) makes videos, read from its
+    model_index.json before anything loads; False where that cannot be told (open_pipeline
+    then names the problem)."""
+    from faceclip_zoo.pipelines.adapters import lora_base
+    from faceclip_zoo.pipelines.export import pipeline_class_of
+
+    folder = Path(lora_base(path) or path)
+    if not (folder / "model_index.json").is_file():
+        return False
+    return pipeline_class_of(folder).OUTPUT == "frames"

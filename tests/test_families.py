@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 
 from faceclip_zoo.pipelines.family import ZooPipeline, pipeline_classes
-from faceclip_zoo.tasks import FluxJointModule, SDXLJointModule
+from faceclip_zoo.tasks import FluxJointModule, SDXLJointModule, WanJointModule
 from faceclip_zoo.tasks.diffusion import JointDiffusionModule
 
-TASKS = [SDXLJointModule, FluxJointModule]
+TASKS = [SDXLJointModule, FluxJointModule, WanJointModule]
 PACKAGE = Path(__file__).resolve().parents[1] / "faceclip_zoo"
 
 
 def test_every_family_declares_its_kind_and_its_task_points_at_it():
     families = pipeline_classes()
-    assert set(families) == {"sdxl_pipeline", "flux_pipeline"}
+    assert set(families) == {"sdxl_pipeline", "flux_pipeline", "wan_pipeline"}
     declared = [name for name in ZooPipeline.__annotations__ if name.isupper()]
     for kind, cls in families.items():
         assert cls.ZOO_KIND == kind
@@ -56,10 +56,11 @@ def test_recipes_see_the_shared_arguments_with_their_help():
 def test_no_module_names_a_family_class_to_dispatch_on_it():
     """No class-name tables and no dispatch by type name: the families' own files name
     themselves; elsewhere a family is reached through its classes' declarations."""
-    own = {"pipelines/sdxl.py", "pipelines/flux.py", "tasks/sdxl.py", "tasks/flux.py", "tasks/__init__.py",
+    own = {"pipelines/sdxl.py", "pipelines/flux.py", "pipelines/wan.py", "tasks/sdxl.py", "tasks/flux.py",
+           "tasks/wan.py", "tasks/__init__.py",
            "pipelines/__init__.py", "__init__.py"}
     pattern = re.compile(r"""["'](FaceCLIPSDXLPipeline|FaceT5FluxPipeline|SDXLJointModule|FluxJointModule|"""
-                         r"""sdxl_pipeline|flux_pipeline|SDXL|FLUX)["']""")
+                         r"""FaceT5WanPipeline|WanJointModule|sdxl_pipeline|flux_pipeline|wan_pipeline|SDXL|FLUX|Wan)["']""")
     found = [f"{p.relative_to(PACKAGE)}: {m.group(0)}" for p in sorted(PACKAGE.rglob("*.py"))
              if str(p.relative_to(PACKAGE)) not in own for m in pattern.finditer(p.read_text())]
     assert found == []

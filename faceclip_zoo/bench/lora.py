@@ -34,7 +34,7 @@ def lora_rows(ctx: Context) -> list[Row]:
         unet = build_diffusers(ours.unet_config)
     ours, unet = ours.to(ctx.device), unet.to(ctx.device)
     unet.requires_grad_(False)
-    unet.add_adapter(settings.peft_config("unet"))
+    unet.add_adapter(settings.peft_config("UNet2DConditionModel"))
     cast_training_params(unet, dtype=torch.float32)
     cond = ours.condition
     batch = _cached_batch(ctx, s.sdxl_batch, s.sdxl_image, unet.config.in_channels, ours.vae_downsample, 77,

@@ -17,12 +17,14 @@ import torch
 
 from faceclip_zoo.utils import UserError
 
-# The layers diffusers' own LoRA training scripts adapt: SDXL's attention projections
-# (train_dreambooth_lora_sdxl.py), FLUX's attention and feed-forward projections of both
-# streams (train_dreambooth_lora_flux.py).
+# The layers diffusers' own LoRA training scripts adapt, by denoiser class: SDXL's attention
+# projections (train_dreambooth_lora_sdxl.py), FLUX's attention and feed-forward
+# projections of both streams (train_dreambooth_lora_flux.py), Wan's self- and
+# cross-attention and feed-forward projections (Wan's own LoRA recipes: q, k, v, o, ffn).
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    "unet": ["to_k", "to_q", "to_v", "to_out.0"],
-    "transformer": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+    "UNet2DConditionModel": ["to_k", "to_q", "to_v", "to_out.0"],
+    "WanTransformer3DModel": ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"],
+    "FluxTransformer2DModel": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
                     "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
                     "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"],
 }
@@ -39,7 +41,7 @@ class LoraSettings:
         alpha: the scale numerator (update = alpha / r * B A); None = rank (scale 1).
         dropout: dropout on the adapters' input.
         target_modules: module names (peft matching: suffixes) to adapt; None = the
-            layers diffusers' LoRA scripts adapt for this denoiser (DEFAULT_TARGETS).
+            layers diffusers' LoRA scripts adapt for this denoiser class (DEFAULT_TARGETS).
         init: peft's `init_lora_weights`: true (B = 0: the run starts at the base),
             "gaussian", "pissa", "olora", ...
         use_dora: weight-decomposed adapters (DoRA) instead of plain LoRA.
@@ -52,14 +54,14 @@ class LoraSettings:
     init: Union[bool, str] = True
     use_dora: bool = False
 
-    def peft_config(self, denoiser: str):
+    def peft_config(self, denoiser_class: str):
         from peft import LoraConfig
 
         if self.rank < 1:
             raise UserError(f"lora.rank must be >= 1, got {self.rank}")
         return LoraConfig(r=self.rank, lora_alpha=self.alpha if self.alpha is not None else self.rank,
                           lora_dropout=self.dropout, init_lora_weights=self.init, use_dora=self.use_dora,
-                          target_modules=list(self.target_modules or DEFAULT_TARGETS[denoiser]))
+                          target_modules=list(self.target_modules or DEFAULT_TARGETS[denoiser_class]))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +74,7 @@ class LoraSettings:
 def add_lora(model: torch.nn.Module, settings: LoraSettings, denoiser: str) -> None:
     """Inject the adapters (diffusers' PeftAdapterMixin.add_adapter): afterwards only the
     adapter weights require grad."""
-    config = settings.peft_config(denoiser)
+    config = settings.peft_config(type(model).__name__)
     try:
         with warnings.catch_warnings():
             # peft's layer over a torchao-quantised Linear says it cannot merge into an int8

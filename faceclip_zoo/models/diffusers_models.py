@@ -21,7 +21,8 @@ def diffusers_class(config: dict[str, Any]):
     import diffusers
 
     name = config.get("_class_name")
-    if name not in ("UNet2DConditionModel", "FluxTransformer2DModel", "AutoencoderKL"):
+    if name not in ("UNet2DConditionModel", "FluxTransformer2DModel", "AutoencoderKL", "WanTransformer3DModel",
+                    "AutoencoderKLWan"):
         raise UserError(f"unsupported diffusers model class {name!r}")
     return getattr(diffusers, name)
 

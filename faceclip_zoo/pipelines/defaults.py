@@ -26,3 +26,9 @@ SDXL_DEFAULTS = dict(num_inference_steps=50, guidance_scale=5.0, height=1152, wi
 # FlowMatch Euler, true CFG 3.5 against the negative branch, FLUX.1-dev's distilled
 # guidance input 1.0, 1152 x 864.
 FLUX_DEFAULTS = dict(num_inference_steps=50, true_cfg_scale=3.5, guidance_scale=1.0, height=1152, width=864)
+
+# Wan 2.1 text-to-video (no FaceCLIP release covers video): diffusers' WanPipeline
+# defaults, i.e. Wan's own 480p setting: UniPC with flow shift 3.0, 50 steps, CFG 5.0,
+# 81 frames of 480 x 832 (16 fps).
+WAN_DEFAULTS = dict(num_inference_steps=50, guidance_scale=5.0, height=480, width=832, num_frames=81)
+WAN_FPS = 16

@@ -30,18 +30,26 @@ def save_pipeline(pipe, out: str | os.PathLike, recipe: str | None = None,
 
 
 def load_pipeline(folder: str | os.PathLike, dtype: torch.dtype | None = None):
-    """A saved pipeline folder (`export` output), local files only: FaceCLIPSDXLPipeline or
-    FaceT5FluxPipeline, as its model_index.json says."""
+    """A saved pipeline folder (`export` output), local files only: the family pipeline its
+    model_index.json names (FaceCLIPSDXLPipeline, FaceT5FluxPipeline, FaceT5WanPipeline)."""
     path = Path(folder)
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path} is not a pipeline folder (no model_index.json); create one with "
                         "`python -m faceclip_zoo export --ckpt <sdxl or flux fit checkpoint> --out <dir>`")
-    name = json.loads((path / "model_index.json").read_text()).get("_class_name")
-    classes = {cls.__name__: cls for cls in pipeline_classes().values()}  # diffusers' _class_name
-    if name not in classes:
-        raise UserError(f"{path} holds a {name!r} pipeline; faceclip_zoo loads {sorted(classes)}")
+    cls = pipeline_class_of(path)
     from faceclip_zoo.utils import check_safetensors
 
     check_safetensors(sorted(path.rglob("*.safetensors")), f"pipeline {path}")
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return classes[name].from_pretrained(str(path), local_files_only=True, **kwargs)
+    return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
+
+
+def pipeline_class_of(folder: str | os.PathLike) -> type:
+    """The family pipeline class a pipeline folder holds (diffusers' _class_name in its
+    model_index.json), without loading it."""
+    path = Path(folder)
+    name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    classes = {cls.__name__: cls for cls in pipeline_classes().values()}  # diffusers' _class_name
+    if name not in classes:
+        raise UserError(f"{path} holds a {name!r} pipeline; faceclip_zoo loads {sorted(classes)}")
+    return classes[name]

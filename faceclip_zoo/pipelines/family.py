@@ -25,7 +25,7 @@ from faceclip_zoo.pipelines.faces import AlignMode, FaceInput, FaceInputMixin
 from faceclip_zoo.utils import UserError
 
 # The modules that define a pipeline family (imported on demand: each pulls in diffusers).
-FAMILY_MODULES = ("faceclip_zoo.pipelines.sdxl", "faceclip_zoo.pipelines.flux")
+FAMILY_MODULES = ("faceclip_zoo.pipelines.sdxl", "faceclip_zoo.pipelines.flux", "faceclip_zoo.pipelines.wan")
 
 
 class ZooPipeline(FaceInputMixin):
@@ -39,12 +39,14 @@ class ZooPipeline(FaceInputMixin):
     # from a pipeline folder (`pipeline:` in a recipe)
     TRAINING_PARTS: dict[str, str]
     DEFAULT_SCHEDULER: str  # the named noise schedule a recipe gets when it names none
+    DEFAULT_VAE: str  # the named VAE a recipe gets when it names none (the tiny one: tests, quickstarts)
     RELEASE_DEFAULTS: dict[str, float]  # the release's inference defaults (pipelines/defaults.py)
     GUIDANCE_ARGUMENT: str  # the call argument `guidance` sets (classifier-free guidance scale)
     DISTILLED_GUIDANCE_ARGUMENT: str | None = None  # a guidance-distilled denoiser's guidance input
     CARD_SUMMARY: str  # what the folder holds, for its model card
     PIPELINE_TAG: str  # the Hub's task of the card ("text-to-image")
     CARD_TAGS: tuple[str, ...]
+    OUTPUT: str = "images"  # the diffusers output field: "images" [B, 3, H, W], "frames" [B, F, 3, H, W]
 
     @property
     def default_guidance(self) -> float:
@@ -98,7 +100,8 @@ class ZooPipeline(FaceInputMixin):
         load_strict(denoiser, {**state_under(state, prefixes[name]), **denoiser_state}, f"{source} [{name}]")
         load_strict(vae, state_under(state, prefixes["vae"]), f"{source} [vae]")
         return cls(vae=vae.eval(), scheduler=build_scheduler(spec["scheduler"]),
-                   default_guidance_scale=spec.get("guidance_scale"), **{name: denoiser.eval()},
+                   default_guidance_scale=spec.get("guidance_scale"), **spec.get("pipeline_defaults", {}),
+                   **{name: denoiser.eval()},
                    **cls.encoder_components(condition.eval()))
 
     @classmethod
@@ -107,7 +110,7 @@ class ZooPipeline(FaceInputMixin):
         from faceclip_zoo.pipelines.components import build_scheduler, ema_copy
 
         return cls(vae=module.vae, scheduler=build_scheduler(module.scheduler_config),
-                   default_guidance_scale=module.hparams.sample_guidance,
+                   default_guidance_scale=module.hparams.sample_guidance, **module.pipeline_defaults(),
                    **{cls.DENOISER: ema_copy(module, module.denoiser, use_ema)},
                    **cls.encoder_components(module.condition))
 
@@ -146,9 +149,11 @@ class ZooPipeline(FaceInputMixin):
                 guidance_scale: float | None = None, **kwargs: Any) -> torch.Tensor:
         """A batch of different people: row i = (aligned crop faces[i], prompts[i]); faces
         None = no face anywhere; guidance_scale: the classifier-free guidance (default the
-        pipeline's). Returns images [B, 3, H, W] in [0, 1] (validation grids, evaluation)."""
+        pipeline's). Returns images [B, 3, H, W] (a video family's frames [B, F, 3, H, W]) in
+        [0, 1] (validation grids, evaluation)."""
         embeds = self.encode_rows(faces, prompts, negative_prompt, self._execution_device)
-        return self.denoise(embeds, output_type="pt", **{self.GUIDANCE_ARGUMENT: guidance_scale}, **kwargs).images
+        out = self.denoise(embeds, output_type="pt", **{self.GUIDANCE_ARGUMENT: guidance_scale}, **kwargs)
+        return getattr(out, self.OUTPUT)
 
     def denoise(self, embeds: dict[str, torch.Tensor], **kwargs: Any):
         """The family's diffusers pipeline over the condition's embeddings (prompt_embeds,

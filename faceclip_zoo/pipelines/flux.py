@@ -41,6 +41,7 @@ class FaceT5FluxPipeline(ZooPipeline, FluxLoraLoaderMixin, DiffusionPipeline):
                       "tokenizer": "clip_tokenizer", "transformer": "transformer", "vae": "vae",
                       "scheduler": "scheduler"}
     DEFAULT_SCHEDULER = "flux-scheduler"
+    DEFAULT_VAE = "vae-tiny"
     RELEASE_DEFAULTS = FLUX_DEFAULTS
     GUIDANCE_ARGUMENT = "true_cfg_scale"
     DISTILLED_GUIDANCE_ARGUMENT = "guidance_scale"  # FLUX.1-dev's guidance input (release: 1.0)

@@ -40,6 +40,7 @@ class FaceCLIPSDXLPipeline(ZooPipeline, StableDiffusionXLLoraLoaderMixin, Diffus
     TRAINING_PARTS = {"face_encoder": "encoder_l", "face_encoder_2": "encoder_g", "unet": "unet", "vae": "vae",
                       "scheduler": "scheduler"}
     DEFAULT_SCHEDULER = "sdxl-scheduler"
+    DEFAULT_VAE = "vae-tiny"
     RELEASE_DEFAULTS = SDXL_DEFAULTS
     GUIDANCE_ARGUMENT = "guidance_scale"
     CARD_SUMMARY = ("a FaceCLIP-SDXL text-to-image pipeline (FaceCLIPSDXLPipeline): two FaceCLIP branches, an "

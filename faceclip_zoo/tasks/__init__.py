@@ -6,7 +6,7 @@ from faceclip_zoo.tasks.facet5_encoder import FaceT5EncoderModule
 from faceclip_zoo.tasks.resilience import LastGoodCheckpointIO, NonFiniteLoss
 
 __all__ = ["ExportOnFitEnd", "FaceCLIPEncoderModule", "FaceT5EncoderModule", "FluxJointModule", "IdentityTSNE",
-           "LastGoodCheckpointIO", "NonFiniteLoss", "SDXLJointModule"]
+           "LastGoodCheckpointIO", "NonFiniteLoss", "SDXLJointModule", "WanJointModule"]
 
 
 def __getattr__(name: str):
@@ -19,4 +19,8 @@ def __getattr__(name: str):
         from faceclip_zoo.tasks.flux import FluxJointModule
 
         return FluxJointModule
+    if name == "WanJointModule":
+        from faceclip_zoo.tasks.wan import WanJointModule
+
+        return WanJointModule
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

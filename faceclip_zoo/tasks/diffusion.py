@@ -49,7 +49,8 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         train_encoders: also fine-tune the joint encoders' trainable parts (default frozen,
             as in the paper's diffusion stage).
         vae, vae_weights: the frozen VAE: a named diffusers config (random init) or a
-            diffusers folder; vae_weights: its weights (folder or .safetensors).
+            diffusers folder (None: the family's tiny one, `vae-tiny` / `wan-vae-tiny`);
+            vae_weights: its weights (folder or .safetensors).
         scheduler: the training noise schedule, also the exported sampler: named, or a
             scheduler folder; None: the family's own (`sdxl-scheduler`, `flux-scheduler`).
         scheduler_overrides: changes to the scheduler config, for training and the exported
@@ -91,7 +92,7 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
     def __init__(
         self,
         train_encoders: bool = False,
-        vae: str = "vae-tiny",
+        vae: Optional[str] = None,
         vae_weights: Optional[str] = None,
         scheduler: Optional[str] = None,
         scheduler_overrides: Optional[dict[str, Any]] = None,
@@ -124,6 +125,8 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         # the family's defaults, resolved once (checkpoints record what the run used)
         if hp.scheduler is None:
             hp.scheduler = family.DEFAULT_SCHEDULER
+        if hp.vae is None:
+            hp.vae = family.DEFAULT_VAE
         if hp.timestep_sampling is None:
             hp.timestep_sampling = self.TIMESTEP_SAMPLING
         if hp.sample_guidance is None:
@@ -162,7 +165,8 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         hp = self.hparams
         parts = {**given, "vae": hp.vae, "vae_weights": hp.vae_weights, "scheduler": hp.scheduler}
         if hp.pipeline:
-            defaults = {**self.argument_defaults(), "scheduler": self.PIPELINE.DEFAULT_SCHEDULER}
+            defaults = {**self.argument_defaults(), "scheduler": self.PIPELINE.DEFAULT_SCHEDULER,
+                        "vae": self.PIPELINE.DEFAULT_VAE}
             refuse_with_pipeline(hp.pipeline, parts, defaults)
             parts.update(pipeline_parts(hp.pipeline, self.PIPELINE))
         return parts
@@ -461,15 +465,19 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         as the denoiser sees them; tasks/identity_loss.py)."""
         if rows is None or not bool(rows.any()):
             return loss
-        scale, shift = self.latent_scale
         marks = batch.get("face_landmarks")
-        term = identity_loss(lambda z: self.vae.decode((z / scale + shift).to(self.vae.dtype)).sample,
-                             clean_latents[rows], batch["face"].to(self.device)[rows], self.identity_network,
+        term = identity_loss(self.decode_for_identity, clean_latents[rows], batch["face"].to(self.device)[rows], self.identity_network,
                              self.identity_settings, self.vae_downsample,
                              landmarks=None if marks is None else marks.to(self.device)[rows], generator=generator)
         self.log("train/identity_loss", term, batch_size=int(rows.sum()))
         self.log("train/diffusion_loss", loss, batch_size=len(batch["caption"]))
         return loss + self.identity_settings.weight * term
+
+    def decode_for_identity(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images [B, 3, H, W] in [-1, 1] whose face the identity loss reads
+        (a video family decodes its first frame)."""
+        scale, shift = self.latent_scale
+        return self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
 
     # ------------------------------------------------------------------ steps
     def diffusion_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -535,11 +543,17 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
         return {"model_type": self.PIPELINE.ZOO_KIND, **encoders,
                 name: getattr(self, f"{name}_config"), "vae": self.vae_config, "scheduler": self.scheduler_config,
                 "guidance_scale": self.hparams.sample_guidance,  # the exported pipeline's default
+                "pipeline_defaults": self.pipeline_defaults(),
                 "prefixes": {**prefixes, name: f"{name}.", "vae": "vae."}}
 
     def condition_spec(self) -> tuple[dict, dict[str, str]]:
         """(the encoders' export entries, their state-dict prefixes) (subclasses)."""
         raise NotImplementedError
+
+    def pipeline_defaults(self) -> dict[str, Any]:
+        """The family pipeline's own call defaults this run sets (a video family's size and
+        length), as its constructor takes them: none by default."""
+        return {}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -1,5 +1,5 @@
 """The validation image grid of the diffusion stages: for fixed (reference, prompt) pairs
-of the validation set, one row each of [reference | real target | generated], written as
+of the validation set, one row each of [reference | real target | generated (a video's frames)], written as
 PNG to <log dir>/samples/step-NNNNNN.png and handed to the logger when it takes images."""
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def write_sample_grid(module, samples: list[dict]) -> Path:
         num_inference_steps=hp.sample_steps, guidance_scale=hp.sample_guidance, height=height,
         width=width, generator=torch.Generator(device="cpu").manual_seed(hp.sample_seed),
     )
-    rows = [[s["face"], s["image"], img.cpu()] for s, img in zip(samples, images)]
+    # a video family's samples are frames [F, 3, H, W]: the row shows them all
+    rows = [[s["face"], s["image"], *(img.cpu() if img.dim() == 4 else [img.cpu()])] for s, img in zip(samples, images)]
     out = samples_dir(module.trainer) / f"step-{module.global_step:06d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     image = grid_image(rows)
