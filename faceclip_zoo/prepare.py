@@ -141,9 +141,13 @@ def assemble(records: list[Record], out: str, work: str, samples_per_shard: int,
                 meta = {k: item[k] for k in ("source", "sha256", "original_size", "score", "box", "landmarks",
                                              "pose", "sharpness", "num_faces")}
                 meta["reference_source"] = ref_source
+                clip = None
+                if "frames" in item:  # a video: its sampled frames, as one strip
+                    meta.update({k: item[k] for k in ("source_frames", "fps", "frame_indices")})
+                    clip = (_read(work, f"{item['key']}.video.jpg"), item["frames"])
                 sink.write(make_sample(item["key"], _read(work, f"{item['key']}.image.jpg"), item["caption"],
                                        reference=_read(work, ref_file), identity=item.get("identity"),
-                                       meta=meta, image_format="jpg"))
+                                       meta=meta, image_format="jpg", frames=clip))
         os.replace(tmp, os.path.join(out, name))
         shard_names.append(name)
     for stale in os.listdir(out):  # shards of an earlier, larger run of the same output

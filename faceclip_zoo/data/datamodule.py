@@ -94,6 +94,13 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "key": [s["key"] for s in samples],
         "skipped": sum(int(s.get("skipped", 0)) for s in samples),
     }
+    clips = {s["video"].shape[1] for s in samples if "video" in s}
+    if len(clips) > 1:
+        raise UserError(f"clips of {sorted(clips)} frames in one batch: prepare or render them at one length")
+    if clips:  # a video family's batch; an image among the clips trains as a still clip
+        frames = clips.pop()
+        batch["video"] = torch.stack([s["video"] if "video" in s else s["image"][:, None].expand(-1, frames, -1, -1)
+                                      for s in samples])
     if all("original_size" in s for s in samples):
         batch["original_size"] = torch.tensor([list(s["original_size"]) for s in samples])
         batch["crop_top_left"] = torch.tensor([list(s["crop_top_left"]) for s in samples])

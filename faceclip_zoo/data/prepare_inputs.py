@@ -1,5 +1,5 @@
-"""What `prepare` reads: a folder of photos with caption files, or a table (.jsonl, .csv,
-.parquet) with an image path and a caption per row. Every input becomes one Record; a
+"""What `prepare` reads: a folder of photos (or short videos) with caption files, or a table
+(.jsonl, .csv, .parquet) with an image (or video) path and a caption per row. Every input becomes one Record; a
 record whose caption or path is unusable carries its error and ends in the rejects file
 (nothing is dropped silently).
 
@@ -23,6 +23,9 @@ from typing import Iterator
 from faceclip_zoo.utils import UserError
 
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # gif: its first frame
+# short videos (PyAV): sampled to the recipe's clip length, the face found on the first frame
+VIDEO_EXTS = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi")
+INPUT_EXTS = PHOTO_EXTS + VIDEO_EXTS
 CAPTION_EXT = ".txt"
 
 
@@ -102,10 +105,10 @@ def _walk_photos(root: str, unusable: list[tuple[str, tuple[str, str]]] | None =
         dirs[:] = enter
         for f in sorted(files):
             path = os.path.join(folder, f)
-            if f.lower().endswith(PHOTO_EXTS):
+            if f.lower().endswith(INPUT_EXTS):
                 found.append(path)
             elif not f.startswith(".") and not f.lower().endswith(CAPTION_EXT):
-                reject(path, "unsupported_format", f"{f}: not a format prepare reads ({' '.join(PHOTO_EXTS)})")
+                reject(path, "unsupported_format", f"{f}: not a format prepare reads ({' '.join(INPUT_EXTS)})")
     return found
 
 
@@ -202,5 +205,5 @@ def read_inputs(input: str, references: str | None = None, identity_from_folder:
     if references:
         records += list(reference_records(references))
     if not any(r.kind == "sample" for r in records):
-        raise UserError(f"{input}: no photos found (looked for {', '.join(PHOTO_EXTS)})")
+        raise UserError(f"{input}: no photos or videos found (looked for {', '.join(INPUT_EXTS)})")
     return records

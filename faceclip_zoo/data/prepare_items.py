@@ -18,7 +18,7 @@ from PIL import Image
 
 from faceclip_zoo.data.align import crop_face, pick_face, sharpness
 from faceclip_zoo.data.images import DEFAULT_MAX_PIXELS, ImageRejected, LoadedImage, load_image
-from faceclip_zoo.data.prepare_inputs import Record
+from faceclip_zoo.data.prepare_inputs import VIDEO_EXTS, Record
 from faceclip_zoo.utils import atomic_write_bytes
 
 
@@ -35,6 +35,7 @@ class Filters:
     min_sharpness: float = 15.0  # variance of the Laplacian of the 112 px grey face
     min_image_size: int = 128  # shorter side of the photo
     max_pixels: int = DEFAULT_MAX_PIXELS  # declared width x height above this is refused unread (50 M)
+    clip_frames: int = 9  # videos: frames a clip is sampled to (the video recipe's length; Wan: 1 + 4k)
 
 
 # ---------------------------------------------------------------- phase 1: one input
@@ -102,6 +103,49 @@ def face_of_image(loaded: LoadedImage, path: str, filters: Filters, face_size: i
     return loaded.rgb, facts, aligned
 
 
+def _clip_of(path: str, filters: Filters, face_size: int, work: str, key: str, max_image_side: int
+             ) -> tuple[np.ndarray, dict, object]:
+    """A short video -> its first sampled frame's (rgb, facts, aligned), the clip written as
+    <key>.video.jpg (its clip_frames frames, evenly spaced over the video, stacked top to
+    bottom), or ImageRejected: unreadable, too short, too small, or no usable face on the
+    first frame."""
+    import hashlib
+
+    from faceclip_zoo.data.video import read_frames
+    from faceclip_zoo.utils import UserError
+
+    try:
+        frames, fps = read_frames(path)
+    except UserError as exc:
+        raise ImageRejected("unreadable_video", str(exc)) from None
+    if len(frames) < filters.clip_frames:
+        raise ImageRejected("too_short", f"{path}: {len(frames)} frames; clips of {filters.clip_frames} are asked for "
+                                         "(filters.clip_frames)")
+    w, h = frames[0].size
+    if min(w, h) < filters.min_image_size:
+        raise ImageRejected("image_too_small", f"{path}: frames of {w}x{h} < {filters.min_image_size} px")
+    picked = np.linspace(0, len(frames) - 1, filters.clip_frames).round().astype(int)
+    clip = [np.asarray(frames[i].convert("RGB")) for i in picked]
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    rgb, facts, aligned = face_of_image(LoadedImage(clip[0], (h, w), digest), f"{path} (first frame)", filters,
+                                        face_size)
+    atomic_write_bytes(os.path.join(work, f"{key}.video.jpg"),
+                       encode_image_bytes(np.concatenate([_fit(c, max_image_side) for c in clip]), "jpg"))
+    facts.update(frames=filters.clip_frames, source_frames=len(frames), fps=round(fps, 3),
+                 frame_indices=picked.tolist())
+    return rgb, facts, aligned
+
+
+def _fit(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    """A frame downscaled to max_side (longer side), as encode_image_bytes does photos."""
+    img = Image.fromarray(rgb)
+    if max(img.size) > max_side:
+        s = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.LANCZOS)
+    return np.asarray(img)
+
+
 def encode_image_bytes(arr: np.ndarray, fmt: str, max_side: int | None = None) -> bytes:
     img = Image.fromarray(arr)
     if max_side and max(img.size) > max_side:
@@ -133,7 +177,10 @@ def process_record(record: Record, work: str, filters: Filters, face_size: int, 
                 raise ImageRejected("unreadable_file", f"{record.image}: a link to nothing readable "
                                                   f"({os.readlink(record.image)})")
             raise ImageRejected("missing_file", f"{record.image}: no such file")
-        rgb, facts, aligned = _face_of(record.image, filters, face_size)
+        if record.image.lower().endswith(VIDEO_EXTS):
+            rgb, facts, aligned = _clip_of(record.image, filters, face_size, work, key, max_image_side)
+        else:
+            rgb, facts, aligned = _face_of(record.image, filters, face_size)
         atomic_write_bytes(os.path.join(work, f"{key}.face.png"), encode_image_bytes(aligned.crop, "png"))
         if record.kind == "sample":
             atomic_write_bytes(os.path.join(work, f"{key}.image.jpg"), encode_image_bytes(rgb, "jpg", max_image_side))

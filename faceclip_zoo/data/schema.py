@@ -5,6 +5,8 @@ One sample = files sharing a key inside a tar:
     <key>.jpg | <key>.png         target image x_0 (required)
     <key>.txt                     caption, UTF-8 (required)
     <key>.ref.png | .ref.jpg      aligned reference face (absent for guided image-text pairs)
+    <key>.video.png | .video.jpg  a clip (video families): its T frames stacked top to bottom,
+                                  T in the json's "frames"; the target image is its first frame
     <key>.json                    {"identity": str | null, ...free metadata}
     <key>.<feature>.npy           optional cached frozen-model outputs, float16/32:
                                   arcface [D], clip_image [E], clip_text [E],
@@ -17,8 +19,9 @@ One sample = files sharing a key inside a tar:
 Decoded, a sample is a dict: image [3, S, S] and face [3, F, F] float in [0, 1] (the
 reference resized by the release's bilinear interpolation, see square_face),
 has_face bool, caption str, identity str ("" if unknown), key str, original_size and
-crop_top_left (SDXL micro-conditioning), and every cached feature as a float tensor. Everything here is plain Python/numpy/PIL so shard writers
-need no torch.
+crop_top_left (SDXL micro-conditioning), a clip's video [3, T, S, S] (each frame resized
+and cropped as the image), and every cached feature as a float tensor. Everything here is
+plain Python/numpy/PIL so shard writers need no torch.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REF_EXTS = tuple(f"ref.{e}" for e in IMAGE_EXTS)
+VIDEO_EXTS = tuple(f"video.{e}" for e in IMAGE_EXTS)
 CACHED_FEATURES = ("arcface", "clip_image", "clip_text", "face_identity", "face_patches",
                    "vae_latents", "prompt_embeds", "pooled_prompt_embeds")
 # Outputs of a model looking at the reference face: present only on samples that have one.
@@ -56,15 +60,30 @@ def make_sample(
     key: str, image: Image.Image | bytes, caption: str, reference: Image.Image | bytes | None = None,
     identity: str | None = None, meta: dict | None = None,
     features: dict[str, np.ndarray] | None = None, image_format: str = "png",
+    frames: list[Image.Image] | tuple[bytes, int] | None = None,
 ) -> dict[str, Any]:
     """Tar members of one sample. `image` / `reference` may be already encoded bytes (in
-    `image_format` / PNG), which are stored as they are (no second JPEG generation)."""
+    `image_format` / PNG), which are stored as they are (no second JPEG generation).
+    `frames`: a clip's frames (one size), stored as one strip in `image_format`, or a strip
+    already encoded in `image_format` and its frame count."""
+    count = frames[1] if isinstance(frames, tuple) else len(frames or ())
+    meta = {**(meta or {}), **({"frames": count} if frames else {})}
     sample = {
         "__key__": key,
         image_format: image if isinstance(image, bytes) else encode_image(image, image_format),
         "txt": caption.encode("utf-8"),
-        "json": json.dumps({"identity": identity, **(meta or {})}).encode("utf-8"),
+        "json": json.dumps({"identity": identity, **meta}).encode("utf-8"),
     }
+    if isinstance(frames, tuple):
+        sample[f"video.{image_format}"] = frames[0]
+    elif frames:
+        w, h = frames[0].size
+        strip = Image.new("RGB", (w, h * len(frames)))
+        for i, frame in enumerate(frames):
+            if frame.size != (w, h):
+                raise ValueError(f"sample {key!r}: clip frames differ in size ({frame.size} vs {(w, h)})")
+            strip.paste(frame.convert("RGB"), (0, i * h))
+        sample[f"video.{image_format}"] = encode_image(strip, image_format)
     if reference is not None:
         sample["ref.png"] = reference if isinstance(reference, bytes) else encode_image(reference, "png")
     for name, value in (features or {}).items():
@@ -170,6 +189,9 @@ def decode_sample(raw: dict[str, Any], image_size: int, face_size: int,
     }
     if landmarks is not None:
         out["face_landmarks"] = landmarks
+    video_ext = next((e for e in VIDEO_EXTS if e in raw), None)
+    if video_ext is not None:
+        out["video"] = _decode_clip(_open_rgb(raw[video_ext], f"{where} clip"), meta.get("frames"), size, where)
     ref_ext = next((e for e in REF_EXTS if e in raw), None)
     if ref_ext is not None:
         # Stored at the crop's own size (448 from `prepare`), resized here as the release
@@ -187,6 +209,17 @@ def decode_sample(raw: dict[str, Any], image_size: int, face_size: int,
                 raise CorruptSample(f"{where}: cached feature {name}.npy is unreadable") from None
             out[name] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
     return out
+
+
+def _decode_clip(strip: Image.Image, frames, size, where: str) -> torch.Tensor:
+    """A clip's strip of `frames` frames (top to bottom) -> [3, T, H, W], each frame resized
+    and cropped as the target image is."""
+    w, h = strip.size
+    if not isinstance(frames, int) or frames < 1 or h % frames:
+        raise CorruptSample(f"{where}: a clip strip of height {h} cannot hold the {frames!r} frames its .json says")
+    step = h // frames
+    return torch.stack([resize_crop(strip.crop((0, i * step, w, (i + 1) * step)), size)[0]
+                        for i in range(frames)], dim=1)
 
 
 def _landmarks_in_image(meta: dict, stored_hw: tuple[int, int], image_hw, crop: tuple[int, int]

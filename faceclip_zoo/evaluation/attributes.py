@@ -29,19 +29,30 @@ ATTRIBUTES = {
     "shirt": tuple(CLOTHES), "hat": tuple(HATS), "glasses": ("no", "yes"), "expression": EXPRESSIONS,
     "background": tuple(BACKGROUNDS), "light": LIGHTS,
 }
-_CAPTION = re.compile(r"a photo of a (?:(?P<expr>smiling|surprised) )?person wearing a (?P<shirt>\w+) shirt"
-                      r"(?: and a (?P<hat>\w+) hat)?(?P<glasses> and glasses)?, in front of an? (?P<bg>\w+) "
-                      r"background, lit from the (?P<light>\w+)")
+_PERSON = (r"a (?:(?P<expr>smiling|surprised) )?person wearing a (?P<shirt>\w+) shirt"
+           r"(?: and a (?P<hat>\w+) hat)?(?P<glasses> and glasses)?, in front of an? (?P<bg>\w+) background")
+_CAPTION = re.compile(r"a photo of " + _PERSON + r", lit from the (?P<light>\w+)")
+# a clip's (synthetic/faces.py clip_caption): the scene, the head's turn, the light's move
+_CLIP_CAPTION = re.compile(r"a video of " + _PERSON + r", turning their head to the (?P<turn>\w+), the light "
+                           r"moving from the (?P<light>\w+) to the (?P<light_to>\w+)")
+# what a clip's frames are read for: the scene's attributes on every frame, the light where
+# it starts (first frame) and where it ends (last frame)
+CLIP_ATTRIBUTES = ("shirt", "hat", "glasses", "expression", "background", "light at the start", "light at the end")
 
 
 def caption_attributes(caption: str) -> dict[str, str] | None:
-    """The attribute values a synthetic caption names (None: not a person caption)."""
-    m = _CAPTION.fullmatch(caption.strip())
+    """The attribute values a synthetic caption (a scene's or a clip's) names (None: not a
+    person caption)."""
+    text = caption.strip()
+    m = _CAPTION.fullmatch(text) or _CLIP_CAPTION.fullmatch(text)
     if m is None:
         return None
-    return {"shirt": m["shirt"], "hat": m["hat"] or "no", "glasses": "yes" if m["glasses"] else "no",
-            "expression": {"smiling": "smiling", "surprised": "surprised"}.get(m["expr"], "neutral"),
-            "background": m["bg"], "light": m["light"]}
+    out = {"shirt": m["shirt"], "hat": m["hat"] or "no", "glasses": "yes" if m["glasses"] else "no",
+           "expression": {"smiling": "smiling", "surprised": "surprised"}.get(m["expr"], "neutral"),
+           "background": m["bg"], "light": m["light"]}
+    if "light_to" in m.re.groupindex:
+        out.update({"light at the start": m["light"], "light at the end": m["light_to"], "turn": m["turn"]})
+    return out
 
 
 @dataclasses.dataclass
@@ -112,17 +123,33 @@ def train_reader(records, config: ReaderConfig, seed: int) -> tuple[CaptionReade
 
 def attribute_hits(reader: CaptionReader, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
     """Per attribute, 1.0 where the image shows what its caption names (images: a multiple
-    of the captions, seed-major), averaged over the seeds: [len(captions)] each."""
+    of the captions, seed-major), averaged over the seeds: [len(captions)] each. Clips
+    ([M, F, 3, H, W]): the scene's attributes averaged over the frames, the light read on
+    the first and the last frame (CLIP_ATTRIBUTES)."""
     n = len(captions)
-    read = reader.read(images)
     truth = [caption_attributes(c) for c in captions]
-    return {name: torch.tensor([float(v == truth[i % n][name]) for i, v in enumerate(read[name])]).view(-1, n).mean(0)
-            for name in ATTRIBUTES}
+
+    def hits(read: list[str], name: str, truth_name: str) -> torch.Tensor:
+        return torch.tensor([float(v == truth[i % n][truth_name]) for i, v in enumerate(read)]).view(-1, n).mean(0)
+
+    if images.dim() == 4:
+        read = reader.read(images)
+        return {name: hits(read[name], name, name) for name in ATTRIBUTES}
+    frames = [reader.read(images[:, f]) for f in range(images.shape[1])]
+    out = {name: torch.stack([hits(r[name], name, name) for r in frames]).mean(0)
+           for name in CLIP_ATTRIBUTES if name in ATTRIBUTES}
+    out["light at the start"] = hits(frames[0]["light"], "light", "light at the start")
+    out["light at the end"] = hits(frames[-1]["light"], "light", "light at the end")
+    return out
 
 
 def majority_chance(captions: list[str]) -> dict[str, float]:
+    """Per attribute the captions name (a clip's: CLIP_ATTRIBUTES), the share of its most
+    common value."""
     truth = [caption_attributes(c) for c in captions]
-    return {name: max(sum(t[name] == v for t in truth) for v in ATTRIBUTES[name]) / len(truth) for name in ATTRIBUTES}
+    names = CLIP_ATTRIBUTES if "light at the start" in truth[0] else tuple(ATTRIBUTES)
+    return {name: max(sum(t[name] == v for t in truth) for v in {t[name] for t in truth}) / len(truth)
+            for name in names}
 
 
 def ensure_reader(priors_dir: str | Path, like, config: ReaderConfig | None = None, judge_config=None):

@@ -62,9 +62,10 @@ class FaceJudge(nn.Module):
 
 def judge_world_spec(like, config: JudgeConfig):
     """The judge world: rendered like the world the models train on (size, framing, tilt),
-    its own people."""
+    its own people, in still scenes (a clip world's judge and caption reader are its still
+    twin's: they read each frame)."""
     return dataclasses.replace(like, seed=config.seed, train_identities=config.people, val_identities=0,
-                               samples_per_identity=config.samples_per_identity, guided_pairs=0)
+                               samples_per_identity=config.samples_per_identity, guided_pairs=0, clip_frames=0)
 
 
 def _faces_of(records, scene_scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,7 +44,7 @@ def render_test_world(like, seed: int, people: int = TEST_PEOPLE) -> list[dict]:
     samples = []
     for i, rec in enumerate(records):
         raw = make_sample(f"test{seed}-{rec.key}", rec.scene, rec.caption,
-                          reference_of(records, i, spec.samples_per_identity), rec.identity)
+                          reference_of(records, i, spec.samples_per_identity), rec.identity, frames=rec.frames)
         samples.append(decode_sample(raw, spec.image_size, spec.face_size))
     return samples
 
@@ -79,7 +79,9 @@ def person_bootstrap(values: torch.Tensor, identities: list[str], resamples: int
 
 def identity_under(judge: Callable, images: torch.Tensor, samples: list[dict], scene_scale: float) -> dict:
     """One judge on one image set (a multiple of the samples, seed-major): top-1, Face Sim
-    and margin per image -> mean, +- over people, and the spread over seeds."""
+    and margin per image -> mean, +- over people, and the spread over seeds. Clips
+    ([M, F, 3, H, W]): every frame is judged and each number averaged over the frames; their
+    identity consistency is the mean cosine of each later frame's face with the first's."""
     from faceclip_zoo.synthetic.scenes import scene_face_crop
 
     n = len(samples)
@@ -89,13 +91,23 @@ def identity_under(judge: Callable, images: torch.Tensor, samples: list[dict], s
     per_seed = defaultdict(list)
     with torch.no_grad():
         for k in range(seeds):
-            sims, own = gallery_similarities(judge, scene_face_crop(images[k * n:(k + 1) * n], scene_scale=scene_scale),
-                                             refs, identities)
-            own_sim = sims[torch.arange(n), own]
-            other = (sims.sum(1) - own_sim) / (sims.shape[1] - 1)
-            per_seed["identity_top1"].append((sims.argmax(1) == own).float())
-            per_seed["face_sim"].append(own_sim)
-            per_seed["identity_margin"].append(own_sim - other)
+            chunk = images[k * n:(k + 1) * n]
+            frames = chunk.unbind(1) if chunk.dim() == 5 else (chunk,)
+            per_frame = defaultdict(list)
+            for frame in frames:
+                sims, own = gallery_similarities(judge, scene_face_crop(frame, scene_scale=scene_scale), refs,
+                                                 identities)
+                own_sim = sims[torch.arange(n), own]
+                other = (sims.sum(1) - own_sim) / (sims.shape[1] - 1)
+                per_frame["identity_top1"].append((sims.argmax(1) == own).float())
+                per_frame["face_sim"].append(own_sim)
+                per_frame["identity_margin"].append(own_sim - other)
+            for name, values in per_frame.items():
+                per_seed[name].append(torch.stack(values).mean(0))
+            if len(frames) > 1:
+                emb = torch.stack([F.normalize(judge(scene_face_crop(f, scene_scale=scene_scale)).float(), dim=-1)
+                                   for f in frames])  # [F, n, D]
+                per_seed["identity_consistency"].append((emb[1:] * emb[:1]).sum(-1).mean(0))
     out = {"chance_top1": 1 / len(set(identities)), "images": len(images), "seeds": seeds}
     for name, runs in per_seed.items():
         values = torch.stack(runs).mean(0)  # per image, over seeds
@@ -110,6 +122,8 @@ def _background_hits(images: torch.Tensor, samples: list[dict]) -> torch.Tensor:
     from faceclip_zoo.synthetic.scenes import background_of, caption_background
 
     n = len(samples)
+    if images.dim() == 5:  # a clip: every frame
+        return torch.stack([_background_hits(images[:, f], samples) for f in range(images.shape[1])]).mean(0)
     hits = [float(p == caption_background(samples[i % n]["caption"])) for i, p in enumerate(background_of(images))]
     return torch.tensor(hits).view(-1, n).mean(0)  # per sample, over seeds
 
@@ -155,7 +169,9 @@ def mean_over_worlds(worlds: dict[int, dict]) -> dict:
         entry = {"judges": {}}
         for judge in r["judges"]:
             entry["judges"][judge] = {}
-            for metric in ("identity_top1", "face_sim", "identity_margin"):
+            for metric in ("identity_top1", "face_sim", "identity_margin", "identity_consistency"):
+                if metric not in r["judges"][judge]:  # consistency: clips only
+                    continue
                 m, se = combine(lambda x: (x[set_name]["judges"][judge][metric],
                                            x[set_name]["judges"][judge][f"{metric}_se_people"]))
                 entry["judges"][judge][metric], entry["judges"][judge][f"{metric}_se_people"] = m, se
@@ -178,18 +194,25 @@ def markdown(report: dict) -> str:
     lines = ["Test worlds (seeds no recipe trains or validates on), "
              f"{report['people_per_world']} people each; +- is a bootstrap over people; "
              "the seed spread is the standard deviation of top-1 over sampler seeds.", ""]
+    clips = "identity_consistency" in report["mean"]["generated"]["judges"][next(iter(report["judges"]))]
+    if clips:
+        lines += ["Clips: every number is averaged over the frames; consistency is the mean cosine of each later "
+                  "frame's face with the first frame's (generated / real clips).", ""]
     for judge, label in report["judges"].items():
         lines += [f"### {judge}: {label}", "", "| world | generated top-1 | seed spread | face zeroed top-1 | "
-                  "real scenes top-1 | Face Sim | background |", "|---|---|---|---|---|---|---|"]
+                  "real scenes top-1 | Face Sim | background |" + (" consistency |" if clips else ""),
+                  "|---|---|---|---|---|---|---|" + ("---|" if clips else "")]
         rows = [*((str(seed), r) for seed, r in report["worlds"].items()), ("mean", report["mean"])]
         for name, r in rows:
             g, z, real = (r[s]["judges"][judge] for s in ("generated", "generated_no_face", "real"))
             spread = f"{g['identity_top1_seed_spread']:.3f}" if "identity_top1_seed_spread" in g else "-"
+            consistency = (f" {g['identity_consistency']:.3f} / {real['identity_consistency']:.3f} |"
+                           if clips else "")
             lines.append(f"| {name} | {g['identity_top1']:.3f} +- {g['identity_top1_se_people']:.3f} | {spread} | "
                          f"{z['identity_top1']:.3f} +- {z['identity_top1_se_people']:.3f} | "
                          f"{real['identity_top1']:.3f} | {g['face_sim']:.3f} +- {g['face_sim_se_people']:.3f} | "
                          f"{r['generated']['background_accuracy']:.3f} +- "
-                         f"{r['generated']['background_accuracy_se_people']:.3f} |")
+                         f"{r['generated']['background_accuracy_se_people']:.3f} |" + consistency)
         lines += ["", f"chance: top-1 {report['mean']['generated']['judges'][judge]['chance_top1']:.3f}, "
                       f"background {report['mean']['generated']['chance_background']:.2f}", ""]
     mean = report["mean"]
@@ -249,7 +272,7 @@ def run_protocol(pipe, like, face_id: Callable, judge: Callable, judge_scores: d
         samples = render_test_world(like, world, people)
         sets = {name: generate_images(pipe, samples, with_face, steps, guidance, seed, images_per_sample=images_per_sample)
                 for name, with_face in (("generated", True), ("generated_no_face", False))}
-        sets["real"] = torch.stack([s["image"] for s in samples])
+        sets["real"] = torch.stack([s["video"].transpose(0, 1) if "video" in s else s["image"] for s in samples])
         per_world[world] = score_world(judges, sets, samples, like.scene_scale, reader)
         first = first or (samples, sets)
     report = {"protocol": "test worlds", "worlds": per_world, "mean": mean_over_worlds(per_world),

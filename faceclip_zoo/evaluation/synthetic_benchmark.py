@@ -276,7 +276,12 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
         pipe = load_pipeline(pipeline).to(device)
     pipe.set_progress_bar_config(disable=True)
     model = FaceViTIdentity(load_model_dir(face_id, expect="face_vit")).eval()
-    size = int(pipe.vae.config.sample_size)
+    size = int(pipe.default_size())
+    if not on_test_worlds and pipe.OUTPUT != "images":
+        from faceclip_zoo.utils import UserError
+
+        raise UserError("a video pipeline is scored on the test worlds under the protocol (the default: leave out "
+                        "--val and --probes); the validation-split diagnostics read still images")
     if on_test_worlds:
         from faceclip_zoo.evaluation.protocol import on_test_worlds
 

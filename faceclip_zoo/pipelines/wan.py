@@ -119,6 +119,10 @@ class FaceT5WanPipeline(ZooPipeline, WanLoraLoaderMixin, DiffusionPipeline):
         return {name: int(self.config.get(f"default_{name}") or self.RELEASE_DEFAULTS[name])
                 for name in ("height", "width", "num_frames")}
 
+    def default_size(self) -> int:
+        """The default frame height (the synthetic worlds' frames are square)."""
+        return self.default_video()["height"]
+
     def size_multiple(self) -> int:
         """Frame sides must be multiples of this: one latent pixel times the 2 x 2 patches."""
         return int(self.vae.config.scale_factor_spatial) * int(self.transformer.config.patch_size[1])

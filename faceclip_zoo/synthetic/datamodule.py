@@ -7,6 +7,7 @@ Everything is cached and keyed by the spec, so a second run reuses it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -32,6 +33,11 @@ class SyntheticIdentities(ShardDataModule):
             (`<priors_dir>/vae`, a diffusers folder) for this many steps.
         buckets: aspect-ratio buckets, as ShardDataModule (the synthetic scenes are square).
         scene_scale, max_angle: the scenes' framing and head tilt (SyntheticSpec).
+        clip_frames: > 1 renders every sample as a clip of this many frames (the head turns,
+            the light moves, the caption says both) for the video families; vae_steps then
+            trains the tiny causal video VAE (`<priors_dir>/video-vae`). A clip world's
+            face-ID ViT and CLIP are those of its still twin (the same spec with still
+            scenes): they recognise people they never saw, so the twins share them.
     """
 
     def __init__(
@@ -54,6 +60,7 @@ class SyntheticIdentities(ShardDataModule):
         buckets: list[tuple[int, int]] | None = None,
         scene_scale: float = 0.8,
         max_angle: float = 10.0,
+        clip_frames: int = 0,
     ):
         check_world_seed(seed, "data.seed")
         root_path = Path(root)
@@ -72,15 +79,16 @@ class SyntheticIdentities(ShardDataModule):
             train_identities=train_identities, val_identities=val_identities,
             samples_per_identity=samples_per_identity, guided_pairs=guided_pairs,
             image_size=image_size, face_size=face_size, seed=seed, scene_scale=scene_scale, max_angle=max_angle,
+            clip_frames=clip_frames,
         )
 
     def prepare_data(self) -> None:
         from faceclip_zoo.synthetic.priors import ensure_priors, ensure_vae, priors_ready, vae_ready
 
-        digest = self.spec.digest()
-        have_data = manifest_digest(self.root) == digest
-        have_priors = priors_ready(self.priors_dir, digest, self.prior_steps)
-        have_vae = self.vae_steps <= 0 or vae_ready(self.priors_dir, digest, self.vae_steps)
+        twin = dataclasses.replace(self.spec, clip_frames=0)  # whose priors these are
+        have_data = manifest_digest(self.root) == self.spec.digest()
+        have_priors = priors_ready(self.priors_dir, twin.digest(), self.prior_steps)
+        have_vae = self.vae_steps <= 0 or vae_ready(self.priors_dir, self.spec, self.vae_steps)
         if have_data and have_priors and have_vae:
             return
         t0 = time.time()
@@ -90,6 +98,6 @@ class SyntheticIdentities(ShardDataModule):
             write_dataset(self.spec, data, self.root)
             log.info("wrote synthetic shards to %s", self.root)
         if not have_priors:
-            ensure_priors(self.priors_dir, self.spec, data, self.prior_steps)
+            ensure_priors(self.priors_dir, twin, data if twin == self.spec else generate(twin), self.prior_steps)
         if not have_vae:
             ensure_vae(self.priors_dir, self.spec, data, self.vae_steps)

@@ -13,6 +13,7 @@ transform gives an aligned reference crop, a smaller rotated one a full scene.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -73,6 +74,11 @@ class Variation:
     shift: tuple  # pixels in the canvas, uncaptioned
     scale: float  # uncaptioned
     exposure: float  # uncaptioned
+    # a clip's frame (clip_frames): head turned by yaw in [-1, 1] (negative: to the left as
+    # seen in the frame), the light `light_mix` of the way from `light` to `light_to`
+    yaw: float = 0.0
+    light_to: str | None = None
+    light_mix: float = 0.0
 
 
 def _jitter(rng: np.random.Generator, color, amount: float) -> tuple:
@@ -119,6 +125,24 @@ def caption(v: Variation) -> str:
     wearing = f"a {v.clothing} shirt" + "".join(f" and {e}" for e in extras)
     return (f"a photo of {who} wearing {wearing}, in front of a {v.background} background, "
             f"lit from the {v.light}")
+
+
+TURNS = ("left", "right")
+
+
+def clip_caption(v: Variation, turn: str, light_to: str) -> str:
+    """A clip's caption: the scene as `caption` says it, then the motion (the head's turn,
+    as seen in the frame, and the light's move)."""
+    scene = caption(v).removeprefix("a photo of ").rsplit(", lit from the ", 1)[0]
+    return f"a video of {scene}, turning their head to the {turn}, the light moving from the {v.light} to the {light_to}"
+
+
+def clip_frames(v: Variation, turn: str, light_to: str, frames: int) -> list[Variation]:
+    """The frames of a clip: the head turns from frontal to fully turned, the light moves
+    from v.light to light_to (the camera, clothes and background stay)."""
+    sign = -1.0 if turn == "left" else 1.0
+    steps = [k / (frames - 1) for k in range(frames)] if frames > 1 else [0.0]
+    return [dataclasses.replace(v, yaw=sign * t, light_to=light_to, light_mix=t) for t in steps]
 
 
 class _Canvas:
@@ -169,6 +193,9 @@ def render(ident: Identity, var: Variation, size: int, face_scale: float, center
     c = _Canvas(size, BACKGROUNDS[var.background], face_scale * var.scale, var.angle,
                 (center[0] + var.shift[0] * face_scale, center[1] + var.shift[1] * face_scale))
     fw, fh = 34 * ident.face_w, 44 * ident.face_h
+    # a turned head: the features slide towards the turn, the face and ears less, and the ear
+    # on that side hides (all exactly as before at yaw 0)
+    dx, yaw = 14 * var.yaw, var.yaw
     # shoulders and shirt
     c.ellipse(56, 150, 62, 42, CLOTHES[var.clothing])
     c.polygon([(44, 100), (68, 100), (66, 116), (46, 116)], _shade(ident.skin, 0.9))  # neck
@@ -176,9 +203,10 @@ def render(ident: Identity, var: Variation, size: int, face_scale: float, center
     if ident.hair_style == "long":
         c.polygon([(56 - fw - 6, 40), (56 + fw + 6, 40), (56 + fw + 10, 118), (56 - fw - 10, 118)], hair)
     # ears
-    c.ellipse(56 - fw, 66, ident.ear, ident.ear * 1.6, _shade(ident.skin, 0.92))
-    c.ellipse(56 + fw, 66, ident.ear, ident.ear * 1.6, _shade(ident.skin, 0.92))
-    c.ellipse(56, 64, fw, fh, ident.skin)  # face
+    for side in (-1, 1):
+        ear = ident.ear * (1 - 0.8 * max(0.0, side * yaw))
+        c.ellipse(56 + side * fw + 0.3 * dx, 66, ear, ear * 1.6, _shade(ident.skin, 0.92))
+    c.ellipse(56 + 0.3 * dx, 64, fw, fh, ident.skin)  # face
     if ident.hair_style != "bald":
         c.ellipse(56, 64 - fh * 0.55, fw * 1.05, fh * 0.55, hair, 180, 360)
         if ident.hair_style == "fringe":
@@ -189,43 +217,46 @@ def render(ident: Identity, var: Variation, size: int, face_scale: float, center
         c.ellipse(56, 90, fw * 0.8, 20 * ident.face_h, _shade(hair, 1.0), 0, 180)
     # eyes (the template puts them at x 38.3 and 73.5, y 51.6)
     for side, ex in ((-1, 38.3), (1, 73.5)):
-        x = ex + side * ident.eye_spacing
+        x = ex + side * ident.eye_spacing + dx
         c.ellipse(x, 51.6, ident.eye_size * 1.8, ident.eye_size, (250, 250, 250))
         c.ellipse(x, 51.6, ident.eye_size * 0.9, ident.eye_size * 0.9, ident.eye_color)
         c.ellipse(x, 51.6, ident.eye_size * 0.35, ident.eye_size * 0.35, (10, 10, 10))
         lift = -4 if var.expression == "surprised" else 0
         c.line([(x - 9, 42 + lift), (x + 9, 42 + lift)], _shade(hair, 0.8), ident.brow)
     if var.glasses:
-        for ex in (38.3, 73.5):
+        for ex in (38.3 + dx, 73.5 + dx):
             c.line([(ex - 10, 45), (ex + 10, 45), (ex + 10, 58), (ex - 10, 58), (ex - 10, 45)],
                    (30, 30, 30), 1.6)
-        c.line([(48.3, 50), (63.5, 50)], (30, 30, 30), 1.6)
+        c.line([(48.3 + dx, 50), (63.5 + dx, 50)], (30, 30, 30), 1.6)
     # nose (tip near template 71.7)
-    c.polygon([(56, 71.7 - ident.nose_len), (56 + ident.nose_w / 2, 71.7), (56 - ident.nose_w / 2, 71.7)],
+    nx = 56 + dx
+    c.polygon([(nx, 71.7 - ident.nose_len), (nx + ident.nose_w / 2, 71.7), (nx - ident.nose_w / 2, 71.7)],
               _shade(ident.skin, 0.8))
     if ident.mole:
-        c.ellipse(*ident.mole, 1.6, 1.6, (60, 35, 20))
+        c.ellipse(ident.mole[0] + dx, ident.mole[1], 1.6, 1.6, (60, 35, 20))
     # mouth (corners near y 92.3)
     mw = ident.mouth_w / 2
     if var.expression == "smiling":
-        c.ellipse(56, 90, mw, 6, ident.lips, 0, 180)
+        c.ellipse(nx, 90, mw, 6, ident.lips, 0, 180)
     elif var.expression == "surprised":
-        c.ellipse(56, 92, mw * 0.45, 6, (60, 20, 20))
+        c.ellipse(nx, 92, mw * 0.45, 6, (60, 20, 20))
     else:
-        c.line([(56 - mw, 92.3), (56 + mw, 92.3)], ident.lips, 2.5)
+        c.line([(nx - mw, 92.3), (nx + mw, 92.3)], ident.lips, 2.5)
     if var.hat != "no":
         hat = HATS[var.hat]
         c.ellipse(56, 64 - fh * 0.6, fw * 1.15, fh * 0.5, hat, 180, 360)
         c.polygon([(56 - fw * 1.3, 64 - fh * 0.62), (56 + fw * 1.3, 64 - fh * 0.62),
                    (56 + fw * 1.3, 64 - fh * 0.52), (56 - fw * 1.3, 64 - fh * 0.52)], hat)
-    return _light(c.result(), var.light, var.exposure)
+    return _light(c.result(), var.light, var.exposure, var.light_to, var.light_mix)
 
 
-def _light(img: Image.Image, light: str, exposure: float) -> Image.Image:
+def _light(img: Image.Image, light: str, exposure: float, light_to: str | None = None, mix: float = 0.0
+           ) -> Image.Image:
     a = np.asarray(img, dtype=np.float32)
     h, w = a.shape[:2]
-    ramp = {"left": np.linspace(1.2, 0.75, w)[None, :], "right": np.linspace(0.75, 1.2, w)[None, :],
-            "above": np.linspace(1.2, 0.75, h)[:, None], "front": np.ones((1, 1))}[light]
+    ramps = {"left": np.linspace(1.2, 0.75, w)[None, :], "right": np.linspace(0.75, 1.2, w)[None, :],
+             "above": np.linspace(1.2, 0.75, h)[:, None], "front": np.ones((1, 1))}
+    ramp = ramps[light] if light_to is None else (1 - mix) * ramps[light] + mix * ramps[light_to]
     a = a * ramp[..., None] * exposure
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 FACE_VIT = "face-vit"
 CLIP = "clip"
 VAE = "vae"
+VIDEO_VAE = "video-vae"  # a clip world's causal video VAE (Wan's architecture, `wan-vae-tiny`)
 
 
 def _stack(images) -> torch.Tensor:
@@ -154,20 +155,67 @@ def train_vae(train, guided, val, steps: int, seed: int, batch_size: int = 16) -
                  "scaling_factor": vae.config.scaling_factor}
 
 
-def vae_ready(priors_dir: Path, digest: str, steps: int) -> bool:
+def train_video_vae(train, val, steps: int, seed: int, batch_size: int = 8, window: int = 5
+                    ) -> tuple[torch.nn.Module, dict]:
+    """The tiny causal video VAE (`wan-vae-tiny`: Wan's AutoencoderKLWan, x4 in space, x2 in
+    time) for a clip world: reconstruction + a small KL term on random windows of `window`
+    frames (1 + 4: the first frame and one causal chunk) and 32 px (it is convolutional and causal, so it then codes whole clips). Its
+    latents_mean / latents_std become the per-channel statistics of the clips' latents, as
+    Wan's are."""
+    from faceclip_zoo.config import diffusers_config
+    from faceclip_zoo.models.diffusers_models import build_diffusers
+
+    torch.manual_seed(seed)
+    vae = build_diffusers(diffusers_config("wan-vae-tiny"))
+    clips = torch.stack([_stack(r.frames) for r in train]).transpose(1, 2) * 2 - 1  # [N, 3, T, H, W]
+    gen = torch.Generator().manual_seed(seed)
+    crop, frames = 32, min(window, clips.shape[2])
+
+    def batch_loss():
+        x = clips[torch.randint(len(clips), (batch_size,), generator=gen)]
+        start = int(torch.randint(0, clips.shape[2] - frames + 1, (1,), generator=gen))
+        top, left = torch.randint(0, clips.shape[-1] - crop + 1, (2,), generator=gen).tolist()
+        x = x[:, :, start:start + frames, top:top + crop, left:left + crop]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    vae.train()
+    loss = _optimise(vae.parameters(), batch_loss, steps, lr=2e-3, weight_decay=0.0)
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(clips[i:i + 32]).latent_dist.mode() for i in range(0, min(256, len(clips)), 32)])
+        mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
+        vae.register_to_config(latents_mean=[round(v, 5) for v in mean.tolist()],
+                               latents_std=[round(v, 5) for v in std.tolist()])
+        x = torch.stack([_stack(r.frames) for r in val[:64]]).transpose(1, 2) * 2 - 1
+        err = (vae.decode(vae.encode(x).latent_dist.mode()).sample - x).abs().mean().item() / 2
+    return vae, {"train_loss": loss, "val_mean_abs_error": err}
+
+
+def vae_folder(spec) -> str:
+    return VIDEO_VAE if spec.clip_frames > 1 else VAE
+
+
+def vae_ready(priors_dir: Path, spec, steps: int) -> bool:
+    folder = priors_dir / vae_folder(spec)
     try:
-        meta = json.loads((priors_dir / VAE / "faceclip_zoo.json").read_text())
+        meta = json.loads((folder / "faceclip_zoo.json").read_text())
     except (OSError, ValueError):
         return False
-    return (meta.get("digest") == digest and meta.get("steps") == steps
-            and (priors_dir / VAE / "diffusion_pytorch_model.safetensors").exists())
+    return (meta.get("digest") == spec.digest() and meta.get("steps") == steps
+            and (folder / "diffusion_pytorch_model.safetensors").exists())
 
 
 def ensure_vae(priors_dir: Path, spec, data: dict, steps: int) -> dict:
-    """Train and save the synthetic VAE as a diffusers folder (+ faceclip_zoo.json)."""
+    """Train and save the synthetic VAE (a clip world's: the video VAE) as a diffusers
+    folder (+ faceclip_zoo.json)."""
     t0 = time.time()
-    vae, scores = train_vae(data["train"], data["guided"], data["val"], steps, spec.seed)
-    folder = priors_dir / VAE
+    if spec.clip_frames > 1:
+        vae, scores = train_video_vae(data["train"], data["val"], steps, spec.seed)
+    else:
+        vae, scores = train_vae(data["train"], data["guided"], data["val"], steps, spec.seed)
+    folder = priors_dir / vae_folder(spec)
     vae.save_pretrained(folder, safe_serialization=True)
     info = {"digest": spec.digest(), "steps": steps, **scores, "seconds": round(time.time() - t0, 1)}
     (folder / "faceclip_zoo.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -45,7 +45,8 @@ def caption_background(caption: str) -> str | None:
 @torch.no_grad()
 def generate_images(pipe, samples: list[dict], with_face: bool, steps: int = 25, guidance: float | None = None,
                     seed: int = 0, batch_size: int = 16, images_per_sample: int = 1) -> torch.Tensor:
-    """One image per sample and seed ([images_per_sample * N, 3, S, S], seed-major), at the
+    """One image (a clip, for samples with a video) per sample and seed ([images_per_sample *
+    N, 3, S, S] or [.., F, 3, S, S], seed-major), at the
     samples' size, from their captions and (with_face) reference faces; negative branch: zero
     face + "" (the synthetic world's unconditional condition). The same seeds with and
     without the face, so the two sets are paired."""
@@ -53,6 +54,8 @@ def generate_images(pipe, samples: list[dict], with_face: bool, steps: int = 25,
     captions = [s["caption"] for s in samples]
     size = tuple(samples[0]["image"].shape[-2:])
     kwargs = {} if guidance is None else {"guidance_scale": guidance}
+    if "video" in samples[0]:  # clips ([N, F, 3, S, S] out): as long as the samples'
+        kwargs["num_frames"] = samples[0]["video"].shape[1]
     out = []
     for k in range(images_per_sample):
         for i in range(0, len(samples), batch_size):
@@ -67,7 +70,8 @@ def generate_images(pipe, samples: list[dict], with_face: bool, steps: int = 25,
 def contact_sheet(samples: list[dict], sets: dict[str, torch.Tensor], path, per_identity: int = 1,
                   identities: int = 6) -> None:
     """Rows: one held-out identity each; columns: reference | real scene | generated |
-    generated with the face zeroed (same prompt and seed)."""
+    generated with the face zeroed (same prompt and seed); for clips the real and generated
+    ones show their first, middle and last frames (the zeroed one its first)."""
     from torchvision.utils import save_image
 
     picked, seen = [], defaultdict(int)
@@ -78,8 +82,12 @@ def contact_sheet(samples: list[dict], sets: dict[str, torch.Tensor], path, per_
             seen[s["identity"]] += 1
             picked.append(i)
     size = sets["real"].shape[-1]
+
+    def shown(x: torch.Tensor) -> list[torch.Tensor]:  # a clip: its first, middle and last frames
+        return [x] if x.dim() == 3 else [x[0], x[len(x) // 2], x[-1]]
+
     tiles = []
     for i in picked:
         ref = F.interpolate(samples[i]["face"][None], size=(size, size), mode="bilinear", align_corners=False)[0]
-        tiles += [ref, sets["real"][i], sets["generated"][i], sets["generated_no_face"][i]]
-    save_image(torch.stack(tiles), str(path), nrow=4, padding=2, pad_value=1.0)
+        tiles += [ref, *shown(sets["real"][i]), *shown(sets["generated"][i]), shown(sets["generated_no_face"][i])[0]]
+    save_image(torch.stack(tiles), str(path), nrow=len(tiles) // len(picked), padding=2, pad_value=1.0)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from faceclip_zoo.data.schema import make_sample
 from faceclip_zoo.synthetic.faces import (
-    caption, render, render_object, sample_identity, sample_variation,
+    LIGHTS, TURNS, caption, clip_caption, clip_frames, render, render_object, sample_identity, sample_variation,
 )
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,15 @@ class SyntheticSpec:
     scene_scale: float = 0.8
     max_angle: float = 10.0
     renderer_version: int = 1  # bump when faces.py changes what it draws
+    # > 1: every sample is a clip of this many frames (the head turns, the light moves; the
+    # caption names both), for the video families; 0: still scenes
+    clip_frames: int = 0
 
     def digest(self) -> str:
         fields = dataclasses.asdict(self)
         # Fields added after the first world leave the digest of that world unchanged at
         # their original values, so data and priors cached before them stay valid.
-        for name, original in (("scene_scale", 0.8), ("max_angle", 10.0)):
+        for name, original in (("scene_scale", 0.8), ("max_angle", 10.0), ("clip_frames", 0)):
             if fields[name] == original:
                 del fields[name]
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
@@ -77,6 +80,7 @@ class Record:
     crop: Image.Image  # this sample's own aligned face crop
     caption: str
     identity: str | None
+    frames: list[Image.Image] | None = None  # a clip's frames (scene is the first)
 
 
 def generate(spec: SyntheticSpec) -> dict[str, list[Record]]:
@@ -93,13 +97,19 @@ def generate(spec: SyntheticSpec) -> dict[str, list[Record]]:
                 scene_var = sample_variation(rng, max_angle=spec.max_angle)
                 crop_var = dataclasses.replace(
                     scene_var, angle=float(rng.uniform(-3, 3)), scale=float(rng.uniform(0.97, 1.03)))
-                out[split].append(Record(
-                    key=f"{name}-s{j:03d}", split=split,
-                    scene=render(ident, scene_var, spec.image_size, scene_scale),
-                    crop=render(ident, crop_var, spec.face_size, spec.face_size / 112,
-                                center=(spec.face_size / 2, spec.face_size * 64 / 112)),
-                    caption=caption(scene_var), identity=name,
-                ))
+                crop = render(ident, crop_var, spec.face_size, spec.face_size / 112,
+                              center=(spec.face_size / 2, spec.face_size * 64 / 112))
+                key = f"{name}-s{j:03d}"
+                if spec.clip_frames > 1:
+                    turn = TURNS[int(rng.integers(len(TURNS)))]
+                    light_to = str(rng.choice([light for light in LIGHTS if light != scene_var.light]))
+                    frames = [render(ident, v, spec.image_size, scene_scale)
+                              for v in clip_frames(scene_var, turn, light_to, spec.clip_frames)]
+                    out[split].append(Record(key, split, frames[0], crop, clip_caption(scene_var, turn, light_to),
+                                             name, frames))
+                    continue
+                out[split].append(Record(key, split, render(ident, scene_var, spec.image_size, scene_scale), crop,
+                                         caption(scene_var), name))
     for i in range(spec.guided_pairs):
         img, text = render_object(rng, spec.image_size)
         out["guided"].append(Record(f"guided-{i:06d}", "guided", img, img, text, None))
@@ -125,7 +135,7 @@ def write_dataset(spec: SyntheticSpec, data: dict[str, list[Record]], root: Path
             for i, rec in enumerate(records):
                 ref = None if split == "guided" else reference_of(records, i, spec.samples_per_identity)
                 sink.write(make_sample(rec.key, rec.scene, rec.caption, ref, rec.identity,
-                                       meta={"source": "synthetic"}))
+                                       meta={"source": "synthetic"}, frames=rec.frames))
         counts[split] = len(records)
     manifest = {"spec": dataclasses.asdict(spec), "digest": spec.digest(), "counts": counts,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

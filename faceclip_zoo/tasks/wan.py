@@ -134,9 +134,11 @@ class WanJointModule(JointDiffusionModule):
         """The batch's clips [B, 3, T, H, W] in [0, 1]; images are one-frame clips."""
         video = batch.get("video")
         video = batch["image"][:, :, None] if video is None else video
-        if (video.shape[2] - 1) % self.vae_temporal:
-            raise UserError(f"clips of {video.shape[2]} frames: Wan's VAE takes 1 + k x {self.vae_temporal} "
-                            "frames; set the data's frame count to match")
+        if (video.shape[2] - 1) % 4 or (video.shape[2] - 1) % self.vae_temporal:
+            # diffusers' AutoencoderKLWan encodes the first frame, then causal chunks of 4
+            # (whatever its temporal factor): other lengths would lose their last frames
+            raise UserError(f"clips of {video.shape[2]} frames: Wan's VAE takes 1 + 4k frames (the first, then "
+                            "chunks of 4); prepare or render the clips at such a length (5, 9, ..., 81)")
         return video
 
     @torch.no_grad()
