@@ -65,6 +65,9 @@ class DemoSession:
         self.kind = self.pipe.FAMILY
         self.native_size = self.pipe.default_size()
         self.multiple = self.pipe.size_multiple()
+        # a video family's results are shown as animated previews (GIF files, which browsers play)
+        self.video = self.pipe.OUTPUT == "frames"
+        self._previews = None
         self._lock = threading.Lock()  # one generation at a time on the one pipeline
 
     def defaults(self) -> dict:
@@ -117,8 +120,9 @@ class DemoSession:
         return crops
 
     def generate(self, photos: Sequence[str | os.PathLike], request: Request,
-                 progress: ProgressFn | None = None) -> tuple[list[Image.Image], list[Image.Image]]:
-        """Photos of one person (none: an image without a face) + request -> (crops, images)."""
+                 progress: ProgressFn | None = None) -> tuple[list[Image.Image], list]:
+        """Photos of one person (none: an image without a face) + request -> (crops, images;
+        for a video pipeline the paths of the videos' animated GIF previews)."""
         self.check(request)
         crops = self.align(photos, request.aligned) if photos else []
 
@@ -134,8 +138,23 @@ class DemoSession:
                 num_images_per_prompt=request.num_images,
                 generator=torch.Generator().manual_seed(request.seed), align="never",
                 callback_on_step_end=on_step, **self.pipe.guidance_arguments(request.guidance),
-            ).images
+            )
+        images = getattr(images, self.pipe.OUTPUT)
+        if self.video:
+            images = [str(self.preview(frames, request.seed, i)) for i, frames in enumerate(images)]
         return crops, images
+
+    def preview(self, frames: list[Image.Image], seed: int, index: int) -> Path:
+        """A generated video as an animated GIF in this session's temporary folder."""
+        import tempfile
+
+        from faceclip_zoo.data.video import write_preview
+        from faceclip_zoo.pipelines.defaults import WAN_FPS
+
+        if self._previews is None:
+            self._previews = Path(tempfile.mkdtemp(prefix="faceclip-zoo-demo-"))
+        return write_preview(frames, self._previews / f"seed{seed}-{index}-{len(list(self._previews.iterdir()))}.gif",
+                             WAN_FPS)
 
 
 def as_int(value, name: str) -> int | None:
@@ -171,7 +190,8 @@ def build_page(session: DemoSession):
             log.exception("demo request failed")
             return None, None, f"**Generation failed:** {type(exc).__name__}: {exc}"
         who = f"{len(crops)} reference photo(s)" if crops else "no face (text only)"
-        return crops or None, images, f"Generated {len(images)} image(s) from {who}, seed {request.seed}."
+        what = "video(s), shown as animated previews" if session.video else "image(s)"
+        return crops or None, images, f"Generated {len(images)} {what} from {who}, seed {request.seed}."
 
     with gr.Blocks(title=f"faceclip_zoo demo: {name}") as page:
         gr.Markdown(f"## faceclip_zoo: {name} ({session.kind})\n"

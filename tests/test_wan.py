@@ -274,3 +274,21 @@ def test_clips_are_scored_per_frame_under_the_protocol(tmp_path, monkeypatch):
     text = (out / "results.md").read_text()
     assert "consistency |" in text and "| light at the end |" in text
     assert (out / "contact_sheet.png").stat().st_size > 1000
+
+
+def test_the_demo_shows_videos_as_animated_previews(module, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from faceclip_zoo.demo import DemoSession, Request
+    from faceclip_zoo.pipelines.export import save_pipeline
+
+    folder = save_pipeline(module.pipeline(), tmp_path / "wan")
+    session = DemoSession(str(folder), device="cpu")
+    assert session.kind == "Wan" and session.video and session.defaults()["size"] == 32
+    crop = tmp_path / "crop.png"
+    Image.fromarray(np.full((112, 112, 3), 128, np.uint8)).save(crop)
+    crops, videos = session.generate([crop], Request(prompt=PROMPT, steps=1, aligned=True, num_images=2))
+    assert len(crops) == 1 and len(videos) == 2
+    preview = Image.open(videos[0])
+    assert preview.format == "GIF" and preview.n_frames == 5 and preview.size == (32, 32)

@@ -74,3 +74,34 @@ class JointCondition(nn.Module):
         b, size = len(prompts), self.face_size
         faces = torch.zeros(b, 3, size, size, device=device, dtype=dtype)
         return self(prompts, faces, torch.zeros(b, dtype=torch.bool, device=device))
+
+
+class FaceT5Condition(JointCondition):
+    """A condition whose one joint encoder is FaceT5: its tokens are prompt_embeds, and it
+    has no pooled vector of its own ([B, 0]; FLUX adds CLIP-L's, Wan takes none)."""
+
+    def __init__(self, face_t5):
+        super().__init__()
+        self.face_t5 = face_t5
+
+    @property
+    def branches(self) -> tuple[nn.Module]:
+        return (self.face_t5,)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.face_t5.config.width
+
+    @property
+    def pooled_dim(self) -> int:
+        return 0
+
+    def embeds(self, prompts: Sequence[str], face_images: torch.Tensor | None, has_face: torch.Tensor,
+               face_features: tuple[FaceFeatures] | None = None) -> torch.Tensor:
+        return self.face_t5.embed_prompts(prompts, face_images, has_face,
+                                          None if face_features is None else face_features[0])
+
+    def forward(self, prompts: Sequence[str], face_images: torch.Tensor | None, has_face: torch.Tensor,
+                face_features: tuple[FaceFeatures] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = self.embeds(prompts, face_images, has_face, face_features)
+        return embeds, embeds.new_zeros(embeds.shape[0], 0)

@@ -142,6 +142,13 @@ class FaceT5Encoder(nn.Module):
         # tokens stands in where a pooled vector is asked for.
         return JointOutput(embeds=embeds, pooled=embeds.mean(1), identity=identity)
 
+    def embed_prompts(self, prompts: Sequence[str], face_images: torch.Tensor | None, has_face: torch.Tensor,
+                      face_features: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The joint tokens [B, L, W] of prompts with their faces: what the diffusion
+        families' conditions (FLUX, Wan) hand their denoiser."""
+        ids = self.tokenize(prompts).to(has_face.device)
+        return self(face_images, ids, has_face, face_features=face_features).embeds
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], face_images: torch.Tensor | None = None) -> JointOutput:
         device = self.positional_embedding.device

@@ -14,25 +14,16 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from faceclip_zoo.models.condition import FaceFeatures, JointCondition
+from faceclip_zoo.models.condition import FaceFeatures, FaceT5Condition
 from faceclip_zoo.models.facet5 import FaceT5Encoder
 
 
-class FluxCondition(JointCondition):
+class FluxCondition(FaceT5Condition):
     def __init__(self, face_t5: FaceT5Encoder, clip_text: nn.Module, clip_tokenizer):
-        super().__init__()
-        self.face_t5 = face_t5
+        super().__init__(face_t5)
         self.clip_text = clip_text
         self.clip_tokenizer = clip_tokenizer
         self.clip_text.eval()
-
-    @property
-    def branches(self) -> tuple[FaceT5Encoder]:
-        return (self.face_t5,)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.face_t5.config.width
 
     @property
     def pooled_dim(self) -> int:
@@ -53,8 +44,5 @@ class FluxCondition(JointCondition):
     def forward(self, prompts: Sequence[str], face_images: torch.Tensor | None, has_face: torch.Tensor,
                 face_features: tuple[FaceFeatures] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (prompt_embeds [B, L, W], pooled [B, clip width]) (see JointCondition.forward)."""
-        device = has_face.device
-        ids = self.face_t5.tokenize(prompts).to(device)
-        feats = None if face_features is None else face_features[0]
-        out = self.face_t5(face_images, ids, has_face, face_features=feats)
-        return out.embeds, self.pooled(prompts, device).to(out.embeds.dtype)
+        embeds = self.embeds(prompts, face_images, has_face, face_features)
+        return embeds, self.pooled(prompts, has_face.device).to(embeds.dtype)

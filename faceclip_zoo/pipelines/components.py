@@ -73,6 +73,18 @@ class FaceT5EncoderModel(JointEncoderModel):
         self.encoder = FaceT5Encoder(FaceT5Config.from_dict(facet5_config) if facet5_config else FaceT5Config())
 
 
+def face_t5_from_state(state: dict[str, torch.Tensor], spec: dict, source: str) -> FaceT5Encoder:
+    """The FaceT5 encoder of a family's export entry (FLUX, Wan), loaded from a fit
+    checkpoint's state."""
+    from faceclip_zoo.utils import load_strict, state_under
+
+    encoder = FaceT5Encoder(FaceT5Config.from_dict(spec["encoder"]))
+    if spec.get("t5_tokenizer"):
+        encoder.set_tokenizer(spec["t5_tokenizer"])
+    load_strict(encoder, state_under(state, spec["prefixes"]["encoder"]), f"{source} [encoder]")
+    return encoder
+
+
 def encoder_component_classes() -> dict[str, type[JointEncoderModel]]:
     """Our encoder component classes by the `_class_name` their folders' config.json carries."""
     return {cls.__name__: cls for cls in JointEncoderModel.__subclasses__()}

@@ -21,7 +21,7 @@ from diffusers import FluxTransformer2DModel
 from diffusers.loaders import FluxLoraLoaderMixin
 
 from faceclip_zoo.models.flux_condition import FluxCondition
-from faceclip_zoo.pipelines.components import FaceT5EncoderModel
+from faceclip_zoo.pipelines.components import FaceT5EncoderModel, face_t5_from_state
 from faceclip_zoo.pipelines.defaults import FLUX_DEFAULTS, FLUX_NEGATIVE_PROMPT
 from faceclip_zoo.pipelines.faces import AlignMode
 from faceclip_zoo.pipelines.family import ZooPipeline
@@ -84,14 +84,9 @@ class FaceT5FluxPipeline(ZooPipeline, FluxLoraLoaderMixin, DiffusionPipeline):
 
     @classmethod
     def condition_from_state(cls, state: dict, spec: dict, source: str) -> FluxCondition:
-        from faceclip_zoo.config import FaceT5Config
-        from faceclip_zoo.models.facet5 import FaceT5Encoder
         from faceclip_zoo.models.text_encoders import build_clip_text_model, build_clip_tokenizer
 
-        encoder = FaceT5Encoder(FaceT5Config.from_dict(spec["encoder"]))
-        if spec.get("t5_tokenizer"):
-            encoder.set_tokenizer(spec["t5_tokenizer"])
-        load_strict(encoder, state_under(state, spec["prefixes"]["encoder"]), f"{source} [encoder]")
+        encoder = face_t5_from_state(state, spec, source)
         clip_text = build_clip_text_model(spec["clip_text"])
         load_strict(clip_text, state_under(state, spec["prefixes"]["clip_text"]), f"{source} [clip_text]")
         return FluxCondition(encoder, clip_text, build_clip_tokenizer(spec.get("clip_tokenizer")))

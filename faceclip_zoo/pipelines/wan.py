@@ -21,11 +21,10 @@ from diffusers import AutoencoderKLWan, DiffusionPipeline, WanPipeline, WanTrans
 from diffusers.loaders import WanLoraLoaderMixin
 
 from faceclip_zoo.models.wan_condition import WanCondition
-from faceclip_zoo.pipelines.components import FaceT5EncoderModel
+from faceclip_zoo.pipelines.components import FaceT5EncoderModel, face_t5_from_state
 from faceclip_zoo.pipelines.defaults import WAN_DEFAULTS
 from faceclip_zoo.pipelines.faces import AlignMode
 from faceclip_zoo.pipelines.family import ZooPipeline
-from faceclip_zoo.utils import load_strict, state_under
 
 
 class FaceT5WanPipeline(ZooPipeline, WanLoraLoaderMixin, DiffusionPipeline):
@@ -82,14 +81,7 @@ class FaceT5WanPipeline(ZooPipeline, WanLoraLoaderMixin, DiffusionPipeline):
 
     @classmethod
     def condition_from_state(cls, state: dict, spec: dict, source: str) -> WanCondition:
-        from faceclip_zoo.config import FaceT5Config
-        from faceclip_zoo.models.facet5 import FaceT5Encoder
-
-        encoder = FaceT5Encoder(FaceT5Config.from_dict(spec["encoder"]))
-        if spec.get("t5_tokenizer"):
-            encoder.set_tokenizer(spec["t5_tokenizer"])
-        load_strict(encoder, state_under(state, spec["prefixes"]["encoder"]), f"{source} [encoder]")
-        return WanCondition(encoder)
+        return WanCondition(face_t5_from_state(state, spec, source))
 
     @property
     def condition(self) -> WanCondition:

@@ -120,6 +120,21 @@ def train_clip(train, guided, val, steps: int, seed: int, batch_size: int = 64) 
     return model, {"train_loss": loss, "val_image_to_text_top1": acc}
 
 
+def _fit_autoencoder(vae, draw, steps: int, gen: torch.Generator) -> float:
+    """Train a diffusers autoencoder on batches from `draw()`: reconstruction of a posterior
+    sample + a small KL term, AdamW one-cycle; -> the last loss."""
+    def batch_loss():
+        x = draw()
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    vae.train()
+    loss = _optimise(vae.parameters(), batch_loss, steps, lr=2e-3, weight_decay=0.0)
+    vae.eval()
+    return loss
+
+
 def train_vae(train, guided, val, steps: int, seed: int, batch_size: int = 16) -> tuple[torch.nn.Module, dict]:
     """The tiny diffusers AutoencoderKL (`vae-tiny`, 4x downsampling) for the synthetic
     scenes: reconstruction + a small KL term on random 32 px crops (it is convolutional, so
@@ -135,17 +150,12 @@ def train_vae(train, guided, val, steps: int, seed: int, batch_size: int = 16) -
     crop = 32
     room = images.shape[-1] - crop + 1
 
-    def batch_loss():
+    def draw():
         x = images[torch.randint(len(images), (batch_size,), generator=gen)]
         top, left = torch.randint(0, room, (2,), generator=gen).tolist()
-        x = x[..., top:top + crop, left:left + crop]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        return x[..., top:top + crop, left:left + crop]
 
-    vae.train()
-    loss = _optimise(vae.parameters(), batch_loss, steps, lr=2e-3, weight_decay=0.0)
-    vae.eval()
+    loss = _fit_autoencoder(vae, draw, steps, gen)
     with torch.no_grad():
         latents = vae.encode(images[:512]).latent_dist.mode()
         vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
@@ -155,11 +165,12 @@ def train_vae(train, guided, val, steps: int, seed: int, batch_size: int = 16) -
                  "scaling_factor": vae.config.scaling_factor}
 
 
-def train_video_vae(train, val, steps: int, seed: int, batch_size: int = 8, window: int = 5
+def train_video_vae(train, val, steps: int, seed: int, batch_size: int = 4, window: int = 9
                     ) -> tuple[torch.nn.Module, dict]:
     """The tiny causal video VAE (`wan-vae-tiny`: Wan's AutoencoderKLWan, x4 in space, x2 in
     time) for a clip world: reconstruction + a small KL term on random windows of `window`
-    frames (1 + 4: the first frame and one causal chunk) and 32 px (it is convolutional and causal, so it then codes whole clips). Its
+    frames (1 + 2 x 4: the first frame and two causal chunks, so the cache one chunk hands
+    the next is trained too; one chunk alone left the later frames' error at 0.3) and 32 px (it is convolutional and causal, so it then codes whole clips). Its
     latents_mean / latents_std become the per-channel statistics of the clips' latents, as
     Wan's are."""
     from faceclip_zoo.config import diffusers_config
@@ -171,18 +182,13 @@ def train_video_vae(train, val, steps: int, seed: int, batch_size: int = 8, wind
     gen = torch.Generator().manual_seed(seed)
     crop, frames = 32, min(window, clips.shape[2])
 
-    def batch_loss():
+    def draw():
         x = clips[torch.randint(len(clips), (batch_size,), generator=gen)]
         start = int(torch.randint(0, clips.shape[2] - frames + 1, (1,), generator=gen))
         top, left = torch.randint(0, clips.shape[-1] - crop + 1, (2,), generator=gen).tolist()
-        x = x[:, :, start:start + frames, top:top + crop, left:left + crop]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
-        return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        return x[:, :, start:start + frames, top:top + crop, left:left + crop]
 
-    vae.train()
-    loss = _optimise(vae.parameters(), batch_loss, steps, lr=2e-3, weight_decay=0.0)
-    vae.eval()
+    loss = _fit_autoencoder(vae, draw, steps, gen)
     with torch.no_grad():
         latents = torch.cat([vae.encode(clips[i:i + 32]).latent_dist.mode() for i in range(0, min(256, len(clips)), 32)])
         mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))

@@ -88,3 +88,32 @@ def resolve_scheduler_config(spec: str) -> dict[str, Any]:
         if (path / name).exists():
             return json.loads((path / name).read_text())
     raise UserError(f"scheduler {spec!r} is neither a named config nor a folder with scheduler_config.json")
+
+
+def build_face_t5(spec: str, t5_tokenizer: str | None):
+    """The FaceT5 encoder of a family's task (FLUX, Wan): a named config (random init) or
+    our model directory / encoder component, built without memory when its weights are
+    named (filled in setup, load_face_t5), with its tokenizer: the given folder, else the
+    encoder directory's `tokenizer/`. -> (encoder, its weights folder or None, the tokenizer
+    folder used or None)."""
+    from faceclip_zoo.config import FaceT5Config
+    from faceclip_zoo.models.facet5 import FaceT5Encoder
+    from faceclip_zoo.models.weights import empty_weights
+
+    config, folder = resolve_model_spec(spec, FaceT5Config, "facet5")
+    with empty_weights(folder is not None):
+        face_t5 = FaceT5Encoder(config)
+    if not t5_tokenizer and folder is not None and (folder / "tokenizer").is_dir():
+        t5_tokenizer = str(folder / "tokenizer")
+    if t5_tokenizer:
+        face_t5.set_tokenizer(t5_tokenizer)
+    return face_t5, folder, t5_tokenizer
+
+
+def load_face_t5(module, face_t5, folder: Path | None) -> None:
+    """The named FaceT5 weights into a task's encoder: frozen ones in the run's frozen dtype."""
+    from faceclip_zoo.utils import load_strict
+
+    if folder is not None:
+        load_strict(face_t5, load_model_weights(folder, "encoder"), f"encoder {folder}",
+                    dtype=None if module.hparams.train_encoders else module.frozen_dtype())

@@ -25,14 +25,12 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-from faceclip_zoo.config import FaceT5Config
-from faceclip_zoo.models.facet5 import FaceT5Encoder
 from faceclip_zoo.models.flux_condition import FluxCondition
 from faceclip_zoo.models.weights import empty_weights, open_weights
 from faceclip_zoo.models.text_encoders import build_clip_text_model, build_clip_tokenizer, clip_text_config
 from faceclip_zoo.pipelines.flux import FaceT5FluxPipeline
 from faceclip_zoo.tasks.diffusion import JointDiffusionModule
-from faceclip_zoo.tasks.diffusion_parts import load_model_weights, resolve_model_spec
+from faceclip_zoo.tasks.diffusion_parts import build_face_t5, load_face_t5
 from faceclip_zoo.utils import UserError, load_strict
 
 
@@ -102,16 +100,8 @@ class FluxJointModule(JointDiffusionModule):
                                   clip_tokenizer=clip_tokenizer, transformer=transformer,
                                   transformer_weights=transformer_weights)
         self.clip_tokenizer_dir = parts["clip_tokenizer"]  # recorded for export
-        enc_cfg, self._encoder_dir = resolve_model_spec(parts["encoder"], FaceT5Config, "facet5")
         # parts whose weights are named are built without memory and filled in setup
-        with empty_weights(self._encoder_dir is not None):
-            face_t5 = FaceT5Encoder(enc_cfg)
-        t5_tokenizer = parts["t5_tokenizer"]
-        if not t5_tokenizer and self._encoder_dir is not None and (self._encoder_dir / "tokenizer").is_dir():
-            t5_tokenizer = str(self._encoder_dir / "tokenizer")
-        self.t5_tokenizer_dir = t5_tokenizer  # recorded for export
-        if t5_tokenizer:
-            face_t5.set_tokenizer(t5_tokenizer)
+        face_t5, self._encoder_dir, self.t5_tokenizer_dir = build_face_t5(parts["encoder"], parts["t5_tokenizer"])
         self.clip_text_config, self._clip_dir = resolve_clip_text(parts["clip_text"])
         with empty_weights(self._clip_dir is not None):
             clip_text_model = build_clip_text_model(self.clip_text_config)
@@ -137,13 +127,10 @@ class FluxJointModule(JointDiffusionModule):
 
     # ------------------------------------------------------------------ weights
     def load_encoder_weights(self) -> None:
-        frozen = self.frozen_dtype()
-        if self._encoder_dir is not None:
-            load_strict(self.condition.face_t5, load_model_weights(self._encoder_dir, "encoder"),
-                        f"encoder {self._encoder_dir}", dtype=None if self.hparams.train_encoders else frozen)
+        load_face_t5(self, self.condition.face_t5, self._encoder_dir)
         if self._clip_dir is not None:
             load_strict(self.condition.clip_text, open_weights(self._clip_dir, "model", "clip_text"),
-                        f"clip_text {self._clip_dir}", dtype=frozen)
+                        f"clip_text {self._clip_dir}", dtype=self.frozen_dtype())
 
     def quantizable_frozen_parts(self) -> list[torch.nn.Module]:
         # FaceT5's T5-XXL encoder (4.8 B parameters: 9.5 GB in bf16) beside the transformer

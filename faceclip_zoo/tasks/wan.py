@@ -22,14 +22,11 @@ from typing import Any, Literal, Optional
 import torch
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-from faceclip_zoo.config import FaceT5Config
-from faceclip_zoo.models.facet5 import FaceT5Encoder
 from faceclip_zoo.models.wan_condition import WanCondition
-from faceclip_zoo.models.weights import empty_weights
 from faceclip_zoo.pipelines.wan import FaceT5WanPipeline
 from faceclip_zoo.tasks.diffusion import JointDiffusionModule
-from faceclip_zoo.tasks.diffusion_parts import load_model_weights, resolve_model_spec
-from faceclip_zoo.utils import UserError, load_strict
+from faceclip_zoo.tasks.diffusion_parts import build_face_t5, load_face_t5
+from faceclip_zoo.utils import UserError
 
 
 class WanJointModule(JointDiffusionModule):
@@ -74,15 +71,7 @@ class WanJointModule(JointDiffusionModule):
         super().__init__(**kwargs)
         parts = self.family_parts(encoder=encoder, t5_tokenizer=t5_tokenizer, transformer=transformer,
                                   transformer_weights=transformer_weights)
-        enc_cfg, self._encoder_dir = resolve_model_spec(parts["encoder"], FaceT5Config, "facet5")
-        with empty_weights(self._encoder_dir is not None):  # filled in setup
-            face_t5 = FaceT5Encoder(enc_cfg)
-        t5_tokenizer = parts["t5_tokenizer"]
-        if not t5_tokenizer and self._encoder_dir is not None and (self._encoder_dir / "tokenizer").is_dir():
-            t5_tokenizer = str(self._encoder_dir / "tokenizer")
-        self.t5_tokenizer_dir = t5_tokenizer  # recorded for export
-        if t5_tokenizer:
-            face_t5.set_tokenizer(t5_tokenizer)
+        face_t5, self._encoder_dir, self.t5_tokenizer_dir = build_face_t5(parts["encoder"], parts["t5_tokenizer"])
         self.condition = WanCondition(face_t5)
         self.build_denoiser_and_vae(parts, transformer_overrides)
         self._check_dims()
@@ -101,10 +90,7 @@ class WanJointModule(JointDiffusionModule):
                             f"{self.vae_config.get('z_dim')}")
 
     def load_encoder_weights(self) -> None:
-        if self._encoder_dir is not None:
-            load_strict(self.condition.face_t5, load_model_weights(self._encoder_dir, "encoder"),
-                        f"encoder {self._encoder_dir}",
-                        dtype=None if self.hparams.train_encoders else self.frozen_dtype())
+        load_face_t5(self, self.condition.face_t5, self._encoder_dir)
 
     def quantizable_frozen_parts(self) -> list[torch.nn.Module]:
         # FaceT5's umT5-XXL (5.7 B parameters with its 256k vocabulary) is the other large frozen part
