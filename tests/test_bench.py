@@ -80,4 +80,7 @@ def test_memory_estimate_counts_the_released_architectures():
     assert adapters.bytes == 10 * adapters.params and adapters_adamw.bytes == 16 * adapters.params
     flux = lora_footprint("flux", rank=16, quantize=True)
     assert flux[0].params == 11_901_408_320
+    wan = lora_footprint("wan", rank=32, quantize=True, optimizer_8bit=True)  # recipes/facet5-wan/lora-24gb.yaml
+    assert wan[0].params == 1_418_996_800 and wan[1].params == 5_680_910_336  # Wan2.1-T2V-1.3B, umT5-XXL
+    assert wan[-1].params == 43_745_280  # rank 32 on every block's attention and feed-forward
     assert 0.45 < flux[0].bytes / (2 * flux[0].params) < 0.55  # nearly all Linear

@@ -188,3 +188,41 @@ def test_browser_shows_messages_for_no_face_and_bad_settings(browser, demo_url, 
                            timeout=60_000)
     assert "Traceback" not in page.content()
     page.close()
+
+
+@pytest.fixture(scope="module")
+def wan_url(tmp_path_factory):
+    """The page over a Wan pipeline (tiny, untrained): 5-frame videos of 32 px."""
+    from faceclip_zoo.pipelines.export import save_pipeline
+    from faceclip_zoo.tasks.wan import WanJointModule
+
+    torch.manual_seed(0)
+    module = WanJointModule(sample_frames=5, sample_height=32, sample_width=32)
+    module.setup("fit")
+    folder = save_pipeline(module.pipeline(), tmp_path_factory.mktemp("wan") / "wan")
+    page = build_page(DemoSession(str(folder), device="cpu"))
+    url = serve(page, port=free_port(), block=False)
+    yield url
+    page.close()
+
+
+def test_browser_plays_a_wan_video_as_its_animated_preview(browser, wan_url, photos):
+    """A video pipeline's page: the photo uploaded and aligned as for images, and the video
+    shown as an animated GIF the browser plays, every frame of it."""
+    import io
+
+    page = open_page(browser, wan_url)
+    upload(page, photos / "astronaut.jpg")
+    page.fill("#prompt textarea", "a video of a person turning their head to the left")
+    page.fill("#steps input", "1")
+    page.click("#generate")
+    page.wait_for_selector("#images img", timeout=120_000)
+    message = page.inner_text("#message")
+    assert "Generated 1 video(s), shown as animated previews" in message, message
+    assert page.locator("#crops img").count() >= 1
+    body = page.request.get(page.locator("#images img").first.get_attribute("src")).body()
+    preview = Image.open(io.BytesIO(body))
+    assert preview.format == "GIF" and preview.n_frames == 5 and preview.size == (32, 32)
+    # the browser decoded it as a 32 x 32 picture (an animated GIF plays in an <img>)
+    assert page.evaluate("document.querySelector('#images img').naturalWidth") == 32
+    page.close()

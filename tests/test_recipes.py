@@ -34,7 +34,8 @@ def test_there_are_recipes():
     names = {str(r.relative_to(REPO / "recipes")) for r in RECIPES}
     assert {"quickstart/faceclip.yaml", "faceclip-l14/pretrain.yaml", "faceclip-bigg14/pretrain.yaml",
             "quickstart/sdxl.yaml", "faceclip-sdxl/finetune.yaml", "quickstart/flux.yaml",
-            "quickstart/facet5.yaml", "facet5-flux/finetune.yaml", "facet5-xxl/pretrain.yaml"} <= names
+            "quickstart/facet5.yaml", "facet5-flux/finetune.yaml", "facet5-xxl/pretrain.yaml", "quickstart/wan.yaml",
+            "facet5-umt5-xxl/pretrain.yaml", "facet5-wan/lora-24gb.yaml", "facet5-wan/finetune-14b.yaml"} <= names
 
 
 def _parse_options(function, recipe: Path, *args: str):
@@ -260,7 +261,10 @@ def _production_model_on_meta(recipe: Path, tmp_path: Path):
         (clip / "config.json").write_text(json.dumps(CLIP_TEXT_CONFIGS["clip-l-text"]))
         extra += ["--model.init_args.encoder", str(enc), "--model.init_args.clip_text", str(clip),
                   "--model.init_args.clip_tokenizer", "null", "--model.init_args.t5_tokenizer", "null"]
-    elif name == "facet5-xxl":
+    elif name == "facet5-wan":
+        enc = write_model_dir(tmp_path / "facet5", "facet5", FaceT5Config.from_name("facet5-umt5-xxl"), {})
+        extra += ["--model.init_args.encoder", str(enc), "--model.init_args.t5_tokenizer", "null"]
+    elif name in ("facet5-xxl", "facet5-umt5-xxl"):
         extra += ["--model.init_args.t5_tokenizer", "null"]
     cli = parse(recipe, *extra)
     with torch.device("meta"):
@@ -280,7 +284,10 @@ def test_production_recipe_shards_under_fsdp_on_meta(recipe, tmp_path):
     blocks = [m for m in model.modules() if isinstance(m, tuple(all_block_classes()))]
     assert len(blocks) > 20 and all(b in wrapped for b in blocks)
     covered = {id(p) for m in wrapped for p in m.parameters()}
-    total = list(model.parameters())
+    # a T5 / umT5 input embedding has two parents (`shared`, `encoder.embed_tokens`), which
+    # FSDP cannot wrap once: it stays replicated (umT5's 256k-entry table: 1.05 B, frozen)
+    tied = {id(m.weight) for name, m in model.named_modules() if name.endswith(".shared")}
+    total = [p for p in model.parameters() if id(p) not in tied]
     share = sum(p.numel() for p in total if id(p) in covered) / sum(p.numel() for p in total)
     assert share > 0.85, f"only {share:.1%} of parameters in FSDP units"
     checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._run_policy(
@@ -302,3 +309,40 @@ def test_production_recipe_is_resumable(recipe):
     assert args.dirpath == f"{cfg.trainer.default_root_dir}/checkpoints" and args.save_last
     assert args.save_top_k >= 2 and args.monitor == "step" and args.mode == "max" and args.every_n_train_steps
     assert [p.class_path for p in cfg.trainer.plugins] == ["faceclip_zoo.tasks.LastGoodCheckpointIO"]
+
+
+def test_wan_recipes_build_on_meta_and_fsdp_wraps_every_block(tmp_path):
+    """The video stage at real size: FaceT5 on umT5-XXL (a config-only directory in place of
+    its export), Wan2.1-T2V-14B's transformer under FSDP (every Wan and umT5 block its own
+    unit, the Wan blocks checkpointed) and the 1.3B LoRA recipe's adapters, on the meta device."""
+    from faceclip_zoo.config import FaceT5Config
+    from faceclip_zoo.models.io import write_model_dir
+    from faceclip_zoo.tasks.strategies import ZooFSDPStrategy, encoder_block_classes, wan_block_classes
+
+    enc = write_model_dir(tmp_path / "facet5", "facet5", FaceT5Config.from_name("facet5-umt5-xxl"), {})
+    args = ("--model.init_args.encoder", str(enc), "--model.init_args.t5_tokenizer", "null")
+    cli = parse(REPO / "recipes" / "facet5-wan" / "finetune-14b.yaml", *args)
+    cfg = cli.config
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.num_nodes * cfg.trainer.devices == 32
+    assert cfg.trainer.strategy.class_path.endswith("ZooFSDPStrategy")
+    with torch.device("meta"):
+        model = cli.parser.instantiate_classes(cfg).model
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.transformer.parameters()) == 14_288_491_584
+    assert model.condition.embed_dim == 4096 and model.hparams.sample_frames == 81
+    strategy = ZooFSDPStrategy(**cfg.trainer.strategy.init_args)
+    wrapped = strategy.kwargs["auto_wrap_policy"]._run_policy(model, ignored_modules=set(), root_kwargs={})
+    blocks = [m for m in model.modules() if isinstance(m, tuple(wan_block_classes()))]
+    t5_blocks = [m for m in model.condition.face_t5.t5_encoder.modules()
+                 if isinstance(m, tuple(encoder_block_classes()))]
+    assert len(blocks) == 40 and len(t5_blocks) == 24 and all(b in wrapped for b in blocks + t5_blocks)
+    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._run_policy(
+        model, ignored_modules=set(), root_kwargs={})
+    assert all(b in checkpointed for b in blocks) and not any(b in checkpointed for b in t5_blocks)
+
+    cli = parse(REPO / "recipes" / "facet5-wan" / "lora-24gb.yaml", *args)
+    with torch.device("meta"):
+        model = cli.parser.instantiate_classes(cli.config).model
+    assert sum(p.numel() for p in model.transformer.parameters()) == 1_418_996_800
+    assert model.hparams.quantize_base == "int8" and model.lora_settings.rank == 32
+    assert model.hparams.gradient_checkpointing  # adapters and checkpointing are set up by `setup`

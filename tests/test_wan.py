@@ -248,8 +248,11 @@ def test_clips_are_scored_per_frame_under_the_protocol(tmp_path, monkeypatch):
     from faceclip_zoo.models.io import save_model_dir
     from faceclip_zoo.pipelines.export import save_pipeline
 
-    monkeypatch.setattr(judge_module, "JudgeConfig", lambda: JudgeConfig(people=12, held_out=4, steps=20, batch_size=16))
-    monkeypatch.setattr(attributes, "ReaderConfig", lambda: ReaderConfig(steps=10, batch_size=16, width=8))
+    # small judge and reader; a saved one is read back with its own settings (**saved)
+    monkeypatch.setattr(judge_module, "JudgeConfig",
+                        lambda **saved: JudgeConfig(**{**dict(people=12, held_out=4, steps=20, batch_size=16), **saved}))
+    monkeypatch.setattr(attributes, "ReaderConfig",
+                        lambda **saved: ReaderConfig(**{**dict(steps=10, batch_size=16, width=8), **saved}))
     monkeypatch.setattr("faceclip_zoo.evaluation.protocol.TEST_PEOPLE", 2)
     torch.manual_seed(0)
     pipe = WanJointModule(sample_frames=5, sample_height=64, sample_width=64).pipeline()
@@ -275,6 +278,22 @@ def test_clips_are_scored_per_frame_under_the_protocol(tmp_path, monkeypatch):
     assert "consistency |" in text and "| light at the end |" in text
     assert (out / "contact_sheet.png").stat().st_size > 1000
 
+    # --synthetic_val: the same per-frame scoring on the training world's held-out split
+    # (what configurations are chosen on), labelled as such
+    from faceclip_zoo.synthetic.world import SyntheticSpec, generate, write_dataset
+
+    spec = SyntheticSpec(train_identities=0, val_identities=3, samples_per_identity=2, guided_pairs=0, clip_frames=5)
+    write_dataset(spec, generate(spec), tmp_path / "world", shard_size=10)
+    assert main(["evaluate", "--pipeline", str(tmp_path / "wan"), "--benchmark", "synthetic", "--out",
+                 str(tmp_path / "val-eval"), "--face_id", str(face_vit), "--steps", "2",
+                 "--synthetic_val", str(tmp_path / "world" / "val")]) == 0
+    report = json.loads((tmp_path / "val-eval" / "results.json").read_text())
+    assert report["protocol"] == "validation world" and list(report["worlds"]) == ["validation"]
+    scores = report["worlds"]["validation"]["generated"]["judges"]["independent judge"]
+    assert scores["images"] == 3 * 2 and "identity_consistency" in scores
+    assert report["people_per_world"] == 3
+    assert (tmp_path / "val-eval" / "results.md").read_text().startswith("The validation world")
+
 
 def test_the_demo_shows_videos_as_animated_previews(module, tmp_path):
     import numpy as np
@@ -292,3 +311,20 @@ def test_the_demo_shows_videos_as_animated_previews(module, tmp_path):
     assert len(crops) == 1 and len(videos) == 2
     preview = Image.open(videos[0])
     assert preview.format == "GIF" and preview.n_frames == 5 and preview.size == (32, 32)
+
+
+def test_the_vae_folder_brings_its_latent_statistics(tmp_path):
+    """A recipe names the VAE's architecture (`wan-vae-tiny`) and reads its weights from a
+    trained folder: that folder's latents_mean / latents_std (measured after training) are the
+    ones the latents are normalised with, and the ones the exported pipeline undoes."""
+    from faceclip_zoo.config import diffusers_config
+    from faceclip_zoo.models.diffusers_models import build_diffusers
+
+    vae = build_diffusers(diffusers_config("wan-vae-tiny"))
+    vae.register_to_config(latents_mean=[0.5, -0.25, 1.0, 0.0], latents_std=[2.0, 1.5, 0.5, 1.0])
+    vae.save_pretrained(tmp_path / "vae")
+    m = WanJointModule(vae_weights=str(tmp_path / "vae"))
+    m.setup("fit")
+    mean, std = m.latent_statistics()
+    assert mean.flatten().tolist() == [0.5, -0.25, 1.0, 0.0] and std.flatten().tolist() == [2.0, 1.5, 0.5, 1.0]
+    assert list(m.pipeline().vae.config.latents_std) == [2.0, 1.5, 0.5, 1.0]

@@ -2,7 +2,8 @@
 parameter counts (no GPU needed).
 
 The models are the released architectures (SDXL's UNet and VAE with the FaceCLIP-L/14 and
-bigG/14 branches; FLUX.1-dev's transformer and VAE with FaceT5-XXL and CLIP-L), built on
+bigG/14 branches; FLUX.1-dev's transformer and VAE with FaceT5-XXL and CLIP-L; Wan2.1-T2V-1.3B's
+transformer and VAE with FaceT5 on umT5-XXL), built on
 the meta device, so every count is exact. Bytes per parameter: a frozen weight 2 (bf16) or,
 with int8 weight-only quantisation, 1 for a quantised Linear weight plus its per-row bf16
 scale; a trained adapter weight 4 (fp32) + 4 (gradient) + 8 (AdamW's two moments) or + 2
@@ -46,7 +47,7 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def lora_footprint(kind: Literal["sdxl", "flux"], rank: int, quantize: bool,
+def lora_footprint(kind: Literal["sdxl", "flux", "wan"], rank: int, quantize: bool,
                    optimizer_8bit: bool = False) -> list[Part]:
     """The parts of a LoRA run of the released sizes and their resident bytes."""
     from faceclip_zoo.config import FaceCLIPConfig, FaceT5Config, diffusers_config
@@ -62,6 +63,15 @@ def lora_footprint(kind: Literal["sdxl", "flux"], rank: int, quantize: bool,
             frozen = {"FaceCLIP-L/14 branch": (FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-l14")), False),
                       "FaceCLIP-bigG/14 branch": (FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-bigg14")), False),
                       "SDXL VAE": (build_diffusers(diffusers_config("sdxl-vae")), False)}
+        elif kind == "wan":  # Wan2.1-T2V-1.3B with FaceT5 on umT5-XXL (Wan's own text encoder)
+            from faceclip_zoo.models.facet5 import FaceT5Encoder
+
+            denoiser = build_diffusers(diffusers_config("wan-1.3b-transformer"))
+            face_t5 = FaceT5Encoder(FaceT5Config.from_name("facet5-umt5-xxl"))
+            t5_params = _count(face_t5.t5_encoder)
+            frozen = {"FaceT5-umT5-XXL: its umT5 encoder (quantised with the base)": (face_t5.t5_encoder, True),
+                      "FaceT5-umT5-XXL: face ViT, projections, fuser": (face_t5, False),
+                      "Wan VAE": (build_diffusers(diffusers_config("wan-vae")), False)}
         else:
             from faceclip_zoo.config import CLIP_TEXT_CONFIGS
             from faceclip_zoo.models.facet5 import FaceT5Encoder
@@ -81,7 +91,7 @@ def lora_footprint(kind: Literal["sdxl", "flux"], rank: int, quantize: bool,
     label = "int8 weight-only" if quantize else "bf16"
     parts = [Part(f"{denoiser_name} ({label})", base_params, base_bytes)]
     for name, (module, quantizable) in frozen.items():
-        if name.startswith("FaceT5-XXL: face"):  # the encoder minus its T5 (counted above)
+        if ": face ViT" in name:  # the encoder minus its T5 (counted above)
             params = _count(module) - t5_params
             parts.append(Part(name, params, 2.0 * params))
         else:
@@ -101,9 +111,10 @@ def markdown_table(parts: list[Part]) -> str:
     return "\n".join(lines)
 
 
-# The recipes' settings (recipes/faceclip-sdxl/lora-24gb.yaml, recipes/facet5-flux/lora-24gb.yaml)
+# The recipes' settings (recipes/<name>.yaml)
 RECIPES = {"faceclip-sdxl/lora-24gb": dict(kind="sdxl", rank=32, quantize=False, optimizer_8bit=True),
-           "facet5-flux/lora-24gb": dict(kind="flux", rank=16, quantize=True, optimizer_8bit=True)}
+           "facet5-flux/lora-24gb": dict(kind="flux", rank=16, quantize=True, optimizer_8bit=True),
+           "facet5-wan/lora-24gb": dict(kind="wan", rank=32, quantize=True, optimizer_8bit=True)}
 
 
 def run() -> dict[str, list[Part]]:

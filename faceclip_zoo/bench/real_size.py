@@ -47,6 +47,8 @@ class RecipeRun:
     batch: the batch of the run (the recipe's per-device batch when it fits).
     cpu_resolution: the image side of a CPU run (None: the recipe's).
     cpu_cannot_step: why a real-size CPU run only loads (the arithmetic), or None.
+    cpu_block_check: with cpu_cannot_step, also run one real FLUX block pair forward and
+        backward (`flux_block_check`); other families only load.
     cpu_reduced: what a real-size CPU run's fit changes because the whole does not fit
         here (it still loads the whole, as the recipe does, in the load-only process).
     cpu_reduced_why: the arithmetic behind `cpu_reduced`.
@@ -59,11 +61,23 @@ class RecipeRun:
     batch: int = 1
     cpu_resolution: int | None = None
     cpu_cannot_step: str | None = None
+    cpu_block_check: bool = False
     cpu_reduced: dict[str, Any] = field(default_factory=dict)
     cpu_reduced_why: str | None = None
 
 
 _M = "model.init_args."
+
+
+def _facet5_pretrain(recipe: str, t5_set: str, tiny_encoder: str, why: str) -> RecipeRun:
+    """A FaceT5 pre-training recipe: on a CPU its fit runs the frozen T5 at 2 of 24 blocks."""
+    return RecipeRun(recipe, ("pretrain-inputs", t5_set),
+                     (_M + "t5_weights", _M + "t5_tokenizer", _M + "face_encoder_weights", _M + "clip_weights"),
+                     tiny={_M + "encoder": tiny_encoder, _M + "clip": "clip-tiny", "data.init_args.image_size": 64},
+                     batch=2, cpu_reduced={_M + "encoder_overrides": {"t5_num_layers": 2}, _M + "t5_weights": None},
+                     cpu_reduced_why=why)
+
+
 RUNS: dict[str, RecipeRun] = {
     "faceclip-sdxl/lora-24gb": RecipeRun(
         "faceclip-sdxl/lora-24gb", ("sdxl-base", "faceclip-release"),
@@ -88,20 +102,32 @@ RUNS: dict[str, RecipeRun] = {
               "data.init_args.buckets": [[64, 64]]},
         cpu_cannot_step="a CPU step computes in float32: the 11.9 B transformer alone is 47.6 GB in float32 "
                         "(23.8 GB in the recipe's bf16, 11.9 GB in its int8), over this machine's 23 GB; "
-                        "the recipe's own loading (bf16 files, int8 quantisation) is measured instead"),
-    "facet5-xxl/pretrain": RecipeRun(
-        "facet5-xxl/pretrain", ("pretrain-inputs", "flux-dev-t5"),
-        (_M + "t5_weights", _M + "t5_tokenizer", _M + "face_encoder_weights", _M + "clip_weights"),
-        tiny={_M + "encoder": "facet5-tiny", _M + "clip": "clip-tiny", "data.init_args.image_size": 64},
-        batch=2,
-        cpu_reduced={_M + "encoder_overrides": {"t5_num_layers": 2}, _M + "t5_weights": None},
-        cpu_reduced_why="a CPU step computes in float32: the frozen T5-XXL encoder is 19.0 GB in float32 "
-                        "(4.76 B x 4 bytes) and the trained fuser and heads (1.02 B) hold 16.4 GB of float32 "
-                        "weights, gradients and AdamW moments: 35 GB before activations, over this machine's "
-                        "23 GB. The fit keeps every trained parameter and the 512-token sequence at real size "
-                        "with 2 of T5's 24 frozen blocks (initialised randomly: 2 blocks of the 24-block file "
-                        "do not load strictly); the whole, with its real weights, is loaded as the recipe "
-                        "loads it by the load-only process"),
+                        "the recipe's own loading (bf16 files, int8 quantisation) is measured instead",
+        cpu_block_check=True),
+    "facet5-xxl/pretrain": _facet5_pretrain(
+        "facet5-xxl/pretrain", "flux-dev-t5", "facet5-tiny",
+        "a CPU step computes in float32: the frozen T5-XXL encoder is 19.0 GB in float32 (4.76 B x 4 bytes) and "
+        "the trained fuser and heads (1.02 B) hold 16.4 GB of float32 weights, gradients and AdamW moments: 35 GB "
+        "before activations, over this machine's 23 GB. The fit keeps every trained parameter and the 512-token "
+        "sequence at real size with 2 of T5's 24 frozen blocks (initialised randomly: 2 blocks of the 24-block "
+        "file do not load strictly); the whole, with its real weights, is loaded as the recipe loads it by the "
+        "load-only process"),
+    "facet5-wan/lora-24gb": RecipeRun(
+        "facet5-wan/lora-24gb", ("wan-1.3b", "facet5-umt5"),
+        (_M + "encoder", _M + "t5_tokenizer", _M + "transformer_weights", _M + "vae_weights"),
+        tiny={_M + "transformer": "wan-transformer-tiny", _M + "vae": "wan-vae-tiny", "data.init_args.image_size": 64,
+              "data.init_args.buckets": [[64, 64]]},
+        # the GPU call steps it on `prepare`'s photos, one-frame clips (Wan trains on images
+        # too) in the recipe's buckets; an 81-frame clip's activations are the recipe's arithmetic
+        cpu_cannot_step="a CPU step computes in float32: FaceT5's face ViT, projections and fuser (1.37 B) and "
+                        "umT5's 1.05 B-entry vocabulary table, bf16 in the recipe, take 9.7 GB in float32 beside "
+                        "6.1 GB of int8 weights and the quantisation's transients: the fit was killed for memory "
+                        "(rc -9) on this 23 GB machine; the recipe's own loading (bf16 files, int8) is measured"),
+    "facet5-umt5-xxl/pretrain": _facet5_pretrain(
+        "facet5-umt5-xxl/pretrain", "wan-umt5", "facet5-umt5-tiny",
+        "as facet5-xxl/pretrain: the frozen umT5-XXL is 22.7 GB in float32 (5.68 B x 4 bytes) besides 16.4 GB of "
+        "trained state; umT5 at 2 of its 24 blocks (random), every trained parameter and the 512-token sequence at "
+        "real size; the whole loaded by the load-only process"),
 }
 
 # bf16 dense peak FLOP/s of the cards a GPU call may get (their data sheets), for MFU
@@ -192,6 +218,8 @@ def run_recipe(run: RecipeRun, *, size: str, device: str, standins: Path, shards
               "paths": {k: overrides[k] for k in run.paths}, "load_as_recipe": load}
     if reduced:
         result.update(reduced=reduced, reduced_why=run.cpu_reduced_why)
+    if size == "real" and device == "cpu" and run.cpu_cannot_step and not run.cpu_block_check:
+        return {**result, "rc": "not stepped", "not_stepped": run.cpu_cannot_step}
     if size == "real" and device == "cpu" and run.cpu_cannot_step:
         init = recipe["model"]["init_args"]
         side = (recipe["data"]["init_args"].get("image_size") or 768) if resolution is None else resolution
@@ -242,10 +270,11 @@ def markdown(results: list[dict]) -> str:
         if "not_stepped" in r:
             load = r["load_as_recipe"]
             block = r.get("block", {})
+            pair = (f"; one real block pair at {block.get('side')} px: forward {block.get('forward_seconds')} s, "
+                    f"backward {block.get('backward_seconds')} s, loss {block.get('loss')}" if block else "")
             lines.append(f"| {r['recipe']} | {r['device']} | not stepped: {r['not_stepped']}; loaded as the recipe "
-                         f"loads in {load.get('seconds')} s, own memory peak {fmt_mem(load.get('peak_anon'))}; one "
-                         f"real block pair at {block.get('side')} px: forward {block.get('forward_seconds')} s, "
-                         f"backward {block.get('backward_seconds')} s, loss {block.get('loss')} |||||||")
+                         f"loads in {load.get('seconds')} s, own memory peak {fmt_mem(load.get('peak_anon'))}"
+                         f"{pair} |||||||")
             continue
         if "steps" not in r:
             lines.append(f"| {r['recipe']} | {r['device']} | failed (rc {r['rc']}): "
@@ -278,6 +307,8 @@ def failures(results: list[dict], data: dict | None = None) -> list[str]:
         name = r["recipe"]
         if "error" in r.get("load_as_recipe", {}):
             bad.append(f"{name}: loading as the recipe failed")
+        if "not_stepped" in r and "block" not in r:  # loading only (checked above)
+            continue
         if "not_stepped" in r:
             block = r.get("block", {})
             if not (block.get("loss_finite") and block.get("adapter_grads_finite_nonzero")):

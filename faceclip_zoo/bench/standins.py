@@ -11,6 +11,10 @@ weights can be downloaded (`python -m faceclip_zoo standins --out standins`).
     standins/weights/FLUX.1-dev/{transformer,vae,tokenizer,tokenizer_2}/   (transformer: bf16 shards)
     standins/weights/FLUX.1-dev/text_encoder_2/                    T5-XXL encoder (bf16 shards)
     standins/checkpoints/faceclip-release/{facet5-xxl-release,clip-l-text}/
+    standins/weights/Wan2.1-T2V-1.3B-Diffusers/{transformer,vae,tokenizer}/     (fp32, as released)
+    standins/weights/Wan2.1-T2V-1.3B-Diffusers/text_encoder/       umT5-XXL encoder (bf16 shards)
+    standins/checkpoints/facet5-umt5-xxl/                          FaceT5 on umT5-XXL (bf16), what
+                                                                   `export` of its pre-training writes
 
 A recipe's `weights/...` and `checkpoints/...` paths then point under `standins/`. Every
 tensor is drawn from its own seed (the run's seed and the tensor's name), so a file is the
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SDXL_BASE = "weights/stable-diffusion-xl-base-1.0"
 FLUX_DEV = "weights/FLUX.1-dev"
+WAN_13B = "weights/Wan2.1-T2V-1.3B-Diffusers"
 RELEASE = "checkpoints/faceclip-release"
 
 
@@ -165,17 +170,23 @@ class Names:
     facet5: str
     clip_text: str
     t5: str
+    wan_transformer: str
+    wan_vae: str
+    umt5: str
+    facet5_umt5: str
 
 
 SIZES = {
     "real": Names(unet="sdxl-unet", vae="sdxl-vae", encoder_l="faceclip-l14", encoder_g="faceclip-bigg14",
                   face_vit="face-vit-l", clip_l="clip-l14", clip_g="clip-bigg14",
                   flux_transformer="flux-dev-transformer", flux_vae="flux-vae", facet5="facet5-xxl-release",
-                  clip_text="clip-l-text", t5="t5-v1_1-xxl"),
+                  clip_text="clip-l-text", t5="t5-v1_1-xxl", wan_transformer="wan-1.3b-transformer",
+                  wan_vae="wan-vae", umt5="umt5-xxl", facet5_umt5="facet5-umt5-xxl"),
     "tiny": Names(unet="sdxl-unet-tiny", vae="vae-tiny", encoder_l="faceclip-tiny", encoder_g="faceclip-tiny",
                   face_vit="face-vit-tiny", clip_l="clip-tiny", clip_g="clip-tiny",
                   flux_transformer="flux-transformer-tiny", flux_vae="vae-tiny", facet5="facet5-tiny",
-                  clip_text="clip-text-tiny", t5="t5-tiny"),
+                  clip_text="clip-text-tiny", t5="t5-tiny", wan_transformer="wan-transformer-tiny",
+                  wan_vae="wan-vae-tiny", umt5="umt5-tiny", facet5_umt5="facet5-umt5-tiny"),
 }
 
 
@@ -260,26 +271,68 @@ def _t5_tokenizer_standin(folder: Path) -> None:
     T5Tokenizer(vocab=list(builtin_t5_vocab()), extra_ids=0).save_pretrained(str(folder))
 
 
-def write_flux_dev_t5(root: Path, names: Names, seed: int) -> list[str]:
-    """FLUX.1-dev's text_encoder_2 (google/t5-v1_1-xxl's encoder, a transformers
-    T5EncoderModel folder: config.json and half-precision shards with their
-    model.safetensors.index.json, 9.5 GB; the tied input embedding stored once, as
-    `shared`) and tokenizer_2 (the stand-in vocabulary): what FaceT5 pre-training reads."""
-    from transformers import T5Config as HFT5Config, T5EncoderModel
-
+def _t5_encoder_folder(folder: Path, t5_name: str, seed: int) -> None:
+    """A transformers T5EncoderModel / UMT5EncoderModel folder: config.json and bf16 shards
+    with their model.safetensors.index.json, the tied input embedding stored once (`shared`)."""
     from faceclip_zoo.config import T5Config
 
-    base = root / FLUX_DEV
-    config = HFT5Config(**T5Config.from_name(names.t5).transformers_kwargs())
-    model = _meta(lambda: T5EncoderModel(config))
-    folder = base / "text_encoder_2"
+    t5 = T5Config.from_name(t5_name)
+    if t5.architecture == "umt5":
+        from transformers import UMT5Config as HFConfig, UMT5EncoderModel as Model
+    else:
+        from transformers import T5Config as HFConfig, T5EncoderModel as Model
+    config = HFConfig(**t5.transformers_kwargs())
+    model = _meta(lambda: Model(config))
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
     tensors = StandinTensors({k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()
-                              if k != "encoder.embed_tokens.weight"}, seed + 11, torch.bfloat16)
+                              if k != "encoder.embed_tokens.weight"}, seed, torch.bfloat16)
     write_weights(folder, "model", tensors, tensors.nbytes() // 2 + 1)  # in shards, as released
+
+
+def write_flux_dev_t5(root: Path, names: Names, seed: int) -> list[str]:
+    """FLUX.1-dev's text_encoder_2 (google/t5-v1_1-xxl's encoder, a transformers
+    T5EncoderModel folder in half-precision shards, 9.5 GB) and tokenizer_2 (the stand-in
+    vocabulary): what FaceT5 pre-training reads."""
+    base = root / FLUX_DEV
+    _t5_encoder_folder(base / "text_encoder_2", names.t5, seed + 11)
     _t5_tokenizer_standin(base / "tokenizer_2")
-    return [str(folder), str(base / "tokenizer_2")]
+    return [str(base / "text_encoder_2"), str(base / "tokenizer_2")]
+
+
+def write_wan(root: Path, names: Names, seed: int) -> list[str]:
+    """Wan2.1-T2V-1.3B-Diffusers' transformer and vae (float32, as Wan-AI ships them: 5.7 GB
+    and 0.5 GB) and tokenizer (the stand-in vocabulary: no package ships umT5's SentencePiece
+    model; ids stay within the real 256k embedding table)."""
+    base = root / WAN_13B
+    _diffusers_folder(base / "transformer", names.wan_transformer, seed + 12, None)
+    _diffusers_folder(base / "vae", names.wan_vae, seed + 13, None)
+    _t5_tokenizer_standin(base / "tokenizer")
+    return [str(base / part) for part in ("transformer", "vae", "tokenizer")]
+
+
+def write_wan_umt5(root: Path, names: Names, seed: int) -> list[str]:
+    """The Wan repositories' text_encoder (google/umt5-xxl's encoder, UMT5EncoderModel, bf16
+    shards: 11.4 GB) and tokenizer: what FaceT5-umT5 pre-training reads."""
+    base = root / WAN_13B
+    _t5_encoder_folder(base / "text_encoder", names.umt5, seed + 14)
+    _t5_tokenizer_standin(base / "tokenizer")
+    return [str(base / "text_encoder"), str(base / "tokenizer")]
+
+
+def write_facet5_umt5(root: Path, names: Names, seed: int) -> list[str]:
+    """FaceT5 on umT5-XXL as `export` writes it after recipes/facet5-umt5-xxl/pretrain.yaml
+    (bf16: 14.1 GB): the encoder the Wan recipes read."""
+    from faceclip_zoo.config import FaceT5Config
+    from faceclip_zoo.models.facet5 import FaceT5Encoder
+    from faceclip_zoo.models.io import write_model_dir
+
+    cfg = FaceT5Config.from_name(names.facet5_umt5)
+    encoder = _meta(lambda: FaceT5Encoder(cfg))
+    write_model_dir(root / "checkpoints" / "facet5-umt5-xxl", "facet5", cfg,
+                    StandinTensors.of(encoder, seed + 15, torch.bfloat16),
+                    extra={"standin": f"seeded random weights (seed {seed + 15}), not a trained encoder"})
+    return [str(root / "checkpoints" / "facet5-umt5-xxl")]
 
 
 def write_facet5_release(root: Path, names: Names, seed: int) -> list[str]:
@@ -310,6 +363,9 @@ SETS: dict[str, Callable[[Path, Names, int], list[str]]] = {
     "flux-dev": write_flux_dev,
     "flux-dev-t5": write_flux_dev_t5,
     "facet5-release": write_facet5_release,
+    "wan-1.3b": write_wan,
+    "wan-umt5": write_wan_umt5,
+    "facet5-umt5": write_facet5_umt5,
 }
 
 
@@ -324,7 +380,9 @@ def standins(out: str = "standins", only: str = ",".join(SETS), size: str = "rea
             and open_clip CLIP-L/14 and bigG/14 weights of the pre-training recipes), flux-dev
             (FLUX.1-dev's transformer, vae and tokenizers), flux-dev-t5 (its T5-XXL
             text_encoder_2 and tokenizer_2, for FaceT5 pre-training), facet5-release (the converted
-            FaceT5-XXL and CLIP-L text model).
+            FaceT5-XXL and CLIP-L text model), wan-1.3b (Wan2.1-T2V-1.3B's transformer, vae and
+            tokenizer), wan-umt5 (its umT5-XXL text_encoder, for FaceT5-umT5 pre-training),
+            facet5-umt5 (an exported FaceT5 on umT5-XXL).
         size: real (the released architectures; tens of GB) or tiny (the same layouts with
             the quickstart configs).
         seed: every tensor's values follow from it and the tensor's name.

@@ -191,8 +191,10 @@ def mean_over_worlds(worlds: dict[int, dict]) -> dict:
 
 def markdown(report: dict) -> str:
     """results.md of the protocol: per judge, per world and their mean."""
-    lines = ["Test worlds (seeds no recipe trains or validates on), "
-             f"{report['people_per_world']} people each; +- is a bootstrap over people; "
+    where = ("The validation world (the training world's held-out split: what configurations are chosen on; "
+             "the protocol's numbers are the test worlds'), " if report.get("protocol") == "validation world"
+             else "Test worlds (seeds no recipe trains or validates on), ")
+    lines = [where + f"{report['people_per_world']} people each; +- is a bootstrap over people; "
              "the seed spread is the standard deviation of top-1 over sampler seeds.", ""]
     clips = "identity_consistency" in report["mean"]["generated"]["judges"][next(iter(report["judges"]))]
     if clips:
@@ -202,7 +204,8 @@ def markdown(report: dict) -> str:
         lines += [f"### {judge}: {label}", "", "| world | generated top-1 | seed spread | face zeroed top-1 | "
                   "real scenes top-1 | Face Sim | background |" + (" consistency |" if clips else ""),
                   "|---|---|---|---|---|---|---|" + ("---|" if clips else "")]
-        rows = [*((str(seed), r) for seed, r in report["worlds"].items()), ("mean", report["mean"])]
+        rows = [*((str(seed), r) for seed, r in report["worlds"].items())]
+        rows += [("mean", report["mean"])] if len(rows) > 1 else []
         for name, r in rows:
             g, z, real = (r[s]["judges"][judge] for s in ("generated", "generated_no_face", "real"))
             spread = f"{g['identity_top1_seed_spread']:.3f}" if "identity_top1_seed_spread" in g else "-"
@@ -217,7 +220,8 @@ def markdown(report: dict) -> str:
                       f"background {report['mean']['generated']['chance_background']:.2f}", ""]
     mean = report["mean"]
     if "attributes" in mean["generated"]:
-        lines += ["### Caption following (mean over the test worlds; the caption reader's reading)", "",
+        over = "the validation world" if report.get("protocol") == "validation world" else "mean over the test worlds"
+        lines += [f"### Caption following ({over}; the caption reader's reading)", "",
                   "| attribute | generated | face zeroed | real scenes | chance (most common value) |",
                   "|---|---|---|---|---|"]
         for attr, g in mean["generated"]["attributes"].items():
@@ -258,25 +262,28 @@ def world_spec_of_recipe(recipe: dict | None):
 
 def run_protocol(pipe, like, face_id: Callable, judge: Callable, judge_scores: dict | None = None, reader=None,
                  steps: int = 25, guidance: float | None = None, seed: int = 0, images_per_sample: int = 1,
-                 worlds: tuple[int, ...] = TEST_WORLD_SEEDS, people: int = TEST_PEOPLE) -> tuple[dict, list, dict]:
+                 worlds: tuple[int, ...] = TEST_WORLD_SEEDS, people: int = TEST_PEOPLE,
+                 validation: list[dict] | None = None) -> tuple[dict, list, dict]:
     """The pipeline on every test world: generated with the face, with the face zeroed (same
     prompts and seeds: identity's floor), and the real scenes (its ceiling), under both
     judges; per world and the mean. Returns (report, the first world's samples, its image
-    sets) for the contact sheet."""
+    sets) for the contact sheet. `validation` (the training world's held-out split) scores
+    that split instead, the same way: what configurations are chosen on."""
     from faceclip_zoo.synthetic.scenes import generate_images
 
     check_world_seed(like.seed, "the pipeline's training world")
     judges = {"independent judge": judge, "face-ID ViT": face_id}
     per_world, first = {}, None
-    for world in worlds:
-        samples = render_test_world(like, world, people)
+    for world in (("validation",) if validation is not None else worlds):
+        samples = validation if validation is not None else render_test_world(like, world, people)
         sets = {name: generate_images(pipe, samples, with_face, steps, guidance, seed, images_per_sample=images_per_sample)
                 for name, with_face in (("generated", True), ("generated_no_face", False))}
         sets["real"] = torch.stack([s["video"].transpose(0, 1) if "video" in s else s["image"] for s in samples])
         per_world[world] = score_world(judges, sets, samples, like.scene_scale, reader)
         first = first or (samples, sets)
-    report = {"protocol": "test worlds", "worlds": per_world, "mean": mean_over_worlds(per_world),
-              "judges": {name: JUDGE_LABELS[name] for name in judges}, "people_per_world": people,
+    report = {"protocol": "validation world" if validation is not None else "test worlds", "worlds": per_world,
+              "mean": mean_over_worlds(per_world), "judges": {name: JUDGE_LABELS[name] for name in judges},
+              "people_per_world": len({s["identity"] for s in validation}) if validation is not None else people,
               "judge_scores": judge_scores, "world_like": dataclasses.asdict(like)}
     return report, *first
 
@@ -297,7 +304,7 @@ def _recipe_of(pipeline: str) -> dict | None:
 
 def on_test_worlds(pipeline: str, pipe, face_id, out: Path, size: int, steps: int, guidance: float | None,
                     seed: int, images_per_sample: int, judge_config=None, people: int | None = None,
-                    reader_config=None) -> dict:
+                    reader_config=None, validation: list[dict] | None = None) -> dict:
     import json
 
     from faceclip_zoo.evaluation.attributes import ensure_reader
@@ -311,7 +318,8 @@ def on_test_worlds(pipeline: str, pipe, face_id, out: Path, size: int, steps: in
     reader, reader_scores = ensure_reader(priors, like, reader_config, judge_config)
     report, samples, sets = run_protocol(pipe, like, face_id, judge, judge_scores, reader, steps=steps,
                                          guidance=guidance,
-                                         seed=seed, images_per_sample=images_per_sample, people=people or TEST_PEOPLE)
+                                         seed=seed, images_per_sample=images_per_sample, people=people or TEST_PEOPLE,
+                                         validation=validation)
     report.update(benchmark="synthetic", pipeline=str(pipeline), caption_reader=reader_scores,
                   generation={"steps": steps, "seed": seed, "images_per_sample": images_per_sample,
                               "guidance": guidance if guidance is not None else getattr(pipe, "default_guidance", None),

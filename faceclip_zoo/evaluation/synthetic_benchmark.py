@@ -277,16 +277,18 @@ def run_synthetic_benchmark(pipeline: str, out, val: str | None = None,
     pipe.set_progress_bar_config(disable=True)
     model = FaceViTIdentity(load_model_dir(face_id, expect="face_vit")).eval()
     size = int(pipe.default_size())
-    if not on_test_worlds and pipe.OUTPUT != "images":
+    clips = pipe.OUTPUT != "images"
+    if probes and clips:
         from faceclip_zoo.utils import UserError
 
-        raise UserError("a video pipeline is scored on the test worlds under the protocol (the default: leave out "
-                        "--val and --probes); the validation-split diagnostics read still images")
-    if on_test_worlds:
-        from faceclip_zoo.evaluation.protocol import on_test_worlds
+        raise UserError("--probes read still images; a video pipeline is scored on the test worlds (the default) "
+                        "or, with --val, on the validation world under the same protocol")
+    if on_test_worlds or clips:  # clips: the protocol's per-frame scoring on the validation split too
+        from faceclip_zoo.evaluation.protocol import on_test_worlds as score_under_protocol
 
-        return on_test_worlds(pipeline, pipe, model, Path(out), size, steps, guidance, seed, images_per_sample,
-                              judge_config, people, reader_config)
+        validation = None if on_test_worlds else load_validation_samples(val, image_size=size)
+        return score_under_protocol(pipeline, pipe, model, Path(out), size, steps, guidance, seed, images_per_sample,
+                                    judge_config, people, reader_config, validation=validation)
     samples = load_validation_samples(val, image_size=size)
     results, sets = evaluate_synthetic(pipe, samples, model, steps=steps, guidance=guidance, seed=seed,
                                        images_per_sample=images_per_sample, scene_scale=scene_scale_of(val))

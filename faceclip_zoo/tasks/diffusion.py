@@ -316,12 +316,13 @@ class JointDiffusionModule(ResilientTask, L.LightningModule):
             self._adopt_latent_scale(Path(src))
 
     def _adopt_latent_scale(self, folder: Path) -> None:
-        """A VAE folder's own scaling/shift factors belong to its weights (the synthetic
-        VAE's are measured after training, so a named architecture config cannot know them)."""
+        """A VAE folder's own latent statistics belong to its weights (scaling/shift factors,
+        or a video VAE's per-channel latents_mean/latents_std: the synthetic VAEs' are measured
+        after training, so a named architecture config cannot know them)."""
         if not (folder / "config.json").is_file():
             return
         cfg = json.loads((folder / "config.json").read_text())
-        for key in ("scaling_factor", "shift_factor"):
+        for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std"):
             if cfg.get(key) is not None:
                 self.vae_config[key] = cfg[key]
                 self.vae.register_to_config(**{key: cfg[key]})

@@ -1,8 +1,8 @@
 """Sharded training for every task of the zoo, on Lightning's FSDPStrategy.
 
 `ZooFSDPStrategy` is FSDPStrategy with the policy these models need, so a recipe states
-it in one line: each repeated block of any model in the zoo (FLUX double/single blocks,
-SDXL transformer and ResNet blocks, T5 / CLIP / open_clip text blocks, the face ViT's
+it in one line: each repeated block of any model in the zoo (FLUX double/single blocks, Wan
+blocks, SDXL transformer and ResNet blocks, T5 / umT5 / CLIP / open_clip text blocks, the face ViT's
 blocks, the fuser's layers) is its own FSDP unit, and the blocks that train have their
 activations recomputed in backward. The frozen encoders are sharded too (FaceT5's T5 is
 4.8 B parameters) but not checkpointed: they run without a graph.
@@ -29,6 +29,13 @@ def flux_block_classes() -> set[type]:
     return {FluxTransformerBlock, FluxSingleTransformerBlock}
 
 
+def wan_block_classes() -> set[type]:
+    """The repeated blocks of Wan's video transformer (self-, cross-attention, feed-forward)."""
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    return {WanTransformerBlock}
+
+
 def sdxl_block_classes() -> set[type]:
     """The repeated blocks of the SDXL UNet (attention and ResNet)."""
     from diffusers.models.attention import BasicTransformerBlock
@@ -38,13 +45,14 @@ def sdxl_block_classes() -> set[type]:
 
 
 def encoder_block_classes() -> set[type]:
-    """The repeated blocks of the frozen encoders (T5, CLIP text / vision, face ViT)."""
+    """The repeated blocks of the frozen encoders (T5, umT5, CLIP text / vision, face ViT)."""
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
     from transformers.models.t5.modeling_t5 import T5Block
+    from transformers.models.umt5.modeling_umt5 import UMT5Block
 
     from faceclip_zoo.models.face_vit import Block as FaceViTBlock
 
-    return {T5Block, CLIPEncoderLayer, FaceViTBlock}
+    return {T5Block, UMT5Block, CLIPEncoderLayer, FaceViTBlock}
 
 
 def joint_encoder_block_classes() -> set[type]:
@@ -58,7 +66,7 @@ def joint_encoder_block_classes() -> set[type]:
 
 
 def trained_block_classes() -> set[type]:
-    return flux_block_classes() | sdxl_block_classes() | joint_encoder_block_classes()
+    return flux_block_classes() | wan_block_classes() | sdxl_block_classes() | joint_encoder_block_classes()
 
 
 def all_block_classes() -> set[type]:
