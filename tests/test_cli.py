@@ -70,6 +70,7 @@ def test_unknown_recipe_key_is_one_clear_line(tmp_path):
     ("sdxl.yaml", "quickstart-encoder holds no faceclip", "faceclip.yaml"),
     ("oracle-sdxl.yaml", "quickstart-encoder holds no faceclip", "faceclip.yaml"),
     ("flux.yaml", "quickstart-facet5 holds no facet5", "facet5.yaml"),
+    ("wan-base.yaml", "quickstart-facet5-umt5 holds no facet5", "facet5-umt5.yaml"),
 ])
 def test_quickstart_needing_an_encoder_names_the_command_to_run_first(tmp_path, monkeypatch, capsys, recipe,
                                                                       needs, maker):
@@ -85,18 +86,28 @@ def test_quickstart_needing_an_encoder_names_the_command_to_run_first(tmp_path, 
                    f"`python -m faceclip_zoo fit --config recipes/quickstart/{maker}`"]
 
 
-def test_sdxl_quickstart_without_its_base_names_the_base_recipe(tmp_path, monkeypatch, capsys):
-    """With the encoder made but not the text-to-image base, the next step is named."""
+@pytest.mark.parametrize("recipe, base", [("sdxl.yaml", "quickstart-sdxl-base/unet"),
+                                          ("wan.yaml", "quickstart-wan-base/transformer")])
+def test_quickstart_without_its_base_names_the_base_recipe(tmp_path, monkeypatch, capsys, recipe, base):
+    """With the encoder made but not the base (text-to-image for SDXL, text-to-video for
+    Wan), the next step is named."""
+    from faceclip_zoo.config import FaceT5Config
+    from faceclip_zoo.models.facet5 import FaceT5Encoder
     from faceclip_zoo.models.faceclip import FaceCLIPEncoder
     from faceclip_zoo.models.io import save_model_dir
 
     monkeypatch.chdir(tmp_path)
-    save_model_dir(FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")), tmp_path / "checkpoints" /
-                   "quickstart-encoder")
-    assert main(["fit", "--config", str(REPO / "recipes" / "quickstart" / "sdxl.yaml")]) == 2
+    if recipe == "sdxl.yaml":
+        save_model_dir(FaceCLIPEncoder(FaceCLIPConfig.from_name("faceclip-tiny")), tmp_path / "checkpoints" /
+                       "quickstart-encoder")
+    else:
+        save_model_dir(FaceT5Encoder(FaceT5Config.from_name("facet5-umt5-tiny")), tmp_path / "checkpoints" /
+                       "quickstart-facet5-umt5")
+    assert main(["fit", "--config", str(REPO / "recipes" / "quickstart" / recipe)]) == 2
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.endswith("Seed set to 0")]
-    assert err == ["error: checkpoints/quickstart-sdxl-base/unet does not exist yet; make it first with "
-                   "`python -m faceclip_zoo fit --config recipes/quickstart/sdxl-base.yaml`"]
+    maker = recipe.replace(".yaml", "-base.yaml")
+    assert err == [f"error: checkpoints/{base} does not exist yet; make it first with "
+                   f"`python -m faceclip_zoo fit --config recipes/quickstart/{maker}`"]
 
 
 def test_missing_weights_file_is_one_clear_line(tmp_path, tiny_shards, corrupt_shard):

@@ -35,7 +35,8 @@ def test_there_are_recipes():
     assert {"quickstart/faceclip.yaml", "faceclip-l14/pretrain.yaml", "faceclip-bigg14/pretrain.yaml",
             "quickstart/sdxl.yaml", "faceclip-sdxl/finetune.yaml", "quickstart/flux.yaml",
             "quickstart/facet5.yaml", "facet5-flux/finetune.yaml", "facet5-xxl/pretrain.yaml", "quickstart/wan.yaml",
-            "facet5-umt5-xxl/pretrain.yaml", "facet5-wan/lora-24gb.yaml", "facet5-wan/finetune-14b.yaml"} <= names
+            "quickstart/wan-base.yaml", "facet5-umt5-xxl/pretrain.yaml", "facet5-wan/lora-24gb.yaml",
+            "facet5-wan/finetune-14b.yaml"} <= names
 
 
 def _parse_options(function, recipe: Path, *args: str):
