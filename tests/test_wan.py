@@ -295,6 +295,37 @@ def test_clips_are_scored_per_frame_under_the_protocol(tmp_path, monkeypatch):
     assert (tmp_path / "val-eval" / "results.md").read_text().startswith("The validation world")
 
 
+def test_a_clip_reader_reads_the_turn_on_the_last_frame():
+    """The caption reader of a clip world learns the head's turn where the clip shows it (the
+    last frame; the frontal first frame has no label) and the light where it starts and ends;
+    mirroring the last frames flips what it reads."""
+    from faceclip_zoo.evaluation.attributes import (
+        CLIP_ATTRIBUTES, CLIP_READ, ReaderConfig, _examples, caption_attributes, train_reader,
+    )
+    from faceclip_zoo.synthetic.priors import _stack
+    from faceclip_zoo.synthetic.world import SyntheticSpec, generate
+
+    spec = SyntheticSpec(train_identities=36, val_identities=0, samples_per_identity=4, guided_pairs=0, seed=7,
+                         clip_frames=5)
+    records = generate(spec)["train"]
+    images, labels = _examples(records[:3], CLIP_READ)
+    assert images == [f for r in records[:3] for f in (r.frames[0], r.frames[-1])]
+    truth = [caption_attributes(r.caption) for r in records[:3]]
+    assert labels["turn"].tolist() == [x for t in truth for x in (-100, CLIP_READ["turn"].index(t["turn"]))]
+    assert labels["light"].tolist() == [CLIP_READ["light"].index(t[k]) for t in truth
+                                        for k in ("light at the start", "light at the end")]
+
+    reader, scores = train_reader(records, ReaderConfig(steps=300, batch_size=32, width=8), seed=0)
+    assert tuple(scores["held_out_accuracy"]) == CLIP_ATTRIBUTES
+    held = records[len(records) * 5 // 6:]
+    last = _stack([r.frames[-1] for r in held])
+    turns = [caption_attributes(r.caption)["turn"] for r in held]
+    read, mirrored = reader.read(last)["turn"], reader.read(last.flip(-1))["turn"]
+    assert scores["held_out_accuracy"]["turn"] == pytest.approx(sum(a == t for a, t in zip(read, turns)) / len(held))
+    assert scores["held_out_accuracy"]["turn"] >= 0.8
+    assert sum(a != b for a, b in zip(read, mirrored)) / len(held) >= 0.8
+
+
 def test_the_demo_shows_videos_as_animated_previews(module, tmp_path):
     import numpy as np
     from PIL import Image
