@@ -123,6 +123,8 @@ def test_the_synthetic_benchmark_reports_on_test_worlds_and_never_reads_the_vali
         assert 0 <= gen["identity_top1"] <= 1 and gen["identity_top1_se_people"] >= 0
         assert "identity_top1_seed_spread" in gen
         assert world["real"]["judges"]["face-ID ViT"]["seeds"] == 1
+        # the real scenes through the pipeline's VAE: the ceiling its denoiser works under
+        assert world["vae_round_trip"]["judges"]["face-ID ViT"]["images"] == 3 * 8
     mean = report["mean"]["generated"]["judges"]["independent judge"]["identity_top1"]
     per_world = [w["generated"]["judges"]["independent judge"]["identity_top1"] for w in report["worlds"].values()]
     assert mean == pytest.approx(sum(per_world) / 3)
@@ -132,6 +134,7 @@ def test_the_synthetic_benchmark_reports_on_test_worlds_and_never_reads_the_vali
     assert (tmp_path / "checkpoints" / "synthetic" / "caption-reader" / "model.safetensors").is_file()
     text = (out / "results.md").read_text()
     assert "independent judge" in text and "bootstrap over people" in text and "verification accuracy" in text
+    assert "| through the VAE |" in text
     assert "Caption following" in text and "| expression |" in text
     assert (out / "contact_sheet.png").stat().st_size > 1000
 

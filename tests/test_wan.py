@@ -266,16 +266,19 @@ def test_clips_are_scored_per_frame_under_the_protocol(tmp_path, monkeypatch):
                  "--face_id", str(face_vit), "--steps", "2"]) == 0
     report = json.loads((out / "results.json").read_text())
     for world in report["worlds"].values():
-        for name in ("generated", "generated_no_face", "real"):
+        for name in ("generated", "generated_no_face", "real", "vae_round_trip"):
             scores = world[name]["judges"]["independent judge"]
             assert scores["images"] == 2 * 2 and 0 <= scores["identity_top1"] <= 1
             assert -1 <= scores["identity_consistency"] <= 1
+            # top-1 frame by frame, whose mean is the reported top-1
+            by_frame = scores["identity_top1_by_frame"]
+            assert len(by_frame) == 5 and abs(sum(by_frame) / 5 - scores["identity_top1"]) < 1e-6
         # a real clip is one person throughout: its frames agree more than with other people
         assert world["real"]["judges"]["face-ID ViT"]["identity_consistency"] > 0.5
     attrs = report["mean"]["generated"]["attributes"]
     assert tuple(attrs) == CLIP_ATTRIBUTES
     text = (out / "results.md").read_text()
-    assert "consistency |" in text and "| light at the end |" in text
+    assert "consistency |" in text and "| light at the end |" in text and "top-1 by frame" in text
     assert (out / "contact_sheet.png").stat().st_size > 1000
 
     # --synthetic_val: the same per-frame scoring on the training world's held-out split

@@ -105,10 +105,14 @@ def identity_under(judge: Callable, images: torch.Tensor, samples: list[dict], s
             for name, values in per_frame.items():
                 per_seed[name].append(torch.stack(values).mean(0))
             if len(frames) > 1:
+                # where identity is lost: at the first frame (drawn alone) or drifting after it
+                per_seed["top1_by_frame"].append(torch.stack(per_frame["identity_top1"]).mean(1))  # [F]
                 emb = torch.stack([F.normalize(judge(scene_face_crop(f, scene_scale=scene_scale)).float(), dim=-1)
                                    for f in frames])  # [F, n, D]
                 per_seed["identity_consistency"].append((emb[1:] * emb[:1]).sum(-1).mean(0))
     out = {"chance_top1": 1 / len(set(identities)), "images": len(images), "seeds": seeds}
+    if "top1_by_frame" in per_seed:
+        out["identity_top1_by_frame"] = torch.stack(per_seed.pop("top1_by_frame")).mean(0).tolist()
     for name, runs in per_seed.items():
         values = torch.stack(runs).mean(0)  # per image, over seeds
         out[name] = values.mean().item()
@@ -176,6 +180,9 @@ def mean_over_worlds(worlds: dict[int, dict]) -> dict:
                                            x[set_name]["judges"][judge][f"{metric}_se_people"]))
                 entry["judges"][judge][metric], entry["judges"][judge][f"{metric}_se_people"] = m, se
             entry["judges"][judge]["chance_top1"] = r["judges"][judge]["chance_top1"]
+            if "identity_top1_by_frame" in r["judges"][judge]:
+                by_frame = [x[set_name]["judges"][judge]["identity_top1_by_frame"] for x in worlds.values()]
+                entry["judges"][judge]["identity_top1_by_frame"] = [sum(v) / w for v in zip(*by_frame)]
         m, se = combine(lambda x: (x[set_name]["background_accuracy"], x[set_name]["background_accuracy_se_people"]))
         entry.update(background_accuracy=m, background_accuracy_se_people=se, chance_background=r["chance_background"])
         if "attributes" in r:
@@ -202,22 +209,28 @@ def markdown(report: dict) -> str:
                   "frame's face with the first frame's (generated / real clips).", ""]
     for judge, label in report["judges"].items():
         lines += [f"### {judge}: {label}", "", "| world | generated top-1 | seed spread | face zeroed top-1 | "
-                  "real scenes top-1 | Face Sim | background |" + (" consistency |" if clips else ""),
-                  "|---|---|---|---|---|---|---|" + ("---|" if clips else "")]
+                  "real scenes top-1 | through the VAE | Face Sim | background |" + (" consistency |" if clips else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if clips else "")]
         rows = [*((str(seed), r) for seed, r in report["worlds"].items())]
         rows += [("mean", report["mean"])] if len(rows) > 1 else []
         for name, r in rows:
-            g, z, real = (r[s]["judges"][judge] for s in ("generated", "generated_no_face", "real"))
+            g, z, real, vae = (r[s]["judges"][judge] for s in ("generated", "generated_no_face", "real",
+                                                                 "vae_round_trip"))
             spread = f"{g['identity_top1_seed_spread']:.3f}" if "identity_top1_seed_spread" in g else "-"
             consistency = (f" {g['identity_consistency']:.3f} / {real['identity_consistency']:.3f} |"
                            if clips else "")
             lines.append(f"| {name} | {g['identity_top1']:.3f} +- {g['identity_top1_se_people']:.3f} | {spread} | "
                          f"{z['identity_top1']:.3f} +- {z['identity_top1_se_people']:.3f} | "
-                         f"{real['identity_top1']:.3f} | {g['face_sim']:.3f} +- {g['face_sim_se_people']:.3f} | "
+                         f"{real['identity_top1']:.3f} | {vae['identity_top1']:.3f} | {g['face_sim']:.3f} +- {g['face_sim_se_people']:.3f} | "
                          f"{r['generated']['background_accuracy']:.3f} +- "
                          f"{r['generated']['background_accuracy_se_people']:.3f} |" + consistency)
         lines += ["", f"chance: top-1 {report['mean']['generated']['judges'][judge]['chance_top1']:.3f}, "
                       f"background {report['mean']['generated']['chance_background']:.2f}", ""]
+        if clips:
+            by_frame = {s: " ".join(f"{v:.2f}" for v in report["mean"][s]["judges"][judge]["identity_top1_by_frame"])
+                        for s in ("generated", "real", "vae_round_trip")}
+            lines += [f"top-1 by frame (first to last): generated {by_frame['generated']}; "
+                      f"real {by_frame['real']}; through the VAE {by_frame['vae_round_trip']}", ""]
     mean = report["mean"]
     if "attributes" in mean["generated"]:
         over = "the validation world" if report.get("protocol") == "validation world" else "mean over the test worlds"
@@ -265,10 +278,11 @@ def run_protocol(pipe, like, face_id: Callable, judge: Callable, judge_scores: d
                  worlds: tuple[int, ...] = TEST_WORLD_SEEDS, people: int = TEST_PEOPLE,
                  validation: list[dict] | None = None) -> tuple[dict, list, dict]:
     """The pipeline on every test world: generated with the face, with the face zeroed (same
-    prompts and seeds: identity's floor), and the real scenes (its ceiling), under both
-    judges; per world and the mean. Returns (report, the first world's samples, its image
+    prompts and seeds: identity's floor), the real scenes (its ceiling) and the real scenes
+    through the pipeline's VAE (the ceiling its denoiser works under), under both judges; per world and the mean. Returns (report, the first world's samples, its image
     sets) for the contact sheet. `validation` (the training world's held-out split) scores
     that split instead, the same way: what configurations are chosen on."""
+    from faceclip_zoo.evaluation.synthetic_benchmark import vae_round_trip
     from faceclip_zoo.synthetic.scenes import generate_images
 
     check_world_seed(like.seed, "the pipeline's training world")
@@ -279,6 +293,8 @@ def run_protocol(pipe, like, face_id: Callable, judge: Callable, judge_scores: d
         sets = {name: generate_images(pipe, samples, with_face, steps, guidance, seed, images_per_sample=images_per_sample)
                 for name, with_face in (("generated", True), ("generated_no_face", False))}
         sets["real"] = torch.stack([s["video"].transpose(0, 1) if "video" in s else s["image"] for s in samples])
+        # the ceiling the denoiser works under: what its VAE keeps of the real scenes
+        sets["vae_round_trip"] = vae_round_trip(pipe.vae, sets["real"])
         per_world[world] = score_world(judges, sets, samples, like.scene_scale, reader)
         first = first or (samples, sets)
     report = {"protocol": "validation world" if validation is not None else "test worlds", "worlds": per_world,
