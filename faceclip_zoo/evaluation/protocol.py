@@ -282,8 +282,7 @@ def run_protocol(pipe, like, face_id: Callable, judge: Callable, judge_scores: d
     through the pipeline's VAE (the ceiling its denoiser works under), under both judges; per world and the mean. Returns (report, the first world's samples, its image
     sets) for the contact sheet. `validation` (the training world's held-out split) scores
     that split instead, the same way: what configurations are chosen on."""
-    from faceclip_zoo.evaluation.synthetic_benchmark import vae_round_trip
-    from faceclip_zoo.synthetic.scenes import generate_images
+    from faceclip_zoo.synthetic.scenes import generate_images, vae_round_trip
 
     check_world_seed(like.seed, "the pipeline's training world")
     judges = {"independent judge": judge, "face-ID ViT": face_id}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from faceclip_zoo.synthetic.faces import BACKGROUNDS
 from faceclip_zoo.synthetic.scenes import (  # noqa: F401 (read from here by probes, evaluation and tests)
-    background_of, caption_background, contact_sheet, generate_images, scene_face_crop,
+    background_of, caption_background, contact_sheet, generate_images, scene_face_crop, vae_round_trip,
 )
 
 
@@ -70,22 +70,6 @@ def background_scores(images: torch.Tensor, captions: list[str]) -> dict[str, fl
 
 
 @torch.no_grad()
-@torch.no_grad()
-def vae_round_trip(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """What the diffusion model can at best reproduce: scenes (or clips, [N, F, 3, H, W])
-    through the pipeline's VAE."""
-    p = next(vae.parameters())
-    clips = images.dim() == 5
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device=p.device, dtype=p.dtype) * 2 - 1
-        x = x.transpose(1, 2) if clips else x  # a video VAE reads [B, 3, F, H, W]
-        z = vae.encode(x).latent_dist.mode()
-        y = ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1).cpu()
-        out.append(y.transpose(1, 2) if clips else y)
-    return torch.cat(out)
-
-
 @torch.no_grad()
 def reference_vectors(face_id, samples: list[dict]) -> dict[str, torch.Tensor]:
     """Each identity's mean normalised identity vector over its samples' reference crops."""

@@ -67,6 +67,22 @@ def generate_images(pipe, samples: list[dict], with_face: bool, steps: int = 25,
     return torch.cat(out)
 
 
+@torch.no_grad()
+def vae_round_trip(vae, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """What the diffusion model can at best reproduce: scenes (or clips, [N, F, 3, H, W])
+    through the pipeline's VAE."""
+    p = next(vae.parameters())
+    clips = images.dim() == 5
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device=p.device, dtype=p.dtype) * 2 - 1
+        x = x.transpose(1, 2) if clips else x  # a video VAE reads [B, 3, F, H, W]
+        z = vae.encode(x).latent_dist.mode()
+        y = ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1).cpu()
+        out.append(y.transpose(1, 2) if clips else y)
+    return torch.cat(out)
+
+
 def contact_sheet(samples: list[dict], sets: dict[str, torch.Tensor], path, per_identity: int = 1,
                   identities: int = 6) -> None:
     """Rows: one held-out identity each; columns: reference | real scene | generated |
